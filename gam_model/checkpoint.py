@@ -1,0 +1,121 @@
+"""Checkpoint directories (DESIGN 1.4): config.json + model.safetensors + tokenizer.json + README.md.
+
+Serving never unpickles: weights are read with safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from gam_model.config import ConfigError, GAMConfig
+from gam_model.model import GAM
+from gam_model.tokenizer import Tokenizer
+
+FORMAT_VERSION = 1
+TIED = "head.weight"  # tied to token_embedding.weight; not stored twice
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing a file or does not match its config."""
+
+
+@dataclass
+class CheckpointMeta:
+    """What config.json holds beside the hyper-parameters."""
+
+    model_name: str = "gam"
+    eos_token_id: int | None = None
+    bos_token_id: int | None = None
+    special_tokens: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def save_checkpoint(directory: str | Path, model: GAM, tokenizer: Tokenizer | None, meta: CheckpointMeta) -> Path:
+    """Write model + config (+ tokenizer) to `directory` (created if needed)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != TIED}
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt", "gam_format_version": str(FORMAT_VERSION)})
+    cfg = {
+        "architecture": "GAM",
+        "format_version": FORMAT_VERSION,
+        "model_name": meta.model_name,
+        **model.config.to_dict(),
+        "eos_token_id": meta.eos_token_id,
+        "bos_token_id": meta.bos_token_id,
+        "special_tokens": meta.special_tokens,
+        "torch_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        **meta.extra,
+    }
+    (d / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save(d / "tokenizer.json")
+    return d
+
+
+def read_config(directory: str | Path) -> tuple[GAMConfig, CheckpointMeta]:
+    """Parse config.json of a checkpoint directory."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no config.json (is this a gam-serve checkpoint directory?)")
+    try:
+        raw = json.loads(path.read_text())
+        cfg = GAMConfig.from_dict(raw)
+    except (json.JSONDecodeError, ConfigError, TypeError) as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    known = {"architecture", "format_version", "model_name", "eos_token_id", "bos_token_id", "special_tokens",
+             "torch_dtype", *cfg.to_dict()}
+    meta = CheckpointMeta(
+        model_name=raw.get("model_name", Path(directory).resolve().name),
+        eos_token_id=raw.get("eos_token_id"),
+        bos_token_id=raw.get("bos_token_id"),
+        special_tokens=raw.get("special_tokens") or {},
+        extra={k: v for k, v in raw.items() if k not in known},
+    )
+    return cfg, meta
+
+
+def load_state_dict_into(model: GAM, sd: dict[str, torch.Tensor], source: str) -> None:
+    """Copy sd into model, with a clear error for every missing, unexpected or mis-shaped tensor."""
+    expected = {k: v.shape for k, v in model.state_dict().items() if k != TIED}
+    problems = []
+    for k, shape in expected.items():
+        if k not in sd:
+            problems.append(f"missing tensor {k} {tuple(shape)}")
+        elif tuple(sd[k].shape) != tuple(shape):
+            problems.append(f"{k} has shape {tuple(sd[k].shape)}, config expects {tuple(shape)}")
+    problems += [f"unexpected tensor {k}" for k in sd if k not in expected and k != TIED]
+    if TIED in sd and "token_embedding.weight" in sd and not torch.equal(sd[TIED], sd["token_embedding.weight"]):
+        problems.append("head.weight differs from token_embedding.weight (GAM ties them)")
+    if problems:
+        raise CheckpointError(f"{source} does not match its config:\n  " + "\n  ".join(problems[:20]))
+    model.load_state_dict({k: v for k, v in sd.items() if k != TIED}, strict=False)
+
+
+def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None) -> tuple[GAM, Tokenizer, CheckpointMeta]:
+    """Load a checkpoint directory into an eval-mode model; safetensors only (no pickle)."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise CheckpointError(f"{directory}: not a directory")
+    cfg, meta = read_config(d)
+    wpath, tpath = d / "model.safetensors", d / "tokenizer.json"
+    if not wpath.is_file():
+        pickles = sorted(p.name for p in d.glob("*.pt*")) + sorted(p.name for p in d.glob("*.bin"))
+        hint = f" (found {', '.join(pickles)}: convert it with gam-import; pickles are never loaded)" if pickles else ""
+        raise CheckpointError(f"{directory}: no model.safetensors{hint}")
+    if not tpath.is_file():
+        raise CheckpointError(f"{directory}: no tokenizer.json")
+    model = GAM(cfg)
+    load_state_dict_into(model, load_file(str(wpath)), str(wpath))
+    tok = Tokenizer.from_file(tpath, meta.eos_token_id, meta.bos_token_id)
+    if tok.vocab_size > cfg.vocab_size:
+        raise CheckpointError(f"{tpath}: tokenizer has {tok.vocab_size} tokens, model vocab_size is {cfg.vocab_size}")
+    model = model.to(device=device, dtype=dtype or torch.float32).eval()
+    return model, tok, meta

@@ -1,0 +1,124 @@
+"""The cached step and prefill equal the reference forward (DESIGN 1.2-1.3)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gam_model.decode import Decoder, bucket_sizes, pad_to
+from gam_model.model import GAM
+from tests.conftest import tiny_model
+
+TOL = 1e-4
+
+
+def reference_logits(model: GAM, seq: list[int]) -> torch.Tensor:
+    """Next-token logits after seq: the forward on the last min(N, block_size) tokens."""
+    ctx = seq[-model.config.block_size:]
+    with torch.no_grad():
+        return model(torch.tensor([ctx]))[0, -1]
+
+
+def teacher_force(model: GAM, seq: list[int], prompt_len: int, dec: Decoder | None = None) -> float:
+    """Prefill seq[:prompt_len], then step the rest; max abs diff against the reference at every step."""
+    dec = dec or Decoder(model, num_slots=2)
+    slot = dec.allocate()
+    worst = (dec.prefill([slot], [seq[:prompt_len]])[0] - reference_logits(model, seq[:prompt_len])).abs().max()
+    for n in range(prompt_len, len(seq)):
+        got = dec.step([slot], torch.tensor([seq[n]]))[0]
+        worst = max(worst, (got - reference_logits(model, seq[: n + 1])).abs().max())
+    dec.free(slot)
+    return float(worst)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+@pytest.mark.parametrize("n_layer", [1, 2, 3, 4])
+def test_step_matches_forward_across_regimes(k: int, n_layer: int) -> None:
+    model = tiny_model(conv_kernel=k, n_layer=n_layer)
+    R, bs = model.config.receptive_field, model.config.block_size
+    g = torch.Generator().manual_seed(k * 10 + n_layer)
+    seq = torch.randint(0, model.config.vocab_size, (bs + 20,), generator=g).tolist()
+    # prompt of 1, < R, between R and block size, exactly block size, > block size; generations cross bs
+    for plen in sorted({1, max(1, R - 1), (R + bs) // 2, bs, bs + 5}):
+        assert teacher_force(model, seq, plen) <= TOL, f"prompt length {plen}"
+
+
+def test_batch_of_slots_at_different_positions(model: GAM) -> None:
+    bs = model.config.block_size
+    dec = Decoder(model, num_slots=5)
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(0, 97, (bs + 12,), generator=g).tolist() for _ in range(5)]
+    plens = [1, 3, 17, bs - 2, bs + 4]
+    slots = [dec.allocate() for _ in seqs]
+    out = dec.prefill(slots, [s[:p] for s, p in zip(seqs, plens)])
+    for i in range(5):
+        assert (out[i] - reference_logits(model, seqs[i][: plens[i]])).abs().max() <= TOL
+    for t in range(8):  # every row advances; rows cross block_size at different steps
+        toks = torch.tensor([s[p + t] for s, p in zip(seqs, plens)])
+        out = dec.step(slots, toks)
+        for i in range(5):
+            ref = reference_logits(model, seqs[i][: plens[i] + t + 1])
+            assert (out[i] - ref).abs().max() <= TOL, (i, t)
+
+
+def test_subset_of_slots_and_freed_reused_slots(model: GAM) -> None:
+    dec = Decoder(model, num_slots=3)
+    g = torch.Generator().manual_seed(2)
+    a, b, c = (torch.randint(0, 97, (40,), generator=g).tolist() for _ in range(3))
+    sa, sb = dec.allocate(), dec.allocate()
+    dec.prefill([sa, sb], [a[:5], b[:9]])
+    dec.step([sb], torch.tensor([b[9]]))  # only b advances
+    out = dec.step([sa, sb], torch.tensor([a[5], b[10]]))
+    assert (out[0] - reference_logits(model, a[:6])).abs().max() <= TOL
+    assert (out[1] - reference_logits(model, b[:11])).abs().max() <= TOL
+    dec.free(sa)
+    sc = dec.allocate()
+    assert sc == sa  # reused
+    assert teacher_force(model, c, 2, dec) <= TOL  # a stale history must not leak into the new sequence
+    out = dec.step([sb], torch.tensor([b[11]]))
+    assert (out[0] - reference_logits(model, b[:12])).abs().max() <= TOL
+
+
+def test_prefill_work_is_independent_of_prompt_length(model: GAM) -> None:
+    R = model.config.receptive_field
+    seen: list[int] = []
+    h = model.token_embedding.register_forward_pre_hook(lambda m, a: seen.append(a[0].numel()))
+    dec = Decoder(model, num_slots=1)
+    for n in (R, 10 * R, 200):
+        slot = dec.allocate()
+        dec.prefill([slot], [[1] * n])
+        dec.free(slot)
+    h.remove()
+    assert seen == [R, R, R]
+
+
+def test_changing_a_token_outside_the_receptive_field_leaves_logits_identical(model: GAM) -> None:
+    R = model.config.receptive_field
+    seq = list(range(1, 25))
+    other = list(seq)
+    other[-R - 1] = 50
+    a = model(torch.tensor([seq]))[0, -1]
+    b = model(torch.tensor([other]))[0, -1]
+    assert torch.equal(a, b)
+
+
+def test_bf16_step_within_bf16_tolerance() -> None:
+    model = tiny_model()
+    seq = torch.randint(0, 97, (45,), generator=torch.Generator().manual_seed(3)).tolist()
+    ref = [reference_logits(model, seq[: n + 1]) for n in range(4, 45)]
+    dec = Decoder(tiny_model(), num_slots=1, dtype=torch.bfloat16)
+    slot = dec.allocate()
+    dec.prefill([slot], [seq[:4]])
+    for i, n in enumerate(range(4, 44)):
+        got = dec.step([slot], torch.tensor([seq[n]]))[0]
+        scale = ref[i].abs().max()
+        assert (got - ref[i]).abs().max() <= 0.05 * scale + 0.02
+
+
+def test_buckets() -> None:
+    assert bucket_sizes(1) == [1]
+    assert bucket_sizes(6) == [1, 2, 4, 6]
+    assert bucket_sizes(8) == [1, 2, 4, 8]
+    assert pad_to(3, [1, 2, 4, 8]) == 4
+    with pytest.raises(ValueError):
+        pad_to(9, [1, 2, 4, 8])
