@@ -18,7 +18,7 @@ $(VENV)/.serve: pyproject.toml | $(VENV)/bin/python
 
 $(VENV)/.dev: pyproject.toml | $(VENV)/bin/python
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[server,train,dev]'
+	$(PIP) -e '.[server,train,dev,triton]'
 	touch $@ $(VENV)/.serve
 
 venv: $(VENV)/.dev
