@@ -1,0 +1,231 @@
+"""Batched next-token sampling with per-row parameters (DESIGN 1.6).
+
+Per step, for a batch of rows each with its own SamplingParams:
+
+1. penalties on the float32 logits: repetition (HF/TGI: divide positive logits, multiply negative ones, over
+   prompt + generated tokens), then frequency/presence (OpenAI: subtract f*count + p*[count>0], generated only);
+2. greedy rows take the argmax of the penalised logits;
+3. sampling rows divide by their temperature, then mask by top-k, top-p and typical-p (in that order, each on
+   the distribution renormalised after the previous mask, as HF/TGI warpers do) and draw with the
+   exponential-race trick (argmax p_i / E_i, E_i ~ Exp(1)) using noise from the row's own torch.Generator.
+
+Logprobs (chosen token and top-n alternatives) are the log-softmax of the logits after penalties and
+temperature, before the top-k/top-p/typical truncation (the temperature is taken as 1 for greedy rows). So an
+alternative outside the nucleus still gets a finite logprob; this is the distribution TGI reports for
+`details.tokens[].logprob` when no truncation is set.
+
+Batch invariance: a row's noise has shape (V,) and comes only from its own generator, and every other
+operation is row-wise, so a seeded row draws the same tokens whatever its neighbours are.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes up to 2**64-1; JSON clients are safer below 2**63
+
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling parameters (TGI `parameters` / OpenAI completion fields)."""
+
+    temperature: float = 1.0  # 0 -> greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    typical_p: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # HF/TGI semantics, over prompt + generated tokens
+    frequency_penalty: float = 0.0  # OpenAI semantics, over generated tokens
+    presence_penalty: float = 0.0
+    do_sample: bool = True  # False -> greedy unless a warper is set (TGI's rule, see `greedy`)
+    seed: int | None = None  # None -> a random seed is drawn and recorded in SequenceSampler.seed
+    top_n_tokens: int = 0  # how many top alternatives (id, logprob) to return per step
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first out-of-range value (NaN and infinities included)."""
+
+        def num(name: str, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> None:
+            v: Any = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+            if (v <= lo if lo_open else v < lo) or (v >= hi if hi_open else v > hi):
+                lb, hb = "(" if lo_open else "[", ")" if hi_open else "]"
+                raise ValueError(f"{name} must be in {lb}{lo}, {hi}{hb}, got {v!r}")
+
+        def integer(name: str, lo: int, hi: int) -> None:
+            v: Any = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
+
+        num("temperature", 0.0, 100.0)
+        integer("top_k", 0, 2**31 - 1)
+        num("top_p", 0.0, 1.0, lo_open=True)
+        num("typical_p", 0.0, 1.0, lo_open=True)
+        num("repetition_penalty", 0.0, 100.0, lo_open=True)
+        num("frequency_penalty", -2.0, 2.0)
+        num("presence_penalty", -2.0, 2.0)
+        integer("top_n_tokens", 0, 2**31 - 1)
+        if not isinstance(self.do_sample, bool):
+            raise ValueError(f"do_sample must be a boolean, got {self.do_sample!r}")
+        if self.seed is not None:
+            integer("seed", 0, MAX_SEED)
+
+    @property
+    def greedy(self) -> bool:
+        """Argmax decoding: temperature 0, or do_sample False with no warper set (TGI: any warper turns sampling on)."""
+        if self.temperature == 0:
+            return True
+        warpers = self.temperature != 1.0 or self.top_k != 0 or self.top_p < 1.0 or self.typical_p < 1.0
+        return not self.do_sample and not warpers
+
+
+class SequenceSampler:
+    """Per-sequence sampling state, made at admission: params, the seeded generator and penalty counts."""
+
+    def __init__(
+        self, params: SamplingParams, prompt_ids: list[int], vocab_size: int, device: torch.device | str = "cpu"
+    ) -> None:
+        params.validate()
+        self.params = params
+        self.vocab_size = vocab_size
+        self.device = torch.device(device)
+        self.seed: int = params.seed if params.seed is not None else secrets.randbelow(MAX_SEED + 1)
+        self.generator: torch.Generator | None = None
+        if not params.greedy:
+            self.generator = torch.Generator(device=self.device)
+            self.generator.manual_seed(self.seed)
+        self.generated = 0
+        # penalty state lives on the device, allocated only when the row uses it
+        self.seen: Tensor | None = None  # (V,) bool, prompt + generated tokens (repetition penalty)
+        self.counts: Tensor | None = None  # (V,) float32, generated-token counts (frequency/presence)
+        if params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=self.device)
+            ids = [i for i in prompt_ids if 0 <= i < vocab_size]
+            if ids:
+                self.seen[torch.tensor(ids, device=self.device)] = True
+        if params.frequency_penalty != 0.0 or params.presence_penalty != 0.0:
+            self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=self.device)
+
+    def observe(self, token_id: int) -> None:
+        """Record a generated token (for the penalties); call once per token kept."""
+        self.generated += 1
+        if self.seen is not None:
+            self.seen[token_id] = True
+        if self.counts is not None:
+            self.counts[token_id] += 1.0
+
+
+@dataclass
+class SampleOutput:
+    """Result of one sampling step for a batch of B rows."""
+
+    tokens: Tensor  # (B,) long
+    logprobs: Tensor  # (B,) float32, logprob of the chosen token
+    top_ids: Tensor  # (B, N) long, N = max top_n_tokens in the batch (0 if none); sorted by logprob, descending
+    top_logprobs: Tensor  # (B, N) float32
+
+
+def _column(rows: list[SequenceSampler], attr: str, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Per-row parameter as a (B, 1) tensor."""
+    return torch.tensor([[float(getattr(r.params, attr))] for r in rows], dtype=dtype, device=device)
+
+
+def apply_penalties(logits: Tensor, rows: list[SequenceSampler]) -> Tensor:
+    """Repetition, frequency and presence penalties; returns new logits (B, V) (input untouched)."""
+    V = logits.shape[-1]
+    dev = logits.device
+    if any(r.seen is not None for r in rows):
+        none = torch.zeros(V, dtype=torch.bool, device=dev)
+        seen = torch.stack([r.seen if r.seen is not None else none for r in rows])  # (B, V)
+        rp = _column(rows, "repetition_penalty", dev, logits.dtype)  # (B, 1)
+        logits = torch.where(seen, torch.where(logits > 0, logits / rp, logits * rp), logits)
+    if any(r.counts is not None for r in rows):
+        zero = torch.zeros(V, dtype=logits.dtype, device=dev)
+        counts = torch.stack([r.counts if r.counts is not None else zero for r in rows])  # (B, V)
+        fp = _column(rows, "frequency_penalty", dev, logits.dtype)  # (B, 1)
+        pp = _column(rows, "presence_penalty", dev, logits.dtype)  # (B, 1)
+        logits = logits - fp * counts - pp * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def truncation_mask(scaled: Tensor, rows: list[SequenceSampler]) -> Tensor:
+    """Top-k, then top-p, then typical-p with per-row thresholds; returns keep (B, V) bool."""
+    V = scaled.shape[-1]
+    dev = scaled.device
+    k = torch.tensor([[r.params.top_k if 0 < r.params.top_k < V else V] for r in rows], device=dev)  # (B, 1)
+    top_p = _column(rows, "top_p", dev, scaled.dtype)  # (B, 1)
+    sorted_logits, order = scaled.sort(dim=-1, descending=True)  # (B, V)
+    rank = torch.arange(V, device=dev).unsqueeze(0)  # (1, V)
+    keep_sorted = rank < k  # (B, V) top-k
+    if any(r.params.top_p < 1.0 for r in rows):
+        probs = sorted_logits.masked_fill(~keep_sorted, -math.inf).softmax(dim=-1)  # renormalised after top-k
+        before = probs.cumsum(dim=-1) - probs  # mass strictly above each rank
+        # smallest prefix with mass >= p: keep a rank while the mass before it is < p; p = 1 keeps everything
+        keep_sorted &= (before < top_p) | (top_p >= 1.0) | (rank == 0)
+    keep = torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted)  # back to vocabulary order
+    if any(r.params.typical_p < 1.0 for r in rows):
+        keep &= typical_mask(scaled.masked_fill(~keep, -math.inf), _column(rows, "typical_p", dev, scaled.dtype))
+    return keep
+
+
+def typical_mask(logits: Tensor, mass: Tensor) -> Tensor:
+    """Locally typical sampling (Meister et al. 2022, HF TypicalLogitsWarper): keep the tokens whose surprisal is
+    closest to the entropy until their mass reaches `mass` (B, 1); rows with mass >= 1 keep everything."""
+    logp = logits.log_softmax(dim=-1)  # (B, V)
+    p = logp.exp()
+    ent = -(p * logp).nan_to_num().sum(dim=-1, keepdim=True)  # (B, 1); 0 * -inf -> 0
+    shifted = (-logp - ent).abs().nan_to_num(posinf=math.inf)  # (B, V); masked tokens -> +inf, sorted last
+    order = shifted.argsort(dim=-1, stable=True)  # (B, V)
+    sp = p.gather(1, order)
+    before = sp.cumsum(dim=-1) - sp
+    rank = torch.arange(logits.shape[-1], device=logits.device).unsqueeze(0)
+    keep_sorted = (before < mass) | (mass >= 1.0) | (rank == 0)
+    return torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted)
+
+
+def draw(probs: Tensor, rows: list[SequenceSampler]) -> Tensor:
+    """Exponential race per row: argmax p_i / E_i with E ~ Exp(1) of shape (V,) from each row's generator."""
+    V = probs.shape[-1]
+    noise = torch.stack(
+        [torch.empty(V, device=probs.device, dtype=torch.float32).exponential_(generator=r.generator) for r in rows]
+    )  # (B, V)
+    # exponential_ can return 0 in float32 (p ~ 2^-24 per draw); clamp so 0/0 cannot become NaN
+    return (probs / noise.clamp_min_(torch.finfo(torch.float32).tiny)).argmax(dim=-1)
+
+
+@torch.inference_mode()
+def sample(logits: Tensor, rows: list[SequenceSampler]) -> SampleOutput:
+    """Choose the next token for each row of logits (B, V) float32 with that row's parameters."""
+    if logits.dim() != 2 or logits.shape[0] != len(rows):
+        raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows")
+    B, V = logits.shape
+    dev = logits.device
+    logits = apply_penalties(logits.float(), rows)  # (B, V)
+    greedy = [r.params.greedy for r in rows]
+    temp = torch.tensor(
+        [[1.0 if g else float(r.params.temperature)] for g, r in zip(greedy, rows, strict=True)], device=dev
+    )  # (B, 1)
+    scaled = logits / temp  # (B, V)
+    logprobs_all = scaled.log_softmax(dim=-1)  # (B, V) the reported distribution
+    tokens = logits.argmax(dim=-1)  # (B,)
+    sampled = [i for i, g in enumerate(greedy) if not g]
+    if sampled:
+        srows = [rows[i] for i in sampled]
+        idx = torch.tensor(sampled, device=dev)
+        sub = scaled.index_select(0, idx)  # (S, V)
+        needs_mask = any(r.params.top_k > 0 or r.params.top_p < 1.0 or r.params.typical_p < 1.0 for r in srows)
+        if needs_mask:
+            sub = sub.masked_fill(~truncation_mask(sub, srows), -math.inf)
+        tokens = tokens.index_copy(0, idx, draw(sub.softmax(dim=-1), srows))
+    chosen = logprobs_all.gather(1, tokens.unsqueeze(1)).squeeze(1)  # (B,)
+    n = min(max(r.params.top_n_tokens for r in rows), V)
+    if n > 0:
+        top_logprobs, top_ids = logprobs_all.topk(n, dim=-1)  # (B, N) sorted descending
+    else:
+        top_logprobs, top_ids = logprobs_all.new_zeros(B, 0), tokens.new_zeros(B, 0)
+    return SampleOutput(tokens=tokens, logprobs=chosen, top_ids=top_ids, top_logprobs=top_logprobs)
