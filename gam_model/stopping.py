@@ -105,8 +105,9 @@ class _Detokenizer(Protocol):
 def advance(detok: _Detokenizer, stop: StopChecker, token_id: int) -> tuple[str, str | None]:
     """Detokenize one generated token and run the stop checks: the per-token text step of a generation loop.
 
-    Stop token ids are not detokenized; on the last token the detokenizer's held-back text is flushed through
-    the stop checks, so nothing is lost at max_new_tokens.
+    Stop token ids are not detokenized (an unfinished character held by the detokenizer before one is dropped: it
+    could only print as U+FFFD); on the last token the detokenizer's held-back text is flushed through the stop
+    checks, so nothing is lost at max_new_tokens.
     """
     if stop.is_stop_token(token_id):
         return stop.feed(token_id, "")

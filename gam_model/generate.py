@@ -1,0 +1,139 @@
+"""A plain single-process generation loop: Decoder + sample + IncrementalDetokenizer + StopChecker.
+
+Used by gam-generate and the tests; the server's engine builds its own loop from the same pieces. Prompts share
+one Decoder: waiting prompts are admitted while slots are free, every running row advances one token per step,
+and a row's slot is freed as soon as it finishes.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from gam_model.decode import Decoder
+from gam_model.detokenize import IncrementalDetokenizer
+from gam_model.sampling import SamplingParams, SequenceSampler, sample
+from gam_model.stopping import StopChecker, advance
+from gam_model.tokenizer import Tokenizer
+
+
+@dataclass
+class GenerationResult:
+    """One prompt's output."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "eos_token" | "stop_sequence" | "length"
+    seed: int
+    prompt_token_ids: list[int]
+    matched_stop: str | None = None
+    top_tokens: list[list[tuple[int, float]]] = field(default_factory=list)  # per step, if top_n_tokens > 0
+
+
+@dataclass
+class _Row:
+    index: int
+    slot: int
+    prompt_ids: list[int]
+    sampler: SequenceSampler
+    detok: IncrementalDetokenizer
+    stop: StopChecker
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_tokens: list[list[tuple[int, float]]] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+
+
+def _per_prompt(value, n: int, name: str) -> list:
+    """Broadcast a single value to n prompts, or check a per-prompt list has n entries."""
+    if isinstance(value, list):
+        if len(value) != n:
+            raise ValueError(f"{name}: {len(value)} values for {n} prompts")
+        return value
+    return [value] * n
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """Prompt ids; an empty encoding starts from the bos (else eos) token, as there is nothing to condition on."""
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if start is None:
+            raise ValueError("empty prompt and the tokenizer has no bos/eos token to start from")
+        ids = [start]
+    return ids
+
+
+def generate(
+    decoder: Decoder,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str],
+    params: SamplingParams | list[SamplingParams],
+    max_new_tokens: int | list[int],
+    stop: list[str] | list[list[str]] | None = None,
+    stop_token_ids: set[int] | None = None,
+    on_text: Callable[[int, str], None] | None = None,
+) -> list[GenerationResult]:
+    """Generate for every prompt, batched in one Decoder; on_text(prompt index, text) streams final text."""
+    n = len(prompts)
+    plist = _per_prompt(params, n, "params")
+    mlist = _per_prompt(max_new_tokens, n, "max_new_tokens")
+    slist = [[]] * n if stop is None else (stop if stop and isinstance(stop[0], list) else [stop] * n)
+    if len(slist) != n:
+        raise ValueError(f"stop: {len(slist)} lists for {n} prompts")
+    for p in plist:
+        p.validate()
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    V = decoder.config.vocab_size
+    results: list[GenerationResult | None] = [None] * n
+    waiting = deque(range(n))
+    running: list[_Row] = []
+    next_tokens: list[int] = []  # token sampled for each running row, not yet fed to the decoder
+
+    while waiting or running:
+        admitted: list[_Row] = []
+        while waiting and decoder.state.free_slots > 0:
+            i = waiting.popleft()
+            admitted.append(_Row(
+                index=i, slot=decoder.allocate(), prompt_ids=encoded[i],
+                sampler=SequenceSampler(plist[i], encoded[i], V, decoder.device),
+                detok=IncrementalDetokenizer(tokenizer, encoded[i]),
+                stop=StopChecker(slist[i], tokenizer.eos_token_id, stop_token_ids or set(), mlist[i]),
+            ))  # fmt: skip
+        parts = []
+        if running:
+            parts.append(decoder.step([r.slot for r in running], torch.tensor(next_tokens)))  # (B_run, V)
+        if admitted:
+            parts.append(decoder.prefill([r.slot for r in admitted], [r.prompt_ids for r in admitted]))  # (B_new, V)
+        rows = running + admitted
+        out = sample(torch.cat(parts), [r.sampler for r in rows])
+        tokens, logprobs = out.tokens.tolist(), out.logprobs.tolist()
+        top_ids, top_lp = out.top_ids.tolist(), out.top_logprobs.tolist()
+        running, next_tokens = [], []
+        for j, r in enumerate(rows):
+            tok = tokens[j]
+            r.sampler.observe(tok)
+            r.token_ids.append(tok)
+            r.logprobs.append(logprobs[j])
+            if r.sampler.params.top_n_tokens:
+                r.top_tokens.append(list(zip(top_ids[j], top_lp[j], strict=True))[: r.sampler.params.top_n_tokens])
+            text, reason = advance(r.detok, r.stop, tok)
+            if text:
+                r.text.append(text)
+                if on_text is not None:
+                    on_text(r.index, text)
+            if reason is None:
+                running.append(r)
+                next_tokens.append(tok)
+                continue
+            decoder.free(r.slot)
+            results[r.index] = GenerationResult(
+                text="".join(r.text), token_ids=r.token_ids, logprobs=r.logprobs, finish_reason=reason,
+                seed=r.sampler.seed, prompt_token_ids=r.prompt_ids, matched_stop=r.stop.matched_stop,
+                top_tokens=r.top_tokens,
+            )  # fmt: skip
+    return [r for r in results if r is not None]

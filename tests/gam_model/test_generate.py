@@ -1,0 +1,97 @@
+"""generate(): batched output equals each prompt alone; streaming, stops, slots reused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gam_model.decode import Decoder
+from gam_model.generate import generate
+from gam_model.sampling import SamplingParams
+from tests.conftest import tiny_model
+from tests.gam_model.tokenizers_for_tests import byte_bpe
+
+PROMPTS = ["The lobster", "Homarus gammarus is a large", "é", "In life , the lobsters are blue , only becoming red"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_bpe()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return tiny_model(seed=3, vocab_size=tok.vocab_size, block_size=24)
+
+
+def reference_greedy(model, ids: list[int], n: int) -> list[int]:
+    """Greedy continuation with the full forward on the cropped context (DESIGN 1.3)."""
+    ids = list(ids)
+    out = []
+    for _ in range(n):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids[-model.config.block_size :]]))[0, -1]
+        out.append(int(logits.argmax()))
+        ids.append(out[-1])
+    return out
+
+
+def test_greedy_batched_equals_alone_and_reference(model, tok):
+    greedy = SamplingParams(temperature=0)
+    batched = generate(Decoder(model, 8), tok, PROMPTS, greedy, max_new_tokens=30)
+    for p, r in zip(PROMPTS, batched, strict=True):
+        alone = generate(Decoder(model, 1), tok, [p], greedy, max_new_tokens=30)[0]
+        assert r.token_ids == alone.token_ids and r.text == alone.text
+        assert r.finish_reason == "length" and len(r.token_ids) == 30  # crosses block_size=24
+        assert r.token_ids == reference_greedy(model, tok.encode(p), 30)
+        assert r.text == tok.decode(r.token_ids)
+
+
+def test_more_prompts_than_slots_reuses_slots(model, tok):
+    greedy = SamplingParams(temperature=0)
+    lens = [3, 9, 5, 12, 1, 7]
+    wide = generate(Decoder(model, 8), tok, PROMPTS[:3] * 2, greedy, max_new_tokens=lens)
+    narrow = generate(Decoder(model, 2), tok, PROMPTS[:3] * 2, greedy, max_new_tokens=lens)
+    assert [r.token_ids for r in wide] == [r.token_ids for r in narrow]
+    assert [len(r.token_ids) for r in narrow] == lens
+
+
+def test_seeded_sampling_is_batch_invariant(model, tok):
+    target = SamplingParams(temperature=0.9, top_p=0.95, seed=42, top_n_tokens=3)
+    alone = generate(Decoder(model, 1), tok, [PROMPTS[1]], target, max_new_tokens=20)[0]
+    others = [SamplingParams(temperature=0), SamplingParams(seed=1, repetition_penalty=1.3), SamplingParams(top_k=5)]
+    batch = generate(Decoder(model, 4), tok, [PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[3]],
+                     [others[0], target, others[1], others[2]], max_new_tokens=20)  # fmt: skip
+    assert batch[1].token_ids == alone.token_ids and batch[1].seed == 42
+    assert batch[1].logprobs == pytest.approx(alone.logprobs, abs=1e-5)
+    assert len(alone.top_tokens) == 20 and all(len(t) == 3 for t in alone.top_tokens)
+
+
+def test_streamed_text_and_stop_sequence(model, tok):
+    greedy = SamplingParams(temperature=0)
+    full = generate(Decoder(model, 2), tok, [PROMPTS[0]], greedy, max_new_tokens=30)[0]
+    stop = full.text[len(full.text) // 2 :][:3]
+    assert stop  # the greedy text is long enough to cut
+    streamed: list[str] = []
+    r = generate(Decoder(model, 2), tok, [PROMPTS[0]], greedy, max_new_tokens=30, stop=[stop],
+                 on_text=lambda i, t: streamed.append(t))[0]  # fmt: skip
+    assert r.finish_reason == "stop_sequence" and r.matched_stop == stop
+    assert r.text == full.text[: full.text.index(stop)]
+    assert "".join(streamed) == r.text
+
+
+def test_eos_token_id_ends_the_row(model, tok):
+    greedy = SamplingParams(temperature=0)
+    full = generate(Decoder(model, 1), tok, [PROMPTS[2]], greedy, max_new_tokens=12)[0]
+    stop_id = full.token_ids[5]
+    r = generate(Decoder(model, 1), tok, [PROMPTS[2]], greedy, max_new_tokens=12, stop_token_ids={stop_id})[0]
+    first = full.token_ids.index(stop_id)
+    assert r.finish_reason == "eos_token" and r.token_ids == full.token_ids[: first + 1]
+    assert r.text == tok.decode(full.token_ids[:first])
+
+
+def test_bad_arguments(model, tok):
+    with pytest.raises(ValueError, match="top_p"):
+        generate(Decoder(model, 1), tok, ["x"], SamplingParams(top_p=0), max_new_tokens=3)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(Decoder(model, 1), tok, ["x", "y"], SamplingParams(), max_new_tokens=[3])
