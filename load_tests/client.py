@@ -1,0 +1,65 @@
+"""One streaming request over httpx, timed per token event."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+
+from load_tests import protocols
+from load_tests.metrics import RequestRecord
+
+
+async def stream_request(
+    client: httpx.AsyncClient,
+    api: str,
+    path: str,
+    body: dict[str, Any],
+    record: RequestRecord,
+    cut_after: int | None = None,
+) -> RequestRecord:
+    """POST body to path and read its SSE stream into record; stop after cut_after token events if given."""
+    clock = time.perf_counter
+    try:
+        async with client.stream("POST", path, json=body) as resp:
+            record.status = resp.status_code
+            if resp.status_code != 200:
+                await resp.aread()
+                record.error = f"http_{resp.status_code}"
+                record.end = clock()
+                return record
+            finished = False
+            async for line in resp.aiter_lines():
+                ev = protocols.parse_line(api, line)
+                if ev is None:
+                    continue
+                now = clock()
+                if ev.kind == "error":
+                    record.error = ev.error
+                    record.end = now
+                    return record
+                if ev.kind in ("token", "final"):
+                    record.token_times.append(now)
+                    record.text += ev.text
+                if ev.output_tokens is not None:
+                    record.output_tokens = ev.output_tokens
+                if ev.prompt_tokens is not None:
+                    record.prompt_tokens = ev.prompt_tokens
+                if cut_after is not None and len(record.token_times) >= cut_after and ev.kind == "token":
+                    # leaving the `async with` closes the connection mid-stream: the server sees a disconnect
+                    record.disconnected = True
+                    record.end = now
+                    return record
+                if ev.kind in ("final", "done"):
+                    finished = True
+                    record.end = now
+                    if api == "tgi":
+                        break  # TGI's final event ends the request
+            if not finished:
+                record.error = "stream:truncated"  # the server closed the stream without its final event
+                record.end = clock()
+    except httpx.HTTPError as e:
+        record.error = type(e).__name__
+        record.end = clock()
+    return record

@@ -1,0 +1,213 @@
+"""Drive load: closed loop (N concurrent streams) or open loop (Poisson / gamma arrivals), bounded in count and time."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import numpy as np
+from tqdm import tqdm
+
+from load_tests import protocols
+from load_tests.client import stream_request
+from load_tests.metrics import RequestRecord
+from load_tests.prompts import DEFAULT_PROMPTS, PromptSampler
+
+
+class RemoteTargetError(ValueError):
+    """The target is not a loopback address and --allow-remote was not given."""
+
+
+def check_target(url: str, allow_remote: bool = False) -> None:
+    """Refuse any host but localhost, 127.0.0.0/8 and ::1 unless allow_remote."""
+    host = urlsplit(url).hostname
+    if host is None:
+        raise ValueError(f"no host in URL {url!r}")
+    if allow_remote or host == "localhost":
+        return
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False  # a name other than localhost: refused rather than resolved
+    if not loopback:
+        raise RemoteTargetError(f"refusing to load {host}: only loopback targets unless --allow-remote")
+
+
+@dataclass
+class LoadConfig:
+    """One load run. Open loop uses rate/burstiness (concurrency caps requests in flight, 0 = no cap)."""
+
+    url: str = "http://127.0.0.1:8000"
+    api: str = "tgi"
+    mode: str = "closed"  # "closed" | "open"
+    concurrency: int = 8
+    rate: float = 1.0  # requests/s (open loop)
+    burstiness: float = 1.0  # gamma shape: 1 = Poisson, < 1 burstier, > 1 more uniform (vLLM's definition)
+    num_requests: int = 100
+    duration_s: float = 60.0  # no request is sent after this
+    drain_s: float = 30.0  # in-flight requests get this long past duration_s, then are cancelled
+    timeout_s: float = 120.0  # per request
+    input_words: int = 64
+    output_tokens: int = 64
+    disconnect_fraction: float = 0.0  # share of requests cut after a random number of tokens
+    temperature: float = 0.0
+    ignore_eos: bool = False
+    model: str | None = None
+    api_key: str | None = None
+    seed: int = 0
+    prompts: Path = field(default_factory=lambda: DEFAULT_PROMPTS)
+
+    def validate(self) -> None:
+        if self.api not in protocols.APIS:
+            raise ValueError(f"api must be one of {', '.join(protocols.APIS)}")
+        if self.mode not in ("closed", "open"):
+            raise ValueError("mode must be closed or open")
+        if self.num_requests < 1 or self.duration_s <= 0 or self.output_tokens < 1 or self.input_words < 1:
+            raise ValueError("num_requests, duration, output and input lengths must be positive")
+        if self.mode == "closed" and self.concurrency < 1:
+            raise ValueError("closed loop needs concurrency >= 1")
+        if self.mode == "open" and (self.rate <= 0 or self.burstiness <= 0):
+            raise ValueError("open loop needs rate > 0 and burstiness > 0")
+        if not 0.0 <= self.disconnect_fraction <= 1.0:
+            raise ValueError("disconnect fraction must be in [0, 1]")
+
+
+@dataclass
+class RunResult:
+    """Records of every request sent, and the run's wall-clock bounds (perf_counter seconds)."""
+
+    config: LoadConfig
+    records: list[RequestRecord]
+    t0: float
+    t1: float
+
+    @property
+    def duration_s(self) -> float:
+        return self.t1 - self.t0
+
+
+def intervals(rate: float, burstiness: float, rng: np.random.Generator) -> Iterator[float]:
+    """Gaps between arrivals: gamma(shape=burstiness, scale=1/(rate*burstiness)), mean 1/rate (Poisson at 1)."""
+    theta = 1.0 / (rate * burstiness)
+    while True:
+        yield float(rng.gamma(shape=burstiness, scale=theta))
+
+
+class _Load:
+    def __init__(self, cfg: LoadConfig, progress: bool) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.sampler = PromptSampler(cfg.prompts, seed=cfg.seed)
+        self.rng = random.Random(cfg.seed + 1)
+        self.path = protocols.APIS[cfg.api]
+        self.records: list[RequestRecord] = []
+        self.bar = tqdm(total=cfg.num_requests, desc=f"{cfg.mode} {cfg.api}", unit="req", disable=not progress)
+
+    def _next(self) -> tuple[dict, RequestRecord, int | None]:
+        cfg = self.cfg
+        cut = None
+        if cfg.disconnect_fraction and self.rng.random() < cfg.disconnect_fraction:
+            cut = self.rng.randint(1, max(1, cfg.output_tokens - 1))
+        seed = self.rng.randrange(2**31) if cfg.temperature > 0 else None
+        body = protocols.body(
+            cfg.api,
+            self.sampler.sample(cfg.input_words),
+            cfg.output_tokens,
+            model=cfg.model,
+            temperature=cfg.temperature,
+            seed=seed,
+            ignore_eos=cfg.ignore_eos,
+        )
+        rec = RequestRecord(start=0.0, prompt_words=cfg.input_words, max_tokens=cfg.output_tokens)
+        self.records.append(rec)
+        return body, rec, cut
+
+    async def _one(self, client: httpx.AsyncClient, body: dict, rec: RequestRecord, cut: int | None) -> None:
+        rec.start = time.perf_counter()
+        try:
+            await asyncio.wait_for(stream_request(client, self.cfg.api, self.path, body, rec, cut), self.cfg.timeout_s)
+        except TimeoutError:
+            rec.error, rec.end = "timeout", time.perf_counter()
+        except asyncio.CancelledError:
+            rec.error, rec.end = "cancelled_at_deadline", time.perf_counter()
+            raise
+        finally:
+            self.bar.update(1)
+
+    async def _closed(self, client: httpx.AsyncClient, deadline: float) -> None:
+        async def worker() -> None:
+            while len(self.records) < self.cfg.num_requests and time.perf_counter() < deadline:
+                await self._one(client, *self._next())
+
+        await asyncio.gather(*(worker() for _ in range(self.cfg.concurrency)))
+
+    async def _open(self, client: httpx.AsyncClient, deadline: float) -> list[asyncio.Task]:
+        cfg = self.cfg
+        sem = asyncio.Semaphore(cfg.concurrency) if cfg.concurrency > 0 else None
+        gaps = intervals(cfg.rate, cfg.burstiness, np.random.default_rng(cfg.seed))
+        tasks: list[asyncio.Task] = []
+
+        async def limited(args: tuple) -> None:
+            if sem is None:
+                return await self._one(client, *args)
+            async with sem:
+                return await self._one(client, *args)
+
+        for _ in range(cfg.num_requests):
+            if time.perf_counter() >= deadline:
+                break
+            tasks.append(asyncio.create_task(limited(self._next())))
+            await asyncio.sleep(next(gaps))
+        return tasks
+
+    async def run(self) -> RunResult:
+        cfg = self.cfg
+        headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=max(cfg.concurrency, 16))
+        timeout = httpx.Timeout(cfg.timeout_s, connect=min(10.0, cfg.timeout_s))
+        async with httpx.AsyncClient(base_url=cfg.url, headers=headers, limits=limits, timeout=timeout) as client:
+            t0 = time.perf_counter()
+            deadline = t0 + cfg.duration_s
+            if cfg.mode == "closed":
+                main = asyncio.create_task(self._closed(client, deadline))
+                done, _ = await asyncio.wait([main], timeout=cfg.duration_s + cfg.drain_s)
+                if not done:
+                    main.cancel()
+                    await asyncio.gather(main, return_exceptions=True)
+            else:
+                tasks = await self._open(client, deadline)
+                if tasks:
+                    _, pending = await asyncio.wait(
+                        tasks, timeout=max(0.0, deadline + cfg.drain_s - time.perf_counter())
+                    )
+                    for t in pending:
+                        t.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
+            t1 = time.perf_counter()
+        self.bar.close()
+        return RunResult(cfg, self.records, t0, t1)
+
+
+async def run_load(cfg: LoadConfig, progress: bool = True) -> RunResult:
+    """Run one bounded load against cfg.url and return every request's record."""
+    return await _Load(cfg, progress).run()
+
+
+async def resolve_model(url: str, api_key: str | None = None) -> str | None:
+    """The first model id of GET /v1/models, or None if the server does not list one."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=10.0) as client:
+            r = await client.get("/v1/models")
+            r.raise_for_status()
+            data = r.json().get("data") or []
+            return data[0]["id"] if data else None
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return None

@@ -1,0 +1,198 @@
+"""The load generator against a scripted SSE server with known sleeps (real uvicorn on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from load_tests.cli import main
+from load_tests.metrics import summarize
+from load_tests.runner import LoadConfig, run_load
+
+from .conftest import GAP_S, REJECT_EVERY, TTFT_S
+
+N_TOKENS = 6
+# the client and server share 2 busy cores with other work: timings may run late, never early
+SLACK_S = 0.15
+
+
+def expected_e2e() -> float:
+    return TTFT_S + (N_TOKENS - 1) * GAP_S
+
+
+@pytest.mark.parametrize("api", ["tgi", "openai"])
+async def test_closed_loop_timings_and_counts(scripted, api: str) -> None:
+    url, script = scripted
+    cfg = LoadConfig(
+        url=url,
+        api=api,
+        mode="closed",
+        concurrency=2,
+        num_requests=6,
+        output_tokens=N_TOKENS,
+        input_words=20,
+        model="scripted",
+        duration_s=30,
+    )
+    res = await run_load(cfg, progress=False)
+    assert len(res.records) == 6 and script.requests == 6
+    for r in res.records:
+        assert r.success and r.status == 200
+        assert len(r.token_times) == N_TOKENS and r.n_output == N_TOKENS
+        assert r.text == "".join(f" t{i}" for i in range(N_TOKENS))
+        # token i cannot arrive before TTFT_S + i * GAP_S; it may arrive late, so single gaps can look short
+        for i, t in enumerate(r.token_times):
+            assert TTFT_S + i * GAP_S <= t - r.start < TTFT_S + i * GAP_S + SLACK_S
+        assert r.ttft == r.token_times[0] - r.start
+        assert sum(r.itl) == pytest.approx(r.token_times[-1] - r.token_times[0])
+        assert expected_e2e() <= r.e2el < expected_e2e() + SLACK_S
+    s = summarize(res.records, res.duration_s)
+    assert s["completed"] == 6 and s["failed"] == 0 and s["total_output_tokens"] == 6 * N_TOKENS
+    assert s["itl"]["count"] == 6 * (N_TOKENS - 1)
+    assert GAP_S <= s["tpot"]["median_ms"] / 1000 < GAP_S + SLACK_S / 2
+    assert s["itl"]["median_ms"] / 1000 == pytest.approx(GAP_S, abs=0.01)
+    assert TTFT_S <= s["ttft"]["median_ms"] / 1000 < TTFT_S + SLACK_S
+    # 3 rounds of 2 concurrent requests: the wall time is about 3 end-to-end latencies
+    assert 3 * expected_e2e() <= res.duration_s < 3 * (expected_e2e() + SLACK_S)
+    if api == "openai":
+        assert all(r.prompt_tokens == 20 for r in res.records)  # from the usage chunk
+        assert all(b["model"] == "scripted" and b["stream_options"]["include_usage"] for b in script.bodies)
+
+
+async def test_errors_are_counted_by_status(scripted) -> None:
+    url, script = scripted
+    script.reject = True
+    cfg = LoadConfig(url=url, api="tgi", concurrency=2, num_requests=8, output_tokens=3, duration_s=30)
+    res = await run_load(cfg, progress=False)
+    s = summarize(res.records, res.duration_s)
+    assert script.rejected == 8 // REJECT_EVERY
+    assert s["errors"] == {"http_429": 8 // REJECT_EVERY}
+    assert s["completed"] == 8 - 8 // REJECT_EVERY
+
+
+async def test_disconnects_cut_the_stream_and_the_server_sees_it(scripted) -> None:
+    url, script = scripted
+    cfg = LoadConfig(
+        url=url,
+        api="tgi",
+        concurrency=4,
+        num_requests=8,
+        output_tokens=10,
+        disconnect_fraction=1.0,
+        duration_s=30,
+        seed=3,
+    )
+    res = await run_load(cfg, progress=False)
+    assert all(r.disconnected and 1 <= len(r.token_times) <= 9 for r in res.records)
+    await asyncio.sleep(GAP_S * 5)  # let the server notice the closed sockets
+    assert script.aborted == 8 and script.completed == 0
+    s = summarize(res.records, res.duration_s)
+    assert s["disconnected"] == 8 and s["completed"] == 0 and s["failed"] == 0
+
+
+async def test_open_loop_sends_at_the_rate(scripted) -> None:
+    url, script = scripted
+    assert script.requests == 0
+    cfg = LoadConfig(
+        url=url,
+        api="tgi",
+        mode="open",
+        rate=20.0,
+        burstiness=1.0,
+        concurrency=0,
+        num_requests=20,
+        output_tokens=2,
+        duration_s=30,
+    )
+    res = await run_load(cfg, progress=False)
+    starts = sorted(r.start for r in res.records)
+    assert len(starts) == 20 and script.requests == 20 and all(r.success for r in res.records)
+    # Poisson arrivals at 20/s with seed 0: 19 gaps of mean 50 ms (loose: the CPU is shared)
+    span = starts[-1] - starts[0]
+    assert 0.3 < span < 2.5
+    assert max(sum(1 for r in res.records if r.start <= t < r.end) for t in starts) > 1  # requests overlapped
+
+
+async def test_bounded_by_duration(scripted) -> None:
+    url, _ = scripted
+    cfg = LoadConfig(
+        url=url, api="tgi", concurrency=1, num_requests=1000, output_tokens=N_TOKENS, duration_s=0.5, drain_s=5
+    )
+    res = await run_load(cfg, progress=False)
+    assert 1 <= len(res.records) <= 0.5 / expected_e2e() + 1
+    assert res.duration_s < 0.5 + expected_e2e() + SLACK_S
+
+
+async def test_drain_cancels_requests_still_running(scripted) -> None:
+    url, _ = scripted
+    cfg = LoadConfig(url=url, api="tgi", concurrency=2, num_requests=2, output_tokens=1000, duration_s=0.2, drain_s=0.3)
+    res = await run_load(cfg, progress=False)
+    assert [r.error for r in res.records] == ["cancelled_at_deadline"] * 2
+    assert res.duration_s < 1.5
+
+
+def test_cli_writes_json_png_and_table(scripted, tmp_path, capsys) -> None:
+    url, _ = scripted
+    out = tmp_path / "run"
+    rc = main(
+        [
+            "--url",
+            url,
+            "--api",
+            "openai",
+            "--scenario",
+            "smoke",
+            "--num-requests",
+            "4",
+            "--output-len",
+            "4",
+            "--goodput",
+            "ttft:5000",
+            "tpot:1000",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert rc == 0
+    doc = json.loads((tmp_path / "run.json").read_text())
+    assert doc["config"]["model"] == "scripted"  # resolved from GET /v1/models
+    assert doc["summary"]["completed"] == 4 and doc["summary"]["request_goodput"] > 0
+    assert len(doc["requests"]) == 4 and doc["machine"]["cores"] >= 1
+    assert (tmp_path / "run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Median TTFT (ms):" in capsys.readouterr().out
+
+
+def test_cli_refuses_remote_targets(capsys) -> None:
+    assert main(["--url", "http://192.0.2.1:8000", "--no-progress"]) == 2
+    assert "loopback" in capsys.readouterr().err
+
+
+def test_cli_burst_calibrates_then_runs_at_a_multiple(scripted, tmp_path) -> None:
+    url, _ = scripted
+    rc = main(
+        [
+            "--url",
+            url,
+            "--scenario",
+            "burst",
+            "--num-requests",
+            "6",
+            "--output-len",
+            "2",
+            "--duration",
+            "5",
+            "--calibrate-concurrency",
+            "2",
+            "--out",
+            str(tmp_path / "b"),
+            "--no-progress",
+        ]
+    )
+    assert rc == 0
+    doc = json.loads((tmp_path / "b.json").read_text())
+    cap = doc["calibration"]["capacity_req_per_s"]
+    assert cap > 0 and doc["config"]["rate"] == pytest.approx(4 * cap)
+    assert doc["config"]["burstiness"] == 0.5
