@@ -3,30 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
+from types import ModuleType
 
 import torch
 from torch import Tensor
 
+from gam_model import kernels as kernel_modules
+from gam_model.graphs import BucketedStep, bucket_sizes, pad_to
 from gam_model.model import GAM
 from gam_model.state import DecodeState
+from gam_model.step import StepWeights, step
 
-
-def bucket_sizes(max_batch: int) -> list[int]:
-    """Batch-size buckets 1, 2, 4, ... up to max_batch (inclusive)."""
-    sizes, b = [], 1
-    while b < max_batch:
-        sizes.append(b)
-        b *= 2
-    sizes.append(max_batch)
-    return sizes
-
-
-def pad_to(n: int, buckets: Sequence[int]) -> int:
-    """Smallest bucket >= n."""
-    for b in buckets:
-        if b >= n:
-            return b
-    raise ValueError(f"batch of {n} exceeds the largest bucket {buckets[-1]}")
+__all__ = ["Decoder", "bucket_sizes", "pad_to"]
 
 
 class Decoder:
@@ -35,10 +24,18 @@ class Decoder:
     Logits are returned as float32 (B, V). Rows at positions < block_size take the cached step; rows past it
     take the sliding-window step (DESIGN 1.3). Batches are padded to power-of-two buckets with the scratch
     slot, so every shape the step sees is one of a few static ones.
+
+    Options (keyword-only):
+    - cuda_graphs: replay one captured graph per bucket (default: on when the device is CUDA). On CPU, True
+      uses the graph runner's CPU stand-in (same buffers and bookkeeping, no speed-up): for tests.
+    - kernels: "torch" (reference), "triton" (fused elementwise kernels), "auto" (triton on CUDA when
+      importable, else torch), or a module with the same functions as gam_model.kernels.reference.
+    - compile: wrap the cached step's math in torch.compile (static shapes, one compile per bucket).
     """
 
     def __init__(self, model: GAM, num_slots: int, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, *, cuda_graphs: bool | None = None, kernels: str | ModuleType = "auto",
+                 compile: bool = False) -> None:  # fmt: skip
         p = next(model.parameters())
         self.device = torch.device(device) if device is not None else p.device
         self.dtype = dtype or p.dtype
@@ -47,6 +44,21 @@ class Decoder:
         self.state = DecodeState(self.config, num_slots, self.device, self.dtype)
         self.buckets = bucket_sizes(num_slots)
         self.tokens_prefilled = 0  # tokens pushed through the model by prefill (work, not prompt length)
+
+        on_cuda = self.device.type == "cuda"
+        if kernels == "auto":
+            kernels = "triton" if on_cuda and kernel_modules.triton_available() else "torch"
+        ops = kernels if isinstance(kernels, ModuleType) else kernel_modules.load(kernels)
+        self.kernels = kernels if isinstance(kernels, str) else ops.__name__
+        self.weights = StepWeights.from_model(self.model)
+        math = partial(step, self.weights, ops=ops)
+        self._math = torch.compile(math, dynamic=False) if compile else math
+        self.compiled = compile
+        self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
+        graphs = ("cuda" if on_cuda else "replay") if self.cuda_graphs else None
+        pool = torch.cuda.graph_pool_handle() if graphs == "cuda" else None  # one pool for every graph
+        self._cached = BucketedStep(self.cached_step, self.buckets, self.state.scratch, self.device, graphs, pool)
+        self._window = BucketedStep(self.window_step, self.buckets, self.state.scratch, self.device, graphs, pool)
 
     # -- slots -------------------------------------------------------------------------------------------
     def allocate(self) -> int:
@@ -57,6 +69,12 @@ class Decoder:
 
     def length(self, slot: int) -> int:
         return int(self.state.lengths[slot])
+
+    def warmup(self) -> None:
+        """Capture every bucket's graphs now (both regimes) instead of on first use; no-op without graphs."""
+        with torch.inference_mode():
+            self._cached.capture_all()
+            self._window.capture_all()
 
     # -- prefill -----------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -74,15 +92,16 @@ class Decoder:
             if len(p) == 0:
                 raise ValueError("empty prompt")
             tail = list(p[-W:])
-            idx[i, W - len(tail):] = torch.tensor(tail)
+            idx[i, W - len(tail) :] = torch.tensor(tail)
             tail_r = list(p[-R:])
-            win[i, R - len(tail_r):] = torch.tensor(tail_r)
+            win[i, R - len(tail_r) :] = torch.tensor(tail_r)
             last_pos.append(min(len(p), bs) - 1)
             valid.append(len(tail))
         dev = self.device
         self.tokens_prefilled += idx.numel()
         logits, hist = self.model.window_forward(
-            idx.to(dev), torch.tensor(last_pos, device=dev), torch.tensor(valid, device=dev))
+            idx.to(dev), torch.tensor(last_pos, device=dev), torch.tensor(valid, device=dev)
+        )
         s = st.index(list(slots))
         st.conv.index_copy_(1, s, hist.to(st.conv.dtype))
         st.window.index_copy_(0, s, win.to(dev))
@@ -94,38 +113,32 @@ class Decoder:
     # -- decode ------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self, slots: Sequence[int], tokens: Tensor) -> Tensor:
-        """Feed tokens (B,) to slots (in order); returns next-token logits (B, V) float32."""
+        """Feed tokens (B,) to slots (distinct, in order); returns next-token logits (B, V) float32."""
         st, bs = self.state, self.config.block_size
         n = len(slots)
+        if len(set(slots)) != n:
+            raise ValueError(f"a step needs distinct slots, got {list(slots)}")
         tokens = tokens.to(self.device)
         cached = [i for i, s in enumerate(slots) if st.lengths[s] < bs]
         if len(cached) == n:
-            out = self._run(self.cached_step, list(slots), tokens)
+            out = self._cached(slots, tokens)
         else:
             out = torch.empty(n, self.config.vocab_size, device=self.device)
             sliding = [i for i in range(n) if st.lengths[slots[i]] >= bs]
-            for rows, fn in ((cached, self.cached_step), (sliding, self.window_step)):
+            for rows, run in ((cached, self._cached), (sliding, self._window)):
                 if rows:
                     r = torch.tensor(rows, device=self.device)
-                    out[r] = self._run(fn, [slots[i] for i in rows], tokens[r])
+                    out[r] = run([slots[i] for i in rows], tokens[r])
         for s in slots:
             st.lengths[s] += 1
         return out
 
-    def _run(self, fn, slots: list[int], tokens: Tensor) -> Tensor:
-        """Pad the batch to its bucket with the scratch slot, run fn, drop the padded rows."""
-        n = len(slots)
-        b = pad_to(n, self.buckets)
-        s = self.state.index(slots + [self.state.scratch] * (b - n))
-        t = tokens if b == n else torch.cat([tokens, tokens.new_zeros(b - n)])
-        return fn(s, t)[:n].float()
-
     def cached_step(self, s: Tensor, tokens: Tensor) -> Tensor:
-        """Static-shape step for slots s (B,) all before block_size: gather, step, scatter in place."""
+        """Static-shape step for slots s (B,) all before block_size: gather once, step, scatter once in place."""
         st, cfg = self.state, self.config
         pos = st.pos.index_select(0, s).clamp(max=cfg.block_size - 1)  # (B,) scratch may run past the table
         hist = st.conv.index_select(1, s)  # (L, B, K-1, C)
-        logits, hist = self.model.step(tokens, pos, hist)
+        logits = self._math(tokens, pos, hist)  # (B, V); hist updated in place
         st.conv.index_copy_(1, s, hist)
         st.window.index_copy_(0, s, torch.cat([st.window.index_select(0, s)[:, 1:], tokens.unsqueeze(1)], 1))
         st.pos.index_copy_(0, s, pos + 1)

@@ -14,18 +14,19 @@ TOL = 1e-4
 
 def reference_logits(model: GAM, seq: list[int]) -> torch.Tensor:
     """Next-token logits after seq: the forward on the last min(N, block_size) tokens."""
-    ctx = seq[-model.config.block_size:]
+    ctx = seq[-model.config.block_size :]
     with torch.no_grad():
         return model(torch.tensor([ctx]))[0, -1]
 
 
 def teacher_force(model: GAM, seq: list[int], prompt_len: int, dec: Decoder | None = None) -> float:
-    """Prefill seq[:prompt_len], then step the rest; max abs diff against the reference at every step."""
+    """Prefill seq[:prompt_len], then step the rest; max abs diff against the (CPU) reference at every step."""
     dec = dec or Decoder(model, num_slots=2)
     slot = dec.allocate()
-    worst = (dec.prefill([slot], [seq[:prompt_len]])[0] - reference_logits(model, seq[:prompt_len])).abs().max()
+    first = dec.prefill([slot], [seq[:prompt_len]])[0].cpu()
+    worst = (first - reference_logits(model, seq[:prompt_len])).abs().max()
     for n in range(prompt_len, len(seq)):
-        got = dec.step([slot], torch.tensor([seq[n]]))[0]
+        got = dec.step([slot], torch.tensor([seq[n]]))[0].cpu()
         worst = max(worst, (got - reference_logits(model, seq[: n + 1])).abs().max())
     dec.free(slot)
     return float(worst)
@@ -50,11 +51,11 @@ def test_batch_of_slots_at_different_positions(model: GAM) -> None:
     seqs = [torch.randint(0, 97, (bs + 12,), generator=g).tolist() for _ in range(5)]
     plens = [1, 3, 17, bs - 2, bs + 4]
     slots = [dec.allocate() for _ in seqs]
-    out = dec.prefill(slots, [s[:p] for s, p in zip(seqs, plens)])
+    out = dec.prefill(slots, [s[:p] for s, p in zip(seqs, plens, strict=True)])
     for i in range(5):
         assert (out[i] - reference_logits(model, seqs[i][: plens[i]])).abs().max() <= TOL
     for t in range(8):  # every row advances; rows cross block_size at different steps
-        toks = torch.tensor([s[p + t] for s, p in zip(seqs, plens)])
+        toks = torch.tensor([s[p + t] for s, p in zip(seqs, plens, strict=True)])
         out = dec.step(slots, toks)
         for i in range(5):
             ref = reference_logits(model, seqs[i][: plens[i] + t + 1])
