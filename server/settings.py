@@ -1,0 +1,80 @@
+"""The one settings object of the server: CLI flags, `GAM_*` env vars and defaults share this source."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+
+
+class Settings(BaseSettings):
+    """gam-serve configuration; every field is a `--kebab-case` flag and a `GAM_UPPER_CASE` env var."""
+
+    model_config = SettingsConfigDict(env_prefix="GAM_", extra="ignore")
+
+    model: Path | None = Field(None, description="checkpoint directory (default: the single model under weights/)")
+    model_id: str | None = Field(None, description="name served in /info and /v1/models (default: the checkpoint's)")
+    host: str = Field("127.0.0.1", description="interface to bind")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port")
+    device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="auto = bfloat16 on cuda, float32 on cpu (exact reference logits; small models are "
+        "overhead-bound on CPU, so bf16 buys little there)",
+    )
+    max_batch_size: int = Field(32, ge=1, le=4096, description="sequences decoded together (slot pool size)")
+    max_queue: int = Field(128, ge=0, description="waiting requests beyond the running batch; past it: 429")
+    max_new_tokens: int = Field(1024, ge=1, description="upper limit on max_new_tokens / max_tokens per request")
+    max_input_tokens: int = Field(8192, ge=1, description="longest accepted prompt in tokens (TGI truncate cuts it)")
+    max_stop_sequences: int = Field(4, ge=0, description="most stop strings per request")
+    max_top_n_tokens: int = Field(5, ge=0, description="most alternatives per token (top_n_tokens, logprobs)")
+    request_timeout: float = Field(300.0, gt=0, description="seconds from arrival until a request is ended")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="largest accepted request body; past it: 413")
+    api_key: SecretStr | None = Field(None, description="bearer token required on all but /health and /metrics")
+    cuda_graphs: bool = Field(True, description="capture the decode step in CUDA graphs (cuda only)")
+    shutdown_grace: float = Field(10.0, ge=0, description="seconds in-flight requests get to finish on SIGTERM")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    log_prompts: bool = Field(False, description="log prompt text (off: only lengths are logged)")
+    fault_injection: str | None = Field(
+        None,
+        description="TEST ONLY: 'step:N' makes the N-th decode step raise, 'crash:N' kills the engine loop "
+        "at its N-th busy iteration",
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v != "auto":
+            try:
+                torch.device(v)
+            except RuntimeError as e:
+                raise ValueError(f"unknown device {v!r}: {e}") from e
+        return v
+
+    def resolved_device(self) -> torch.device:
+        """The device to run on (auto = cuda when available)."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def resolved_dtype(self) -> torch.dtype:
+        """The model dtype (auto = bf16 on cuda, fp32 on cpu)."""
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32
+        return DTYPES[self.dtype]
+
+    def resolved_model_dir(self) -> Path:
+        """--model, or else the single subdirectory of weights/ holding a config.json."""
+        if self.model is not None:
+            return self.model
+        found = sorted(p.parent for p in WEIGHTS_DIR.glob("*/config.json"))
+        if len(found) != 1:
+            what = "no model" if not found else f"{len(found)} models ({', '.join(p.name for p in found)})"
+            raise ValueError(f"{WEIGHTS_DIR} holds {what}; pass --model DIR (or GAM_MODEL)")
+        return found[0]
