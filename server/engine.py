@@ -1,0 +1,502 @@
+"""The continuous-batching engine: one thread owns the model and the slot pool; handlers await token events.
+
+Each iteration of the loop (between two decode steps):
+  1. ends running sequences that were cancelled (client gone) or ran past their deadline, freeing their slots;
+  2. admits waiting requests into free slots and prefills them all in one call (O(R) per prompt);
+  3. steps every sequence that was already running in one call;
+  4. samples the next token of all those rows in one batched call, detokenizes, checks stops, emits events.
+A failure in the prefill, step or sampling call fails only that call's requests (an ErrorEvent each); the loop
+goes on. Events cross to asyncio through `loop.call_soon_threadsafe` into per-request queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from gam_model.decode import Decoder
+from gam_model.detokenize import IncrementalDetokenizer
+from gam_model.model import GAM
+from gam_model.sampling import SamplingParams, SequenceSampler, sample
+from gam_model.stopping import StopChecker
+from gam_model.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at --max-queue; the client should retry later (429)."""
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine is draining for shutdown or its loop has died (503)."""
+
+
+# -- what handlers submit and receive ----------------------------------------------------------------------
+@dataclass
+class GenerationRequest:
+    """One sequence to generate: prompt ids, sampling parameters and stop conditions."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_new_tokens: int
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: set[int] = field(default_factory=set)
+    endpoint: str = "generate"  # metrics label
+
+
+@dataclass
+class FinishEvent:
+    """How a sequence ended normally: reason is eos_token, stop_sequence or length (TGI names)."""
+
+    reason: str
+    generated_tokens: int
+    seed: int | None
+    prompt_tokens: int
+
+
+@dataclass
+class TokenEvent:
+    """One generated token: its own text (`text`) and the stop-checked text now safe to emit (`emitted`)."""
+
+    index: int
+    id: int
+    text: str
+    emitted: str
+    logprob: float
+    special: bool
+    top: list[tuple[int, float]]
+    finish: FinishEvent | None = None  # set on the last token: the sequence ended normally
+
+
+@dataclass
+class ErrorEvent:
+    """The sequence ended by an error; status is the HTTP status a non-streaming answer would carry."""
+
+    message: str
+    status: int = 500
+    error_type: str = "generation"
+
+
+Event = TokenEvent | ErrorEvent  # a stream ends with a TokenEvent whose `finish` is set, or an ErrorEvent
+
+
+# -- plain stats the metrics module maps onto Prometheus ---------------------------------------------------
+@dataclass
+class StepStats:
+    """One engine iteration: rows sampled, of which newly prefilled, and its wall time."""
+
+    batch_size: int
+    prefilled: int
+    duration_s: float
+    generated_tokens: int
+
+
+@dataclass
+class RequestStats:
+    """One finished request (any outcome)."""
+
+    endpoint: str
+    finish_reason: str  # length, eos_token, stop_sequence, cancelled, error
+    prompt_tokens: int
+    generated_tokens: int
+    queue_s: float | None
+    ttft_s: float | None
+    duration_s: float
+    inter_token_s: list[float]
+
+
+def is_last(ev: Event) -> bool:
+    """Whether ev ends its request's stream."""
+    return isinstance(ev, ErrorEvent) or ev.finish is not None
+
+
+class RequestHandle:
+    """The handler's side of a submitted request: an async stream of events and a cancel switch."""
+
+    def __init__(
+        self, request_id: int, request: GenerationRequest, loop: asyncio.AbstractEventLoop, deadline: float
+    ) -> None:
+        self.id = request_id
+        self.request = request
+        self.arrival = time.monotonic()
+        self.deadline = deadline
+        self.cancelled = False
+        self.done = False
+        self._loop = loop
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request (its slot is freed within one step)."""
+        if not self.done:
+            self.cancelled = True
+
+    def _push(self, ev: Event) -> None:
+        """Called from the engine thread."""
+        if is_last(ev):
+            self.done = True
+        with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody is listening any more
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, ev)
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Token events; the last one has `finish` set, or an ErrorEvent ends the stream instead."""
+        while True:
+            ev = await self._queue.get()
+            yield ev
+            if is_last(ev):
+                return
+
+    async def next_event(self, timeout: float | None = None) -> Event | None:
+        """The next event, or None after `timeout` seconds."""
+        try:
+            return await asyncio.wait_for(self._queue.get(), timeout)
+        except TimeoutError:
+            return None
+
+
+# -- the engine ----------------------------------------------------------------------------------------------
+@dataclass
+class _Sequence:
+    handle: RequestHandle
+    slot: int
+    sampler: SequenceSampler
+    detok: IncrementalDetokenizer
+    stopper: StopChecker
+    admitted: float
+    pending: int = -1  # last sampled token, fed to the model by the next step
+    generated: int = 0
+    first_token: float | None = None
+    last_token: float | None = None
+    inter_token: list[float] = field(default_factory=list)
+
+
+class _Faults:
+    """Test-only fault injection parsed from settings: 'step:N' (N-th decode step raises), 'crash:N'."""
+
+    def __init__(self, spec: str | None) -> None:
+        self.fail_step: set[int] = set()
+        self.crash_at: int | None = None
+        for part in (spec or "").split(","):
+            if not part.strip():
+                continue
+            kind, _, n = part.strip().partition(":")
+            if kind == "step":
+                self.fail_step.add(int(n))
+            elif kind == "crash":
+                self.crash_at = int(n)
+            else:
+                raise ValueError(f"unknown fault injection {part!r} (use step:N or crash:N)")
+
+
+class Engine:
+    """Continuous-batching generation over a Decoder's slot pool, driven by one background thread."""
+
+    def __init__(
+        self,
+        model: GAM,
+        tokenizer: Tokenizer,
+        *,
+        max_batch_size: int,
+        max_queue: int,
+        request_timeout: float,
+        device: torch.device,
+        dtype: torch.dtype,
+        shutdown_grace: float = 10.0,
+        fault_injection: str | None = None,
+    ) -> None:
+        self.decoder = Decoder(model, max_batch_size, device, dtype)
+        self.tokenizer = tokenizer
+        self.vocab_size = model.config.vocab_size
+        self.device = self.decoder.device
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.request_timeout = request_timeout
+        self.shutdown_grace = shutdown_grace
+        self.special_ids = {i for i in (tokenizer.eos_token_id, tokenizer.bos_token_id) if i is not None}
+        self.on_step: Callable[[StepStats], None] | None = None
+        self.on_request: Callable[[RequestStats], None] | None = None
+        self._faults = _Faults(fault_injection)
+        self._ids = itertools.count(1)
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[RequestHandle] = collections.deque()
+        self._running: list[_Sequence] = []
+        self._steps = 0
+        self._busy_iterations = 0
+        self._draining = False
+        self._drain_deadline = float("inf")
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.crashed: BaseException | None = None
+
+    # -- lifetime ------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the engine thread."""
+        self._thread = threading.Thread(target=self._loop, name="gam-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the loop thread is running (and has not crashed)."""
+        return self._thread is not None and self._thread.is_alive() and self.crashed is None
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def drain(self, grace: float | None = None) -> None:
+        """Stop admitting new requests; requests still running after `grace` seconds are ended."""
+        with self._cond:
+            if not self._draining:
+                self._draining = True
+                self._drain_deadline = time.monotonic() + (self.shutdown_grace if grace is None else grace)
+                log.info("draining: %d running, %d waiting", len(self._running), len(self._waiting))
+            self._cond.notify()
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Drain, wait for in-flight requests (up to the grace period), then stop the thread."""
+        self.drain(grace)
+        while self.alive and (self._running or self._waiting) and time.monotonic() < self._drain_deadline + 1.0:
+            await asyncio.sleep(0.02)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10.0)
+
+    # -- handler side --------------------------------------------------------------------------------------
+    def submit(self, request: GenerationRequest, timeout: float | None = None) -> RequestHandle:
+        """Queue a request; raises QueueFull past --max-queue and EngineUnavailable while draining or dead."""
+        if not self.alive or self._draining:
+            raise EngineUnavailable("the server is shutting down" if self._draining else "the engine is not running")
+        if not request.prompt_ids:
+            raise ValueError("empty prompt")
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + (self.request_timeout if timeout is None else timeout)
+        handle = RequestHandle(next(self._ids), request, loop, deadline)
+        with self._cond:
+            capacity = self.max_queue + self.decoder.state.free_slots
+            if len(self._waiting) >= capacity:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting (max queue {self.max_queue})")
+            self._waiting.append(handle)
+            self._cond.notify()
+        return handle
+
+    # -- engine thread -------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        log.info("engine loop started: %d slots on %s", self.max_batch_size, self.device)
+        try:
+            while True:
+                with self._cond:
+                    while not (self._waiting or self._running or self._stopping):
+                        self._cond.wait(timeout=0.5)
+                    if self._stopping:
+                        break
+                self._iteration()
+        except BaseException as e:
+            self.crashed = e
+            log.exception("engine loop died")
+        finally:
+            reason = "the engine stopped" if self.crashed is None else f"the engine loop died: {self.crashed!r}"
+            for seq in list(self._running):
+                self._end(seq, ErrorEvent(reason, 503, "unhealthy"), "error")
+            with self._cond:
+                waiting, self._waiting = list(self._waiting), collections.deque()
+            for h in waiting:
+                self._end_waiting(h, ErrorEvent(reason, 503, "unhealthy"), "error")
+            log.info("engine loop stopped")
+
+    def _iteration(self) -> None:
+        t0 = time.monotonic()
+        self._busy_iterations += 1
+        if self._faults.crash_at == self._busy_iterations:
+            raise RuntimeError("injected engine crash (fault_injection)")
+        shutting = self._draining and t0 >= self._drain_deadline
+        # 1. retire cancelled, expired (or, past the drain grace, all) running sequences
+        for seq in list(self._running):
+            h = seq.handle
+            if h.cancelled:
+                self._end(seq, None, "cancelled")
+            elif shutting:
+                self._end(seq, ErrorEvent("the server is shutting down", 503, "unhealthy"), "error")
+            elif t0 >= h.deadline:
+                self._end(seq, ErrorEvent(f"request timed out after {t0 - h.arrival:.1f}s", 504, "timeout"), "error")
+        # 2. admit waiting requests into free slots
+        stepping = list(self._running)
+        admitted: list[_Sequence] = []
+        with self._cond:
+            while self._waiting and (self.decoder.state.free_slots > len(admitted) or shutting):
+                h = self._waiting.popleft()
+                if h.cancelled:
+                    self._end_waiting(h, None, "cancelled")
+                elif shutting:
+                    self._end_waiting(h, ErrorEvent("the server is shutting down", 503, "unhealthy"), "error")
+                elif t0 >= h.deadline:
+                    self._end_waiting(
+                        h,
+                        ErrorEvent(f"request timed out after {t0 - h.arrival:.1f}s in the queue", 504, "timeout"),
+                        "error",
+                    )
+                else:
+                    admitted.append(self._admit(h, t0))
+        if not stepping and not admitted:
+            return
+        # 3. forward: one step call for the running rows, one prefill call for the admitted ones
+        parts: list[torch.Tensor] = []
+        rows: list[_Sequence] = []
+        if stepping:
+            self._steps += 1
+            try:
+                if self._steps in self._faults.fail_step:
+                    raise RuntimeError("injected decode-step failure (fault_injection)")
+                tokens = torch.tensor([s.pending for s in stepping], dtype=torch.long)
+                parts.append(self.decoder.step([s.slot for s in stepping], tokens))  # (B, V)
+                rows += stepping
+            except Exception as e:
+                log.exception("decode step failed for %d requests", len(stepping))
+                for seq in stepping:
+                    self._end(seq, ErrorEvent(f"decode step failed: {e}"), "error")
+        prefilled = 0
+        if admitted:
+            try:
+                parts.append(
+                    self.decoder.prefill([s.slot for s in admitted], [s.handle.request.prompt_ids for s in admitted])
+                )  # (P, V)
+                rows += admitted
+                prefilled = len(admitted)
+            except Exception as e:
+                log.exception("prefill failed for %d requests", len(admitted))
+                for seq in admitted:
+                    self._end(seq, ErrorEvent(f"prefill failed: {e}"), "error")
+        if rows:
+            self._sample(rows, torch.cat(parts) if len(parts) > 1 else parts[0])
+        if self.on_step is not None:
+            self.on_step(StepStats(len(rows), prefilled, time.monotonic() - t0, len(rows)))
+
+    def _admit(self, h: RequestHandle, now: float) -> _Sequence:
+        r = h.request
+        slot = self.decoder.allocate()
+        seq = _Sequence(
+            handle=h,
+            slot=slot,
+            admitted=now,
+            sampler=SequenceSampler(r.params, r.prompt_ids, self.vocab_size, self.device),
+            detok=IncrementalDetokenizer(self.tokenizer, r.prompt_ids),
+            stopper=StopChecker(r.stop, self.tokenizer.eos_token_id, r.stop_token_ids, r.max_new_tokens),
+        )
+        self._running.append(seq)
+        return seq
+
+    def _sample(self, rows: list[_Sequence], logits: torch.Tensor) -> None:
+        try:
+            out = sample(logits, [s.sampler for s in rows])
+            tokens = out.tokens.tolist()
+            logprobs = out.logprobs.tolist()
+            top_ids, top_lps = out.top_ids.tolist(), out.top_logprobs.tolist()
+        except Exception as e:
+            log.exception("sampling failed for %d requests", len(rows))
+            for seq in rows:
+                self._end(seq, ErrorEvent(f"sampling failed: {e}"), "error")
+            return
+        now = time.monotonic()
+        for i, seq in enumerate(rows):
+            try:
+                self._emit_token(seq, tokens[i], logprobs[i], top_ids[i], top_lps[i], now)
+            except Exception as e:
+                log.exception("token handling failed")
+                self._end(seq, ErrorEvent(f"token handling failed: {e}"), "error")
+
+    def _emit_token(
+        self, seq: _Sequence, tok: int, logprob: float, top_ids: list[int], top_lps: list[float], now: float
+    ) -> None:
+        seq.sampler.observe(tok)
+        seq.generated += 1
+        if seq.first_token is None:
+            seq.first_token = now
+        else:
+            seq.inter_token.append(now - (seq.last_token or now))
+        seq.last_token = now
+        stop = seq.stopper
+        if stop.is_stop_token(tok):
+            text = self.tokenizer.id_to_token(tok)
+            emitted, reason = stop.feed(tok, "")
+        else:
+            text = seq.detok.add(tok)
+            if stop.last_token:
+                text += seq.detok.flush()
+            emitted, reason = stop.feed(tok, text)
+        n = seq.sampler.params.top_n_tokens
+        top = list(zip(top_ids[:n], top_lps[:n], strict=True))
+        special = tok in self.special_ids or tok in stop.stop_token_ids
+        fin = None
+        if reason is not None:
+            seed = seq.sampler.seed if seq.sampler.generator is not None else None
+            fin = FinishEvent(reason, seq.generated, seed, len(seq.handle.request.prompt_ids))
+        ev = TokenEvent(seq.generated - 1, tok, text, emitted, logprob, special, top, fin)
+        if fin is not None:
+            self._end(seq, ev, fin.reason)
+        else:
+            seq.handle._push(ev)
+            seq.pending = tok
+
+    def _end(self, seq: _Sequence, ev: Event | None, reason: str) -> None:
+        """Finish a running sequence: free its slot, send its last event, report its stats."""
+        if seq in self._running:
+            self._running.remove(seq)
+            self.decoder.free(seq.slot)
+        if ev is not None:
+            seq.handle._push(ev)
+        else:
+            seq.handle.done = True
+        self._report(seq.handle, reason, seq.generated, seq.admitted, seq.first_token, seq.inter_token)
+
+    def _end_waiting(self, h: RequestHandle, ev: Event | None, reason: str) -> None:
+        if ev is not None:
+            h._push(ev)
+        else:
+            h.done = True
+        self._report(h, reason, 0, None, None, [])
+
+    def _report(
+        self,
+        h: RequestHandle,
+        reason: str,
+        generated: int,
+        admitted: float | None,
+        first_token: float | None,
+        inter_token: list[float],
+    ) -> None:
+        if self.on_request is None:
+            return
+        now = time.monotonic()
+        try:
+            self.on_request(
+                RequestStats(
+                    endpoint=h.request.endpoint,
+                    finish_reason=reason,
+                    prompt_tokens=len(h.request.prompt_ids),
+                    generated_tokens=generated,
+                    queue_s=None if admitted is None else admitted - h.arrival,
+                    ttft_s=None if first_token is None else first_token - h.arrival,
+                    duration_s=now - h.arrival,
+                    inter_token_s=inter_token,
+                )
+            )
+        except Exception:  # metrics must never take the loop down
+            log.exception("request stats callback failed")
