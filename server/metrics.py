@@ -1,0 +1,134 @@
+"""Prometheus metrics (prefix `gam_`): the engine's plain stats mapped onto one registry per app (vLLM's pattern)."""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from server.engine import Engine, RequestStats, StepStats
+
+# engine finish reasons (TGI names) -> the label values dashboards alert on
+FINISH_LABELS = {
+    "length": "length",
+    "stop_sequence": "stop",
+    "eos_token": "eos",
+    "cancelled": "cancelled",
+    "error": "error",
+    "rejected": "rejected",
+}
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5, 5.0)
+TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+TPS_WINDOW_S = 10.0
+
+
+class Metrics:
+    """All gam_* metrics in a registry of their own; `observe_step` / `observe_request` are the engine's hooks."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        self.request_duration = Histogram(
+            "gam_request_duration_seconds",
+            "End-to-end request latency, arrival to last event",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_duration = Histogram(
+            "gam_request_queue_duration_seconds",
+            "Time from arrival to admission into the running batch",
+            buckets=QUEUE_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "gam_time_to_first_token_seconds",
+            "Time from arrival to the first generated token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "gam_time_per_output_token_seconds",
+            "Inter-token latency (time between two generated tokens of one request)",
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Histogram(
+            "gam_request_prompt_tokens", "Prompt length in tokens per request", buckets=TOKEN_BUCKETS, registry=r
+        )
+        self.generated_tokens = Histogram(
+            "gam_request_generated_tokens", "Generated tokens per request", buckets=TOKEN_BUCKETS, registry=r
+        )
+        self.batch_size = Histogram(
+            "gam_batch_size",
+            "Sequences sampled per engine step",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
+            registry=r,
+        )
+        self.step_duration = Histogram(
+            "gam_step_duration_seconds",
+            "Wall time of one engine step (prefill + decode + sampling)",
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
+        self.requests = Counter(
+            "gam_requests", "Finished requests by endpoint and finish reason", ["endpoint", "finish_reason"], registry=r
+        )
+        self.prompt_tokens_total = Counter("gam_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
+        self.generated_tokens_total = Counter("gam_generated_tokens", "Generated tokens", registry=r)
+        self.running = Gauge("gam_requests_running", "Requests in the running batch", registry=r)
+        self.waiting = Gauge("gam_requests_waiting", "Requests waiting for a slot", registry=r)
+        self.tokens_per_second = Gauge(
+            "gam_generated_tokens_per_second",
+            f"Generated tokens per second over the last {TPS_WINDOW_S:.0f}s",
+            registry=r,
+        )
+        self.model_info = Gauge(
+            "gam_model_info", "The served model", ["model", "dtype", "device", "version"], registry=r
+        )
+        self._window: collections.deque[tuple[float, int]] = collections.deque()
+        self._lock = threading.Lock()
+        self.tokens_per_second.set_function(self._tokens_per_second)
+
+    def bind(self, engine: Engine, model: str, dtype: str, device: str, version: str) -> None:
+        """Hook the engine's stats callbacks and live gauges to these metrics."""
+        engine.on_step = self.observe_step
+        engine.on_request = self.observe_request
+        self.running.set_function(lambda: engine.num_running)
+        self.waiting.set_function(lambda: engine.num_waiting)
+        self.model_info.labels(model=model, dtype=dtype, device=device, version=version).set(1)
+
+    def observe_step(self, s: StepStats) -> None:
+        if s.batch_size:
+            self.batch_size.observe(s.batch_size)
+        self.step_duration.observe(s.duration_s)
+        self.generated_tokens_total.inc(s.generated_tokens)
+        with self._lock:
+            self._window.append((time.monotonic(), s.generated_tokens))
+
+    def observe_request(self, s: RequestStats) -> None:
+        self.requests.labels(endpoint=s.endpoint, finish_reason=FINISH_LABELS.get(s.finish_reason, "error")).inc()
+        self.request_duration.observe(s.duration_s)
+        if s.queue_s is not None:
+            self.queue_duration.observe(s.queue_s)
+            self.prompt_tokens.observe(s.prompt_tokens)
+            self.prompt_tokens_total.inc(s.prompt_tokens)
+        if s.ttft_s is not None:
+            self.ttft.observe(s.ttft_s)
+        self.generated_tokens.observe(s.generated_tokens)
+        for dt in s.inter_token_s:
+            self.itl.observe(dt)
+
+    def count_rejected(self, endpoint: str) -> None:
+        """A request refused before reaching the engine (queue full, draining)."""
+        self.requests.labels(endpoint=endpoint, finish_reason="rejected").inc()
+
+    def _tokens_per_second(self) -> float:
+        now = time.monotonic()
+        with self._lock:
+            while self._window and self._window[0][0] < now - TPS_WINDOW_S:
+                self._window.popleft()
+            return sum(n for _, n in self._window) / TPS_WINDOW_S
