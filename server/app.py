@@ -1,0 +1,133 @@
+"""create_app(settings): the FastAPI app, its lifespan (load model, start/stop engine), middleware, errors."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gam_model.checkpoint import load_checkpoint
+from server.auth import ApiKeyMiddleware
+from server.context import ServerContext
+from server.engine import Engine
+from server.errors import ApiError, error_response, install_error_handlers
+from server.metrics import Metrics
+from server.routes import misc, openai, tgi
+from server.settings import Settings
+from server.version import VERSION
+
+log = logging.getLogger(__name__)
+
+
+class BodyTooLarge(Exception):
+    """The request body passed --max-body-bytes."""
+
+
+class BodyLimitMiddleware:
+    """413 in the API's shape for bodies over the limit, by Content-Length or by counting a chunked body."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        err = ApiError(413, f"request body is larger than {self.limit} bytes")
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                await error_response(scope["path"], err)(scope, receive, send)
+                return
+        seen = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    raise BodyTooLarge
+            return msg
+
+        async def tracking_send(msg: Message) -> None:
+            nonlocal started
+            started = started or msg["type"] == "http.response.start"
+            await send(msg)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except BodyTooLarge:
+            if not started:
+                await error_response(scope["path"], err)(scope, receive, send)
+
+
+def load_context(settings: Settings) -> ServerContext:
+    """Load the checkpoint and build the (not yet started) engine and metrics."""
+    model_dir = settings.resolved_model_dir()
+    device, dtype = settings.resolved_device(), settings.resolved_dtype()
+    model, tokenizer, meta = load_checkpoint(model_dir, device, dtype)
+    engine = Engine(
+        model,
+        tokenizer,
+        max_batch_size=settings.max_batch_size,
+        max_queue=settings.max_queue,
+        request_timeout=settings.request_timeout,
+        device=device,
+        dtype=dtype,
+        shutdown_grace=settings.shutdown_grace,
+        fault_injection=settings.fault_injection,
+    )
+    model_id = settings.model_id or meta.model_name
+    dtype_name = str(dtype).removeprefix("torch.")
+    metrics = Metrics()
+    metrics.bind(engine, model=model_id, dtype=dtype_name, device=device.type, version=VERSION)
+    log.info(
+        "loaded %s from %s: %d parameters, %s on %s", model_id, model_dir, model.config.num_params(), dtype_name, device
+    )
+    return ServerContext(
+        settings=settings,
+        engine=engine,
+        tokenizer=tokenizer,
+        metrics=metrics,
+        model_id=model_id,
+        model_config=model.config,
+        dtype=dtype_name,
+        device=device.type,
+        created=int(time.time()),
+    )
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The gam-serve ASGI app; the model is loaded and the engine started by its lifespan."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        ctx = load_context(settings)
+        ctx.engine.start()
+        app.state.ctx, app.state.engine = ctx, ctx.engine
+        try:
+            yield
+        finally:
+            await ctx.engine.shutdown()
+            log.info("engine stopped")
+
+    app = FastAPI(
+        title="gam-serve",
+        version=VERSION,
+        lifespan=lifespan,
+        description="GAM language models behind the Text Generation Inference and OpenAI APIs.",
+    )
+    install_error_handlers(app)
+    app.include_router(tgi.router)
+    app.include_router(openai.router)
+    app.include_router(misc.router)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    if settings.api_key is not None:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value())
+    return app

@@ -1,0 +1,38 @@
+"""What the handlers share: settings, the engine, the tokenizer, metrics and model facts (no model access)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from gam_model.config import GAMConfig
+from gam_model.tokenizer import Tokenizer
+from server.engine import Engine
+from server.metrics import Metrics
+from server.settings import Settings
+
+
+@dataclass
+class ServerContext:
+    """Built by the app's lifespan; handlers read it through `get_context`."""
+
+    settings: Settings
+    engine: Engine
+    tokenizer: Tokenizer
+    metrics: Metrics
+    model_id: str
+    model_config: GAMConfig
+    dtype: str
+    device: str
+    created: int  # unix time the model was loaded (OpenAI `created`)
+
+
+def get_context(request: Request) -> ServerContext:
+    """FastAPI dependency: the running server's context."""
+    ctx: ServerContext | None = getattr(request.app.state, "ctx", None)
+    if ctx is None:
+        from server.errors import ApiError
+
+        raise ApiError(503, "the model is not loaded yet", error_type="unhealthy")
+    return ctx

@@ -1,0 +1,140 @@
+"""Errors in each API's own shape: TGI `{"error", "error_type"}`, OpenAI `{"error": {message, type, param, code}}`."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+# TGI error_type per status (validation is what its router answers for bad input)
+TGI_TYPES = {
+    400: "validation",
+    401: "authentication",
+    404: "not_found",
+    413: "validation",
+    422: "validation",
+    429: "overloaded",
+    500: "generation",
+    503: "unhealthy",
+    504: "timeout",
+}
+OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "server_error",
+    504: "timeout",
+}
+
+
+class ApiError(Exception):
+    """An error answered to the client with `status` in the API's shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        error_type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.error_type, self.headers = error_type, headers
+
+
+def is_openai_path(path: str) -> bool:
+    return path.startswith("/v1/") or path == "/v1"
+
+
+def error_body(
+    path: str,
+    status: int,
+    message: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    error_type: str | None = None,
+) -> dict[str, Any]:
+    """The error JSON for `path`'s API."""
+    if is_openai_path(path):
+        t = error_type or OPENAI_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+        return {"error": {"message": message, "type": t, "param": param, "code": code}}
+    return {
+        "error": message,
+        "error_type": error_type or TGI_TYPES.get(status, "validation" if status < 500 else "generation"),
+    }
+
+
+def error_response(path: str, err: ApiError) -> JSONResponse:
+    body = error_body(path, err.status, err.message, param=err.param, code=err.code, error_type=err.error_type)
+    return JSONResponse(body, status_code=err.status, headers=err.headers)
+
+
+def _loc_param(loc: tuple[Any, ...] | list[Any]) -> str:
+    """('body', 'parameters', 'top_p') -> 'parameters.top_p'."""
+    return ".".join(str(p) for p in loc if p != "body") or "body"
+
+
+def _safe(v: Any) -> str:
+    try:
+        s = json.dumps(v, allow_nan=True)
+    except (TypeError, ValueError):
+        s = repr(v)
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """One readable line per pydantic error; the first error's field as `param`."""
+    parts, first = [], None
+    for e in exc.errors():
+        param = _loc_param(e.get("loc", ()))
+        first = first or param
+        msg = str(e.get("msg", "invalid value"))
+        if e.get("type") == "json_invalid":
+            parts.append(f"request body is not valid JSON: {e.get('ctx', {}).get('error', msg)}")
+            continue
+        inp = e.get("input")
+        shown = (
+            ""
+            if inp is None or isinstance(inp, dict) or (isinstance(inp, float) and math.isnan(inp))
+            else f" (got {_safe(inp)})"
+        )
+        parts.append(f"{param}: {msg}{shown}")
+    return "; ".join(parts) or "invalid request", first
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map every error onto the API's shape: validation -> 422 (TGI) / 400 (OpenAI), HTTP errors keep status."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(request.url.path, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        msg, param = validation_message(exc)
+        status = 400 if is_openai_path(request.url.path) else 422  # OpenAI answers 400, TGI 422
+        return error_response(request.url.path, ApiError(status, msg, param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        msg = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        if exc.status_code == 400 and "parsing the body" in msg:
+            msg = "request body could not be parsed (is it UTF-8 JSON?)"
+        return error_response(request.url.path, ApiError(exc.status_code, msg, headers=dict(exc.headers or {})))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(request.url.path, ApiError(500, f"internal error: {type(exc).__name__}"))

@@ -1,0 +1,1 @@
+"""HTTP routers: TGI (tgi.py), OpenAI (openai.py), health/info/tokenize/metrics (misc.py)."""

@@ -1,0 +1,158 @@
+"""Shared by both APIs: prompt checks, submitting to the engine with the right errors, consuming events."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from gam_model.sampling import SamplingParams
+from server.context import ServerContext
+from server.engine import (
+    EngineUnavailable,
+    ErrorEvent,
+    Event,
+    FinishEvent,
+    GenerationRequest,
+    QueueFull,
+    RequestHandle,
+    TokenEvent,
+)
+from server.errors import ApiError
+
+RETRY_AFTER_S = 1
+DISCONNECT_POLL_S = 0.25
+
+
+def check_text(text: str, param: str) -> None:
+    """Reject strings that are not valid Unicode text (lone surrogates from JSON `\\ud800` escapes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(422, f"{param} is not valid UTF-8 text: {e.reason} at position {e.start}", param=param) from e
+
+
+def encode_prompt(ctx: ServerContext, text: str, param: str, truncate: int | None = None) -> list[int]:
+    """Tokenize a prompt; apply TGI `truncate` (keep the last N tokens) and the --max-input-tokens limit."""
+    check_text(text, param)
+    ids = ctx.tokenizer.encode(text)
+    if not ids:
+        raise ApiError(422, f"{param} has no tokens after tokenization", param=param)
+    return check_ids(ctx, ids, param, truncate)
+
+
+def check_ids(ctx: ServerContext, ids: list[int], param: str, truncate: int | None = None) -> list[int]:
+    limit = ctx.settings.max_input_tokens
+    if truncate is not None:
+        if truncate > limit:
+            raise ApiError(422, f"truncate must be <= {limit} (max input tokens), got {truncate}", param="truncate")
+        ids = ids[-truncate:]
+    if not ids:
+        raise ApiError(422, f"{param} must not be empty", param=param)
+    if len(ids) > limit:
+        raise ApiError(
+            422,
+            f"{param} has {len(ids)} tokens, more than the limit of {limit} (max input tokens)"
+            " - shorten it or set truncate",
+            param=param,
+        )
+    if max(ids) >= ctx.model_config.vocab_size:
+        raise ApiError(422, f"{param} has a token id >= the vocabulary size {ctx.model_config.vocab_size}", param=param)
+    return ids
+
+
+def check_max_new_tokens(ctx: ServerContext, n: int, param: str) -> int:
+    limit = ctx.settings.max_new_tokens
+    if n > limit:
+        raise ApiError(422, f"{param} must be <= {limit}, got {n}", param=param)
+    return n
+
+
+def check_stop(ctx: ServerContext, stop: list[str], param: str = "stop") -> list[str]:
+    limit = ctx.settings.max_stop_sequences
+    if len(stop) > limit:
+        raise ApiError(422, f"{param} has {len(stop)} sequences, the limit is {limit}", param=param)
+    for s in stop:
+        if not s:
+            raise ApiError(422, f"{param} sequences must not be empty strings", param=param)
+        check_text(s, param)
+    return stop
+
+
+def check_params(params: SamplingParams) -> SamplingParams:
+    try:
+        params.validate()
+    except ValueError as e:
+        raise ApiError(422, str(e), param=str(e).split(" ", 1)[0]) from e
+    return params
+
+
+def submit(ctx: ServerContext, req: GenerationRequest) -> RequestHandle:
+    """Hand a request to the engine; 429 with Retry-After when the queue is full, 503 when unavailable."""
+    try:
+        return ctx.engine.submit(req)
+    except QueueFull as e:
+        ctx.metrics.count_rejected(req.endpoint)
+        raise ApiError(
+            429,
+            f"Model is overloaded: {e}",
+            error_type="overloaded",
+            code="overloaded",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        ) from e
+    except EngineUnavailable as e:
+        ctx.metrics.count_rejected(req.endpoint)
+        raise ApiError(503, str(e), error_type="unhealthy", headers={"Retry-After": str(RETRY_AFTER_S)}) from e
+
+
+async def stream_events(handle: RequestHandle) -> AsyncIterator[Event]:
+    """A handle's events; if the consumer goes away (client disconnect -> cancellation), cancel the request."""
+    try:
+        async for ev in handle.events():
+            yield ev
+    finally:
+        handle.cancel()
+
+
+@dataclass
+class Collected:
+    """A whole generation, gathered for a non-streaming answer."""
+
+    tokens: list[TokenEvent] = field(default_factory=list)
+    finish: FinishEvent | None = None
+
+    @property
+    def text(self) -> str:
+        """Raw token texts (TGI: includes a matched stop sequence)."""
+        return "".join(t.text for t in self.tokens if not t.special)
+
+    @property
+    def emitted(self) -> str:
+        """Stop-checked text (OpenAI: the stop sequence is cut)."""
+        return "".join(t.emitted for t in self.tokens)
+
+
+async def collect(request: Request, handle: RequestHandle) -> Collected:
+    """Wait for a whole generation, cancelling it if the client disconnects; an error event raises ApiError."""
+    out = Collected()
+    try:
+        while True:
+            ev = await handle.next_event(DISCONNECT_POLL_S)
+            if ev is None:
+                if await request.is_disconnected():
+                    raise ApiError(499, "client closed the request")
+                continue
+            if isinstance(ev, ErrorEvent):
+                raise ApiError(ev.status, ev.message, error_type=ev.error_type)
+            out.tokens.append(ev)
+            if ev.finish is not None:
+                out.finish = ev.finish
+                return out
+    finally:
+        handle.cancel()  # no-op once finished
+
+
+def sse(data: str) -> bytes:
+    """One Server-Sent Event with a data line (the framing TGI and OpenAI use)."""
+    return f"data: {data}\n\n".encode()

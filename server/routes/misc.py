@@ -1,0 +1,78 @@
+"""GET /health, GET /info, POST /tokenize, GET /metrics."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from server.context import ServerContext, get_context
+from server.errors import ApiError
+from server.routes.common import check_text
+from server.types import TokenizeRequest
+from server.version import VERSION
+
+router = APIRouter(tags=["Server"])
+Ctx = Annotated[ServerContext, Depends(get_context)]
+
+
+@router.get("/health", summary="Liveness and readiness")
+async def health(request: Request) -> Response:
+    """200 when the model is loaded and the engine loop is alive, else 503 (TGI's shape)."""
+    ctx: ServerContext | None = getattr(request.app.state, "ctx", None)
+    if ctx is None:
+        raise ApiError(503, "the model is not loaded", error_type="unhealthy")
+    if not ctx.engine.alive:
+        raise ApiError(503, f"the engine loop is not running ({ctx.engine.crashed!r})", error_type="unhealthy")
+    if ctx.engine.draining:
+        raise ApiError(503, "the server is shutting down", error_type="unhealthy")
+    return Response(status_code=200)
+
+
+@router.get("/info", summary="Model and server facts (TGI /info)")
+async def info(ctx: Ctx) -> dict[str, Any]:
+    """TGI-like /info: model id, dtype, device, limits, version; plus GAM's own shape facts."""
+    s, cfg = ctx.settings, ctx.model_config
+    return {
+        "model_id": ctx.model_id,
+        "model_sha": None,
+        "model_dtype": f"torch.{ctx.dtype}",
+        "model_device_type": ctx.device,
+        "model_pipeline_tag": "text-generation",
+        "max_concurrent_requests": s.max_batch_size + s.max_queue,
+        "max_best_of": 1,
+        "max_stop_sequences": s.max_stop_sequences,
+        "max_input_tokens": s.max_input_tokens,
+        "max_input_length": s.max_input_tokens,
+        "max_total_tokens": s.max_input_tokens + s.max_new_tokens,
+        "max_new_tokens": s.max_new_tokens,
+        "max_batch_size": s.max_batch_size,
+        "max_queue": s.max_queue,
+        "max_client_batch_size": 1,
+        "validation_workers": 1,
+        "router": "gam-serve",
+        "version": VERSION,
+        "sha": None,
+        "docker_label": None,
+        "block_size": cfg.block_size,
+        "receptive_field": cfg.receptive_field,
+        "vocab_size": cfg.vocab_size,
+    }
+
+
+@router.post("/tokenize", summary="Tokenize inputs (TGI /tokenize)")
+async def tokenize(body: TokenizeRequest, ctx: Ctx) -> list[dict[str, Any]]:
+    """TGI /tokenize: `[{"id", "text", "start", "stop"}]` with character offsets into `inputs`."""
+    check_text(body.inputs, "inputs")
+    enc = ctx.tokenizer.tok.encode(body.inputs, add_special_tokens=False)
+    return [
+        {"id": i, "text": body.inputs[a:b], "start": a, "stop": b}
+        for i, (a, b) in zip(enc.ids, enc.offsets, strict=True)
+    ]
+
+
+@router.get("/metrics", summary="Prometheus metrics")
+async def metrics(ctx: Ctx) -> Response:
+    """Prometheus text exposition of this app's registry."""
+    return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)

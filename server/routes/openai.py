@@ -1,0 +1,294 @@
+"""OpenAI API: POST /v1/completions (stream and not, n, echo, logprobs, usage) and GET /v1/models."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from gam_model.sampling import SamplingParams
+from server.context import ServerContext, get_context
+from server.engine import ErrorEvent, Event, GenerationRequest, RequestHandle, TokenEvent
+from server.errors import ApiError, error_body
+from server.routes.common import (
+    Collected,
+    check_ids,
+    check_max_new_tokens,
+    check_params,
+    check_stop,
+    collect,
+    encode_prompt,
+    sse,
+    submit,
+)
+from server.types import CompletionRequest
+
+router = APIRouter(prefix="/v1", tags=["OpenAI"])
+Ctx = Annotated[ServerContext, Depends(get_context)]
+
+
+def _finish_reason(reason: str) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+def prompts_of(ctx: ServerContext, body: CompletionRequest) -> list[tuple[str, list[int]]]:
+    """(text, ids) per prompt: a string, a list of strings, a list of ids, or a list of id lists."""
+    p = body.prompt
+    if isinstance(p, str):
+        texts: list[str | list[int]] = [p]
+    elif p and all(isinstance(x, int) for x in p):
+        texts = [list(p)]  # type: ignore[arg-type]
+    else:
+        texts = list(p)  # type: ignore[arg-type]
+    if not texts:
+        raise ApiError(400, "prompt must not be empty", param="prompt")
+    out = []
+    for i, t in enumerate(texts):
+        param = "prompt" if len(texts) == 1 else f"prompt[{i}]"
+        if isinstance(t, str):
+            if not t:
+                raise ApiError(400, f"{param} must not be empty", param="prompt")
+            out.append((t, encode_prompt(ctx, t, param)))
+        else:
+            ids = check_ids(ctx, list(t), param)
+            out.append((ctx.tokenizer.decode(ids), ids))
+    return out
+
+
+def requests_of(
+    ctx: ServerContext, body: CompletionRequest
+) -> tuple[list[tuple[str, list[int]]], list[GenerationRequest]]:
+    """Validate a completion body into one engine request per (prompt, n) choice (400 on bad values)."""
+    if body.model != ctx.model_id:
+        raise ApiError(
+            404,
+            f"The model `{body.model}` does not exist; this server serves `{ctx.model_id}`",
+            param="model",
+            code="model_not_found",
+        )
+    for name, bad in (
+        ("suffix", body.suffix is not None),
+        ("logit_bias", bool(body.logit_bias)),
+        ("best_of", body.best_of not in (None, body.n)),
+    ):
+        if bad:
+            raise ApiError(400, f"{name} is not supported by this server", param=name)
+    if body.logprobs is not None and body.logprobs > ctx.settings.max_top_n_tokens:
+        raise ApiError(
+            400, f"logprobs must be <= {ctx.settings.max_top_n_tokens}, got {body.logprobs}", param="logprobs"
+        )
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    stop = check_stop(ctx, stop)
+    max_new = check_max_new_tokens(ctx, body.max_tokens or 16, "max_tokens")
+    prompts = prompts_of(ctx, body)
+    reqs = []
+    for _, ids in prompts:
+        for j in range(body.n):
+            params = check_params(
+                SamplingParams(
+                    temperature=1.0 if body.temperature is None else body.temperature,
+                    top_p=1.0 if body.top_p is None else body.top_p,
+                    top_k=body.top_k or 0,
+                    repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+                    frequency_penalty=body.frequency_penalty or 0.0,
+                    presence_penalty=body.presence_penalty or 0.0,
+                    do_sample=True,
+                    seed=None if body.seed is None else (body.seed + j) % (2**63),  # n choices draw differently
+                    top_n_tokens=body.logprobs or 0,
+                )
+            )
+            reqs.append(GenerationRequest(ids, params, max_new, stop, endpoint="completions"))
+    return prompts, reqs
+
+
+def submit_all(ctx: ServerContext, reqs: list[GenerationRequest]) -> list[RequestHandle]:
+    """Submit every choice, or none: a refusal part-way cancels those already queued."""
+    handles: list[RequestHandle] = []
+    try:
+        for r in reqs:
+            handles.append(submit(ctx, r))
+    except ApiError:
+        for h in handles:
+            h.cancel()
+        raise
+    return handles
+
+
+class LogprobsBuilder:
+    """The legacy completions `logprobs` object: tokens, token_logprobs, top_logprobs, text_offset."""
+
+    def __init__(self, ctx: ServerContext) -> None:
+        self.ctx = ctx
+
+    def build(self, tokens: list[TokenEvent], offset: int, echo_ids: list[int] | None = None) -> dict[str, Any]:
+        tok = self.ctx.tokenizer
+        out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for i in echo_ids or []:  # prompt logprobs are not computed (prefill is O(R), not O(prompt))
+            t = tok.decode([i])
+            out["tokens"].append(t)
+            out["token_logprobs"].append(None)
+            out["top_logprobs"].append(None)
+            out["text_offset"].append(offset)
+            offset += len(t)
+        for ev in tokens:
+            out["tokens"].append(ev.text)
+            out["token_logprobs"].append(ev.logprob)
+            out["top_logprobs"].append({tok.decode([i]): lp for i, lp in ev.top})
+            out["text_offset"].append(offset)
+            offset += len(ev.emitted)
+        return out
+
+
+def _usage(prompts: list[tuple[str, list[int]]], completion_tokens: int) -> dict[str, int]:
+    p = sum(len(ids) for _, ids in prompts)
+    return {"prompt_tokens": p, "completion_tokens": completion_tokens, "total_tokens": p + completion_tokens}
+
+
+@router.post("/completions", summary="Create a completion")
+async def completions(request: Request, body: CompletionRequest, ctx: Ctx) -> Any:
+    """OpenAI legacy completions; `stream` answers Server-Sent Events ending in `data: [DONE]`."""
+    prompts, reqs = requests_of(ctx, body)
+    handles = submit_all(ctx, reqs)
+    cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    if body.stream:
+        return StreamingResponse(
+            _stream(ctx, body, prompts, handles, cid, created),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    try:
+        results: list[Collected] = await asyncio.gather(*(collect(request, h) for h in handles))
+    finally:
+        for h in handles:
+            h.cancel()
+    lp = LogprobsBuilder(ctx)
+    choices = []
+    for k, res in enumerate(results):
+        assert res.finish is not None
+        ptext, pids = prompts[k // body.n]
+        prefix = ptext if body.echo else ""
+        logprobs = lp.build(res.tokens, 0, pids if body.echo else None) if body.logprobs is not None else None
+        choices.append(
+            {
+                "index": k,
+                "text": prefix + res.emitted,
+                "logprobs": logprobs,
+                "finish_reason": _finish_reason(res.finish.reason),
+            }
+        )
+    usage = _usage(prompts, sum(r.finish.generated_tokens for r in results if r.finish))
+    return JSONResponse(
+        {
+            "id": cid,
+            "object": "text_completion",
+            "created": created,
+            "model": ctx.model_id,
+            "system_fingerprint": None,
+            "choices": choices,
+            "usage": usage,
+        }
+    )
+
+
+async def _merge(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, Event]]:
+    """Events of several requests as they come, tagged with the choice index."""
+    queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+
+    async def pump(k: int, h: RequestHandle) -> None:
+        async for ev in h.events():
+            await queue.put((k, ev))
+
+    tasks = [asyncio.create_task(pump(k, h)) for k, h in enumerate(handles)]
+    try:
+        open_ = len(handles)
+        while open_:
+            k, ev = await queue.get()
+            if isinstance(ev, ErrorEvent) or ev.finish is not None:
+                open_ -= 1
+            yield k, ev
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _stream(
+    ctx: ServerContext,
+    body: CompletionRequest,
+    prompts: list[tuple[str, list[int]]],
+    handles: list[RequestHandle],
+    cid: str,
+    created: int,
+) -> AsyncIterator[bytes]:
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    lp = LogprobsBuilder(ctx)
+    offsets = [0] * len(handles)
+    generated = 0
+
+    def chunk(k: int, text: str, logprobs: dict[str, Any] | None, finish: str | None) -> bytes:
+        data: dict[str, Any] = {
+            "id": cid,
+            "object": "text_completion",
+            "created": created,
+            "model": ctx.model_id,
+            "system_fingerprint": None,
+            "choices": [{"index": k, "text": text, "logprobs": logprobs, "finish_reason": finish}],
+        }
+        if include_usage:
+            data["usage"] = None
+        return sse(json.dumps(data))
+
+    try:
+        if body.echo:
+            for k in range(len(handles)):
+                ptext, pids = prompts[k // body.n]
+                logprobs = lp.build([], 0, pids) if body.logprobs is not None else None
+                offsets[k] = len(ptext)
+                yield chunk(k, ptext, logprobs, None)
+        async for k, ev in _merge(handles):
+            if isinstance(ev, ErrorEvent):
+                yield sse(json.dumps(error_body("/v1/completions", ev.status, ev.message, error_type=None)))
+                for h in handles:
+                    h.cancel()
+                break
+            finish = None if ev.finish is None else _finish_reason(ev.finish.reason)
+            if not ev.emitted and finish is None and body.logprobs is None:
+                continue  # text held back (a possible stop string or an unfinished character)
+            logprobs = lp.build([ev], offsets[k]) if body.logprobs is not None else None
+            offsets[k] += len(ev.emitted)
+            if ev.finish is not None:
+                generated += ev.finish.generated_tokens
+            yield chunk(k, ev.emitted, logprobs, finish)
+        else:
+            if include_usage:
+                yield sse(
+                    json.dumps(
+                        {
+                            "id": cid,
+                            "object": "text_completion",
+                            "created": created,
+                            "model": ctx.model_id,
+                            "system_fingerprint": None,
+                            "choices": [],
+                            "usage": _usage(prompts, generated),
+                        }
+                    )
+                )
+        yield b"data: [DONE]\n\n"
+    finally:
+        for h in handles:
+            h.cancel()
+
+
+@router.get("/models", summary="List the served model")
+async def models(ctx: Ctx) -> dict[str, Any]:
+    """OpenAI model list: the one model this server serves."""
+    return {
+        "object": "list",
+        "data": [{"id": ctx.model_id, "object": "model", "created": ctx.created, "owned_by": "gam-serve"}],
+    }

@@ -1,0 +1,164 @@
+"""Text Generation Inference API: POST /generate, /generate_stream and / (JSON or SSE by `stream`)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from gam_model.sampling import SamplingParams
+from server.context import ServerContext, get_context
+from server.engine import ErrorEvent, FinishEvent, GenerationRequest, TokenEvent
+from server.errors import ApiError
+from server.routes.common import (
+    check_max_new_tokens,
+    check_params,
+    check_stop,
+    collect,
+    encode_prompt,
+    sse,
+    stream_events,
+    submit,
+)
+from server.types import TGIParameters, TGIRequest
+
+router = APIRouter(tags=["Text Generation Inference"])
+DEFAULT_MAX_NEW_TOKENS = 100  # TGI's default
+
+
+def tgi_request(ctx: ServerContext, body: TGIRequest, endpoint: str) -> tuple[GenerationRequest, TGIParameters]:
+    """Validate a TGI body into an engine request (422 in TGI's shape on any bad value)."""
+    p = body.parameters or TGIParameters.model_validate({})
+    if p.best_of is not None and p.best_of > 1:
+        raise ApiError(422, "best_of > 1 is not supported by this server", param="best_of")
+    for name, unsupported in (
+        ("grammar", p.grammar is not None),
+        ("watermark", p.watermark),
+        ("adapter_id", p.adapter_id is not None),
+    ):
+        if unsupported:
+            raise ApiError(422, f"{name} is not supported by this server", param=name)
+    top_n = p.top_n_tokens or 0
+    if top_n > ctx.settings.max_top_n_tokens:
+        raise ApiError(
+            422, f"top_n_tokens must be <= {ctx.settings.max_top_n_tokens}, got {top_n}", param="top_n_tokens"
+        )
+    ids = encode_prompt(ctx, body.inputs, "inputs", p.truncate)
+    max_new = check_max_new_tokens(
+        ctx, p.max_new_tokens or min(DEFAULT_MAX_NEW_TOKENS, ctx.settings.max_new_tokens), "max_new_tokens"
+    )
+    params = check_params(
+        SamplingParams(
+            temperature=1.0 if p.temperature is None else p.temperature,
+            top_k=p.top_k or 0,
+            top_p=1.0 if p.top_p is None else p.top_p,
+            typical_p=1.0 if p.typical_p is None else p.typical_p,
+            repetition_penalty=1.0 if p.repetition_penalty is None else p.repetition_penalty,
+            frequency_penalty=p.frequency_penalty or 0.0,
+            do_sample=p.do_sample,
+            seed=p.seed,
+            top_n_tokens=top_n,
+        )
+    )
+    req = GenerationRequest(ids, params, max_new, check_stop(ctx, p.stop or []), endpoint=endpoint)
+    return req, p
+
+
+def token_json(ctx: ServerContext, tid: int, text: str, logprob: float | None, special: bool) -> dict[str, Any]:
+    return {"id": tid, "text": text, "logprob": logprob, "special": special}
+
+
+def top_json(ctx: ServerContext, ev: TokenEvent) -> list[dict[str, Any]]:
+    """TGI top_tokens of one step: alternatives with their own decoded text."""
+    tok = ctx.tokenizer
+    return [token_json(ctx, i, tok.decode([i]), lp, i in ctx.engine.special_ids) for i, lp in ev.top]
+
+
+def details_json(
+    ctx: ServerContext, req: GenerationRequest, p: TGIParameters, tokens: list[TokenEvent], fin: FinishEvent
+) -> dict[str, Any]:
+    """TGI `details` of a non-streamed answer. Prompt logprobs are not computed (prefill is O(R)): null."""
+    tok = ctx.tokenizer
+    prefill = (
+        [{"id": i, "text": tok.decode([i]), "logprob": None} for i in req.prompt_ids] if p.decoder_input_details else []
+    )
+    d: dict[str, Any] = {
+        "finish_reason": fin.reason,
+        "generated_tokens": fin.generated_tokens,
+        "seed": fin.seed,
+        "prefill": prefill,
+        "tokens": [token_json(ctx, t.id, t.text, t.logprob, t.special) for t in tokens],
+    }
+    if req.params.top_n_tokens:
+        d["top_tokens"] = [top_json(ctx, t) for t in tokens]
+    return d
+
+
+async def generate_json(request: Request, ctx: ServerContext, body: TGIRequest, endpoint: str) -> dict[str, Any]:
+    req, p = tgi_request(ctx, body, endpoint)
+    out = await collect(request, submit(ctx, req))
+    assert out.finish is not None
+    text = (body.inputs if p.return_full_text else "") + out.text
+    res: dict[str, Any] = {"generated_text": text}
+    if p.details:
+        res["details"] = details_json(ctx, req, p, out.tokens, out.finish)
+    return res
+
+
+def generate_sse(ctx: ServerContext, body: TGIRequest, endpoint: str) -> StreamingResponse:
+    req, p = tgi_request(ctx, body, endpoint)
+    handle = submit(ctx, req)
+
+    async def events() -> AsyncIterator[bytes]:
+        parts = [body.inputs] if p.return_full_text else []
+        async for ev in stream_events(handle):
+            if isinstance(ev, ErrorEvent):
+                yield sse(json.dumps({"error": ev.message, "error_type": ev.error_type}))
+                return
+            if not ev.special:
+                parts.append(ev.text)
+            data: dict[str, Any] = {"index": ev.index, "token": token_json(ctx, ev.id, ev.text, ev.logprob, ev.special)}
+            if req.params.top_n_tokens:
+                data["top_tokens"] = top_json(ctx, ev)
+            data["generated_text"] = None
+            data["details"] = None
+            if ev.finish is not None:
+                data["generated_text"] = "".join(parts)
+                if p.details:
+                    data["details"] = {
+                        "finish_reason": ev.finish.reason,
+                        "generated_tokens": ev.finish.generated_tokens,
+                        "seed": ev.finish.seed,
+                        "input_length": ev.finish.prompt_tokens,
+                    }
+            yield sse(json.dumps(data))
+
+    return StreamingResponse(
+        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+
+
+Ctx = Annotated[ServerContext, Depends(get_context)]
+
+
+@router.post("/generate", summary="Generate text (JSON answer)")
+async def generate(request: Request, body: TGIRequest, ctx: Ctx) -> JSONResponse:
+    """TGI /generate: `{"generated_text", "details"?}`."""
+    return JSONResponse(await generate_json(request, ctx, body, "generate"))
+
+
+@router.post("/generate_stream", summary="Generate text (Server-Sent Events)")
+async def generate_stream(body: TGIRequest, ctx: Ctx) -> StreamingResponse:
+    """TGI /generate_stream: one `data:` event per token; the last has generated_text and details."""
+    return generate_sse(ctx, body, "generate_stream")
+
+
+@router.post("/", summary="TGI compat route: JSON list or SSE by `stream`")
+async def compat_generate(request: Request, body: TGIRequest, ctx: Ctx) -> Any:
+    """POST / as TGI answers it (huggingface_hub and text-generation post here): a one-element list or a stream."""
+    if body.stream:
+        return generate_sse(ctx, body, "generate_stream")
+    return JSONResponse([await generate_json(request, ctx, body, "generate")])
