@@ -98,12 +98,16 @@ def generate(
         admitted: list[_Row] = []
         while waiting and decoder.state.free_slots > 0:
             i = waiting.popleft()
-            admitted.append(_Row(
-                index=i, slot=decoder.allocate(), prompt_ids=encoded[i],
-                sampler=SequenceSampler(plist[i], encoded[i], V, decoder.device),
-                detok=IncrementalDetokenizer(tokenizer, encoded[i]),
-                stop=StopChecker(slist[i], tokenizer.eos_token_id, stop_token_ids or set(), mlist[i]),
-            ))  # fmt: skip
+            admitted.append(
+                _Row(
+                    index=i,
+                    slot=decoder.allocate(),
+                    prompt_ids=encoded[i],
+                    sampler=SequenceSampler(plist[i], encoded[i], V, decoder.device),
+                    detok=IncrementalDetokenizer(tokenizer, encoded[i]),
+                    stop=StopChecker(slist[i], tokenizer.eos_token_id, stop_token_ids or set(), mlist[i]),
+                )
+            )
         parts = []
         if running:
             parts.append(decoder.step([r.slot for r in running], torch.tensor(next_tokens)))  # (B_run, V)
@@ -132,8 +136,13 @@ def generate(
                 continue
             decoder.free(r.slot)
             results[r.index] = GenerationResult(
-                text="".join(r.text), token_ids=r.token_ids, logprobs=r.logprobs, finish_reason=reason,
-                seed=r.sampler.seed, prompt_token_ids=r.prompt_ids, matched_stop=r.stop.matched_stop,
+                text="".join(r.text),
+                token_ids=r.token_ids,
+                logprobs=r.logprobs,
+                finish_reason=reason,
+                seed=r.sampler.seed,
+                prompt_token_ids=r.prompt_ids,
+                matched_stop=r.stop.matched_stop,
                 top_tokens=r.top_tokens,
-            )  # fmt: skip
+            )
     return [r for r in results if r is not None]

@@ -60,8 +60,13 @@ def test_seeded_sampling_is_batch_invariant(model, tok):
     target = SamplingParams(temperature=0.9, top_p=0.95, seed=42, top_n_tokens=3)
     alone = generate(Decoder(model, 1), tok, [PROMPTS[1]], target, max_new_tokens=20)[0]
     others = [SamplingParams(temperature=0), SamplingParams(seed=1, repetition_penalty=1.3), SamplingParams(top_k=5)]
-    batch = generate(Decoder(model, 4), tok, [PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[3]],
-                     [others[0], target, others[1], others[2]], max_new_tokens=20)  # fmt: skip
+    batch = generate(
+        Decoder(model, 4),
+        tok,
+        [PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[3]],
+        [others[0], target, others[1], others[2]],
+        max_new_tokens=20,
+    )
     assert batch[1].token_ids == alone.token_ids and batch[1].seed == 42
     assert batch[1].logprobs == pytest.approx(alone.logprobs, abs=1e-5)
     assert len(alone.top_tokens) == 20 and all(len(t) == 3 for t in alone.top_tokens)
@@ -73,8 +78,15 @@ def test_streamed_text_and_stop_sequence(model, tok):
     stop = full.text[len(full.text) // 2 :][:3]
     assert stop  # the greedy text is long enough to cut
     streamed: list[str] = []
-    r = generate(Decoder(model, 2), tok, [PROMPTS[0]], greedy, max_new_tokens=30, stop=[stop],
-                 on_text=lambda i, t: streamed.append(t))[0]  # fmt: skip
+    r = generate(
+        Decoder(model, 2),
+        tok,
+        [PROMPTS[0]],
+        greedy,
+        max_new_tokens=30,
+        stop=[stop],
+        on_text=lambda i, t: streamed.append(t),
+    )[0]
     assert r.finish_reason == "stop_sequence" and r.matched_stop == stop
     assert r.text == full.text[: full.text.index(stop)]
     assert "".join(streamed) == r.text

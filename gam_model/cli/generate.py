@@ -1,0 +1,85 @@
+"""gam-generate: generate text from a checkpoint directory on the command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from gam_model.checkpoint import CheckpointError, load_checkpoint
+from gam_model.decode import Decoder
+from gam_model.generate import generate
+from gam_model.sampling import SamplingParams
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"
+
+
+def default_model_dir() -> Path:
+    """The single model under weights/ (the bundled one); same rule as gam-serve."""
+    found = sorted(p.parent for p in WEIGHTS_DIR.glob("*/config.json"))
+    if len(found) != 1:
+        what = "no model" if not found else f"{len(found)} models ({', '.join(p.name for p in found)})"
+        raise CheckpointError(f"{WEIGHTS_DIR} holds {what}; pass --model DIR")
+    return found[0]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="gam-generate", description=__doc__)
+    p.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: the model in weights/)")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--typical-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string; repeatable")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt)")
+    p.add_argument("--verbose", action="store_true", help="print seed, token count and finish reason to stderr")
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 1:
+        p.error("--max-new-tokens must be >= 1")
+    if args.stream and len(args.prompt) > 1:
+        p.error("--stream takes a single --prompt")
+    params = SamplingParams(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        typical_p=args.typical_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+    try:
+        params.validate()
+    except ValueError as e:
+        p.error(str(e))
+    try:
+        model, tok, _ = load_checkpoint(args.model or default_model_dir(), args.device, DTYPES[args.dtype])
+    except CheckpointError as e:
+        sys.exit(f"gam-generate: {e}")
+    decoder = Decoder(model, num_slots=len(args.prompt))
+
+    def stream(_: int, text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    results = generate(
+        decoder, tok, args.prompt, params, args.max_new_tokens, stop=args.stop, on_text=stream if args.stream else None
+    )
+    for r in results:
+        if args.stream:
+            print()
+        else:
+            print(r.text)
+        if args.verbose:
+            print(f"[seed {r.seed}, {len(r.token_ids)} tokens, finish {r.finish_reason}]", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
