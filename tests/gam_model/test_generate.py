@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gam_model.checkpoint import CheckpointMeta, save_checkpoint
+from gam_model.cli.generate import main
 from gam_model.decode import Decoder
 from gam_model.generate import generate
 from gam_model.sampling import SamplingParams
@@ -107,3 +109,20 @@ def test_bad_arguments(model, tok):
         generate(Decoder(model, 1), tok, ["x"], SamplingParams(top_p=0), max_new_tokens=3)
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(Decoder(model, 1), tok, ["x", "y"], SamplingParams(), max_new_tokens=[3])
+
+
+def test_cli_prints_and_streams_the_same_text(model, tok, tmp_path, capsys):
+    d = save_checkpoint(tmp_path / "ckpt", model, tok, CheckpointMeta(eos_token_id=tok.eos_token_id))
+    expect = generate(Decoder(model, 1), tok, [PROMPTS[1]], SamplingParams(temperature=0), max_new_tokens=15)[0]
+    args = ["--model", str(d), "--prompt", PROMPTS[1], "--max-new-tokens", "15", "--temperature", "0"]
+    main(args)
+    assert capsys.readouterr().out == expect.text + "\n"
+    main([*args, "--stream"])
+    assert capsys.readouterr().out == expect.text + "\n"
+    main(["--model", str(d), "--prompt", "a", "--prompt", "b", "--max-new-tokens", "4", "--seed", "3", "--verbose"])
+    captured = capsys.readouterr()
+    assert captured.err.count("[seed 3, 4 tokens, finish length]") == 2
+    with pytest.raises(SystemExit):
+        main(["--model", str(d), "--prompt", "x", "--top-p", "1.5"])
+    with pytest.raises(SystemExit, match=r"no config\.json"):
+        main(["--model", str(tmp_path), "--prompt", "x"])
