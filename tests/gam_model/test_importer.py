@@ -6,6 +6,8 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from gam_model.checkpoint import CheckpointError, load_checkpoint
 from gam_model.cli.import_checkpoint import main as import_main
@@ -32,6 +34,59 @@ def reference(tmp_path):
     path = tmp_path / "paper.pt"
     torch.save(sd, path)
     return model, path
+
+
+class RefBlock(nn.Module):
+    """The paper's block as DESIGN 1.1 states it, with the reference's module names and its conv padding trick."""
+
+    def __init__(self, d: int, slots: int, k: int) -> None:
+        super().__init__()
+        self.causal_conv = nn.Conv1d(d, d, k, padding=k - 1, groups=d)  # pads both sides; the tail is sliced off
+        self.memory_bank = nn.Parameter(torch.randn(slots, d))
+        self.gate = nn.Linear(d, 2 * d)
+        self.ffn = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d), nn.Dropout(0.1))
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+
+    def forward(self, x):
+        h = self.ln1(x)  # (B, T, C)
+        local = self.causal_conv(h.transpose(1, 2))[:, :, : x.shape[1]].transpose(1, 2)
+        glob = F.softmax(h @ self.memory_bank.T, dim=-1) @ self.memory_bank
+        gl, gg = self.gate(h).chunk(2, dim=-1)
+        x = x + torch.sigmoid(gl) * local + torch.sigmoid(gg) * glob
+        return x + self.ffn(self.ln2(x))
+
+
+class RefModel(nn.Module):
+    """Stand-in for the reference `GAM_Model` (embedding tied to the head, dropout module without parameters)."""
+
+    def __init__(self, vocab_size, block_size, n_embd, n_layer, n_slots, conv_kernel) -> None:
+        super().__init__()
+        self.token_embedding = nn.Embedding(vocab_size, n_embd)
+        self.pos_embedding = nn.Embedding(block_size, n_embd)
+        self.dropout = nn.Dropout(0.1)
+        self.blocks = nn.ModuleList(RefBlock(n_embd, n_slots, conv_kernel) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(n_embd)
+        self.head = nn.Linear(n_embd, vocab_size, bias=False)
+        self.token_embedding.weight = self.head.weight
+
+    def forward(self, idx):
+        x = self.dropout(self.token_embedding(idx) + self.pos_embedding(torch.arange(idx.shape[1])))
+        for b in self.blocks:
+            x = b(x)
+        return self.head(self.ln_f(x))
+
+
+def test_reference_structured_model_imports_with_same_logits(tokenizer_json, tmp_path):
+    torch.manual_seed(2)
+    ref = RefModel(**CFG).eval()
+    with torch.no_grad():  # non-trivial norms and biases, so a swapped tensor shows up
+        for name, p in ref.named_parameters():
+            if "ln" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    pt = tmp_path / "gam_model.pt"
+    torch.save(ref.state_dict(), pt)
+    out = import_reference(pt, tokenizer_json, tmp_path / "out", overrides={"block_size": CFG["block_size"]})
+    assert logits_diff(ref, load_checkpoint(out)[0]) <= 1e-4
 
 
 def logits_diff(a, b) -> float:
