@@ -6,21 +6,24 @@ Per step, for a batch of rows each with its own SamplingParams:
    prompt + generated tokens), then frequency/presence (OpenAI: subtract f*count + p*[count>0], generated only);
 2. greedy rows take the argmax of the penalised logits;
 3. sampling rows divide by their temperature, then mask by top-k, top-p and typical-p (in that order, each on
-   the distribution renormalised after the previous mask, as HF/TGI warpers do) and draw with the
-   exponential-race trick (argmax p_i / E_i, E_i ~ Exp(1)) using noise from the row's own torch.Generator.
+   the distribution renormalised after the previous mask, as HF/TGI warpers do), and draw by inverse CDF with one
+   uniform from the row's own seeded random stream.
 
 Logprobs (chosen token and top-n alternatives) are the log-softmax of the logits after penalties and
 temperature, before the top-k/top-p/typical truncation (the temperature is taken as 1 for greedy rows). So an
 alternative outside the nucleus still gets a finite logprob; this is the distribution TGI reports for
 `details.tokens[].logprob` when no truncation is set.
 
-Batch invariance: a row's noise has shape (V,) and comes only from its own generator, and every other
-operation is row-wise, so a seeded row draws the same tokens whatever its neighbours are.
+Batch invariance: every operation is row-wise (per-row thresholds, row-local prefix sums and reductions) and
+each row's randomness comes only from its own stream, so a seeded row draws the same tokens whatever its
+neighbours are. (On CUDA the model's own logits may differ in the last bits between batch-size buckets; that is
+the decode path's business, not the sampler's.)
 """
 
 from __future__ import annotations
 
 import math
+import random
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -95,10 +98,8 @@ class SequenceSampler:
         self.vocab_size = vocab_size
         self.device = torch.device(device)
         self.seed: int = params.seed if params.seed is not None else secrets.randbelow(MAX_SEED + 1)
-        self.generator: torch.Generator | None = None
-        if not params.greedy:
-            self.generator = torch.Generator(device=self.device)
-            self.generator.manual_seed(self.seed)
+        # the row's own random stream (host side: one draw per step, whatever the device); None when greedy
+        self.generator: random.Random | None = None if params.greedy else random.Random(self.seed)
         self.generated = 0
         # penalty state lives on the device, allocated only when the row uses it
         self.seen: Tensor | None = None  # (V,) bool, prompt + generated tokens (repetition penalty)
@@ -154,48 +155,92 @@ def apply_penalties(logits: Tensor, rows: list[SequenceSampler]) -> Tensor:
 
 
 def truncation_mask(scaled: Tensor, rows: list[SequenceSampler]) -> Tensor:
-    """Top-k, then top-p, then typical-p with per-row thresholds; returns keep (B, V) bool."""
-    V = scaled.shape[-1]
+    """Top-k, then top-p, then typical-p with per-row thresholds; returns keep (B, V) bool.
+
+    Each step keeps the tokens whose logit is >= a per-row threshold (so tokens tied with the last kept one are
+    kept too, as HF's top-k does), computed on the distribution renormalised after the previous step. Only
+    the head of each row is sorted (torch.topk) unless that head holds too little mass for top-p.
+    """
+    B, V = scaled.shape
     dev = scaled.device
-    k = torch.tensor([[r.params.top_k if 0 < r.params.top_k < V else V] for r in rows], device=dev)  # (B, 1)
-    top_p = _column(rows, "top_p", dev, scaled.dtype)  # (B, 1)
-    sorted_logits, order = scaled.sort(dim=-1, descending=True)  # (B, V)
-    rank = torch.arange(V, device=dev).unsqueeze(0)  # (1, V)
-    keep_sorted = rank < k  # (B, V) top-k
-    if any(r.params.top_p < 1.0 for r in rows):
-        probs = sorted_logits.masked_fill(~keep_sorted, -math.inf).softmax(dim=-1)  # renormalised after top-k
-        before = probs.cumsum(dim=-1) - probs  # mass strictly above each rank
-        # smallest prefix with mass >= p: keep a rank while the mass before it is < p; p = 1 keeps everything
-        keep_sorted &= (before < top_p) | (top_p >= 1.0) | (rank == 0)
-    keep = torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted)  # back to vocabulary order
-    if any(r.params.typical_p < 1.0 for r in rows):
-        keep &= typical_mask(scaled.masked_fill(~keep, -math.inf), _column(rows, "typical_p", dev, scaled.dtype))
+    keep = torch.ones(B, V, dtype=torch.bool, device=dev)
+    ks = [r.params.top_k if 0 < r.params.top_k < V else 0 for r in rows]
+    if any(ks):
+        kth = scaled.topk(max(ks), dim=-1).values  # (B, kmax) sorted descending
+        idx = torch.tensor([[max(k, 1) - 1] for k in ks], device=dev)  # (B, 1)
+        thr = kth.gather(1, idx).masked_fill(torch.tensor([[k == 0] for k in ks], device=dev), -math.inf)
+        keep = scaled >= thr  # (B, V)
+    p_rows = [i for i, r in enumerate(rows) if r.params.top_p < 1.0]
+    if p_rows:
+        pi = torch.tensor(p_rows, device=dev)
+        sub = scaled.index_select(0, pi).masked_fill(~keep.index_select(0, pi), -math.inf)  # (P, V)
+        top_p = _column([rows[i] for i in p_rows], "top_p", dev, scaled.dtype)  # (P, 1)
+        keep[pi] &= sub >= top_p_threshold(sub, top_p)
+    t_rows = [i for i, r in enumerate(rows) if r.params.typical_p < 1.0]
+    if t_rows:
+        ti = torch.tensor(t_rows, device=dev)
+        sub = scaled.index_select(0, ti).masked_fill(~keep.index_select(0, ti), -math.inf)  # (T, V)
+        keep[ti] &= typical_mask(sub, _column([rows[i] for i in t_rows], "typical_p", dev, scaled.dtype))
     return keep
+
+
+TOP_P_HEAD = 256  # top-p first looks at this many best tokens per row; a row whose head holds < p sorts fully
+
+
+def top_p_threshold(logits: Tensor, top_p: Tensor) -> Tensor:
+    """Per-row logit threshold (R, 1) of the smallest prefix of tokens, best first, whose mass reaches top_p (R, 1).
+
+    Row-local and exact: the head path and the full-sort path compute the same prefix sums, so a row's result
+    does not depend on which path its neighbours need.
+    """
+    R, V = logits.shape
+    lse = logits.logsumexp(dim=-1, keepdim=True)  # (R, 1) normaliser of the (masked) row
+    out = torch.empty(R, 1, dtype=logits.dtype, device=logits.device)
+    head = logits.topk(min(TOP_P_HEAD, V), dim=-1).values  # (R, H) sorted descending
+    thr, covered = _prefix_threshold(head, lse, top_p)
+    out.copy_(thr)
+    if not bool(covered.all()):
+        rest = (~covered).nonzero().squeeze(1)  # rows whose head mass < top_p
+        full = logits.index_select(0, rest).sort(dim=-1, descending=True).values  # (r, V)
+        out[rest] = _prefix_threshold(full, lse.index_select(0, rest), top_p.index_select(0, rest))[0]
+    return out
+
+
+def _prefix_threshold(sorted_logits: Tensor, lse: Tensor, top_p: Tensor) -> tuple[Tensor, Tensor]:
+    """Threshold (R, 1) from logits sorted descending (R, H); covered (R,) = whether those H tokens reach top_p."""
+    probs = (sorted_logits - lse).exp()  # (R, H)
+    cum = probs.cumsum(dim=-1)
+    n = ((cum - probs) < top_p).sum(dim=-1, keepdim=True).clamp(min=1)  # tokens kept: mass before each < p
+    return sorted_logits.gather(1, n - 1), cum[:, -1] >= top_p.squeeze(1)
 
 
 def typical_mask(logits: Tensor, mass: Tensor) -> Tensor:
     """Locally typical sampling (Meister et al. 2022, HF TypicalLogitsWarper): keep the tokens whose surprisal is
-    closest to the entropy until their mass reaches `mass` (B, 1); rows with mass >= 1 keep everything."""
+    closest to the entropy until their mass reaches `mass` (B, 1)."""
     logp = logits.log_softmax(dim=-1)  # (B, V)
     p = logp.exp()
     ent = -(p * logp).nan_to_num().sum(dim=-1, keepdim=True)  # (B, 1); 0 * -inf -> 0
-    shifted = (-logp - ent).abs().nan_to_num(posinf=math.inf)  # (B, V); masked tokens -> +inf, sorted last
+    shifted = (-logp - ent).abs()  # (B, V); masked tokens -> +inf, sorted last
     order = shifted.argsort(dim=-1, stable=True)  # (B, V)
     sp = p.gather(1, order)
     before = sp.cumsum(dim=-1) - sp
     rank = torch.arange(logits.shape[-1], device=logits.device).unsqueeze(0)
-    keep_sorted = (before < mass) | (mass >= 1.0) | (rank == 0)
+    keep_sorted = (before < mass) | (rank == 0)
     return torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted)
 
 
 def draw(probs: Tensor, rows: list[SequenceSampler]) -> Tensor:
-    """Exponential race per row: argmax p_i / E_i with E ~ Exp(1) of shape (V,) from each row's generator."""
-    V = probs.shape[-1]
-    noise = torch.stack(
-        [torch.empty(V, device=probs.device, dtype=torch.float32).exponential_(generator=r.generator) for r in rows]
-    )  # (B, V)
-    # exponential_ can return 0 in float32 (p ~ 2^-24 per draw); clamp so 0/0 cannot become NaN
-    return (probs / noise.clamp_min_(torch.finfo(torch.float32).tiny)).argmax(dim=-1)
+    """Inverse-CDF draw per row (B,) from probs (B, V), with one uniform from each row's own generator.
+
+    The uniforms come from host-side generators (one Python call per row, no device launch per row), and the
+    CDF is a row-wise float64 prefix sum, so a row's draw depends only on its own seed and probabilities.
+    """
+    u = torch.tensor([r.generator.random() for r in rows], dtype=torch.float64)  # type: ignore[union-attr]
+    cdf = probs.double().cumsum(dim=-1)  # (B, V)
+    total = cdf[:, -1:]
+    target = torch.minimum(u.to(probs.device).unsqueeze(1) * total, torch.nextafter(total, torch.zeros_like(total)))
+    # right=True: the first index whose cdf exceeds the target, which always has probability > 0
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
 
 
 @torch.inference_mode()

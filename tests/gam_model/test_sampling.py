@@ -13,6 +13,7 @@ from transformers.generation.logits_process import (
     TypicalLogitsWarper,
 )
 
+from gam_model import sampling
 from gam_model.sampling import SamplingParams, SequenceSampler, apply_penalties, sample, truncation_mask
 
 V = 97
@@ -231,3 +232,16 @@ def test_validate_accepts_defaults_and_edges():
         SamplingParams(frequency_penalty=-2.0, presence_penalty=2.0, seed=2**63 - 1),
     ]:
         ok.validate()
+
+
+@pytest.mark.parametrize("head", [4, 16, 1000])
+def test_top_p_head_and_full_sort_paths_agree(monkeypatch, head):
+    """Rows whose head holds < p fall back to a full sort; either way the kept set is HF's."""
+    monkeypatch.setattr(sampling, "TOP_P_HEAD", head)
+    peaked, flat = logits_batch(3, seed=11) * 4, logits_batch(3, seed=12) * 0.2
+    logits = torch.cat([peaked, flat])  # (6, V): mixed coverage
+    for p in (0.5, 0.9):
+        keep = truncation_mask(logits, rows_for([SamplingParams(top_p=p)] * 6))
+        assert torch.equal(keep, hf_keep(TopPLogitsWarper(p), logits))
+        for i in range(6):  # each row alone gives the same mask as in the mixed batch
+            assert torch.equal(truncation_mask(logits[i : i + 1], rows_for([SamplingParams(top_p=p)]))[0], keep[i])
