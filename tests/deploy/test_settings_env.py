@@ -52,3 +52,23 @@ def test_gam_variables_are_settings_and_parse(source, monkeypatch):
         value = getattr(s, k[len(PREFIX) :].lower())
         if v is not None and isinstance(value, int | float | str):
             assert value == type(value)(v), f"{source}: {k}={v!r} was read as {value!r}"
+
+
+def test_entrypoint_flags_parse(monkeypatch):
+    """The image's ENTRYPOINT + CMD arguments are flags `gam-serve` accepts, and bind every interface."""
+    import json
+
+    from server.cli import parse
+
+    ins = dockerfile_instructions()
+    (entry,) = [json.loads(i.args) for i in ins if i.keyword == "ENTRYPOINT"]
+    (cmd,) = [json.loads(i.args) for i in ins if i.keyword == "CMD"]
+    assert entry[0] == "gam-serve"
+    for k in list(os.environ):
+        if k.startswith(PREFIX):
+            monkeypatch.delenv(k)
+    for k, v in dockerfile_vars().items():
+        monkeypatch.setenv(k, v)
+    s = parse(entry[1:] + cmd)
+    assert s.host == "0.0.0.0" and s.port == 8000
+    assert str(s.model) == dockerfile_vars()["GAM_MODEL"]
