@@ -25,7 +25,7 @@ class IncrementalDetokenizer:
         self.ids: list[int] = context  # decoded window source: prompt context + generated ids
         self.prefix_offset = 0  # start of the window decoded as the prefix
         self.read_offset = len(context)  # end of the text already emitted
-        self._text: list[str] = []
+        self._text = ""  # all text emitted so far
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
@@ -43,7 +43,7 @@ class IncrementalDetokenizer:
                 del self.ids[: self.prefix_offset]
                 self.read_offset -= self.prefix_offset
                 self.prefix_offset = 0
-            self._text.append(new)
+            self._text += new
             return new
         return ""
 
@@ -55,10 +55,10 @@ class IncrementalDetokenizer:
         full = self._decode(self.ids[self.prefix_offset :])
         new = full[len(prefix) :] if len(full) > len(prefix) else ""
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        self._text.append(new)
+        self._text += new
         return new
 
     @property
     def text(self) -> str:
         """All text emitted so far."""
-        return "".join(self._text)
+        return self._text

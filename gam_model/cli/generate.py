@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(r.text)
         if args.verbose:
-            print(f"[seed {r.seed}, {len(r.token_ids)} tokens, finish {r.finish_reason}]", file=sys.stderr)
+            how = "greedy" if params.greedy else f"seed {r.seed}"
+            print(f"[{how}, {len(r.token_ids)} tokens, finish {r.finish_reason}]", file=sys.stderr)
 
 
 if __name__ == "__main__":
