@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gam_model.checkpoint import load_checkpoint
@@ -21,10 +23,6 @@ from server.settings import Settings
 from server.version import VERSION
 
 log = logging.getLogger(__name__)
-
-
-class BodyTooLarge(Exception):
-    """The request body passed --max-body-bytes."""
 
 
 class BodyLimitMiddleware:
@@ -44,7 +42,6 @@ class BodyLimitMiddleware:
                 await error_response(scope["path"], err)(scope, receive, send)
                 return
         seen = 0
-        started = False
 
         async def counting_receive() -> Message:
             nonlocal seen
@@ -52,19 +49,11 @@ class BodyLimitMiddleware:
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.limit:
-                    raise BodyTooLarge
+                    # an HTTPException passes through FastAPI's body parsing to the API-shaped error handler
+                    raise StarletteHTTPException(413, err.message)
             return msg
 
-        async def tracking_send(msg: Message) -> None:
-            nonlocal started
-            started = started or msg["type"] == "http.response.start"
-            await send(msg)
-
-        try:
-            await self.app(scope, counting_receive, tracking_send)
-        except BodyTooLarge:
-            if not started:
-                await error_response(scope["path"], err)(scope, receive, send)
+        await self.app(scope, counting_receive, send)
 
 
 def load_context(settings: Settings) -> ServerContext:
@@ -82,6 +71,7 @@ def load_context(settings: Settings) -> ServerContext:
         dtype=dtype,
         shutdown_grace=settings.shutdown_grace,
         fault_injection=settings.fault_injection,
+        cuda_graphs=settings.cuda_graphs,
     )
     model_id = settings.model_id or meta.model_name
     dtype_name = str(dtype).removeprefix("torch.")
@@ -109,7 +99,7 @@ def create_app(settings: Settings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         ctx = load_context(settings)
-        ctx.engine.start()
+        await asyncio.to_thread(ctx.engine.start)
         app.state.ctx, app.state.engine = ctx, ctx.engine
         try:
             yield

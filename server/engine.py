@@ -212,8 +212,10 @@ class Engine:
         dtype: torch.dtype,
         shutdown_grace: float = 10.0,
         fault_injection: str | None = None,
+        cuda_graphs: bool = False,
     ) -> None:
-        self.decoder = Decoder(model, max_batch_size, device, dtype)
+        # CUDA graphs only on CUDA: on CPU the decoder's replay stand-in is a test aid with no speed-up
+        self.decoder = Decoder(model, max_batch_size, device, dtype, cuda_graphs=cuda_graphs and device.type == "cuda")
         self.tokenizer = tokenizer
         self.vocab_size = model.config.vocab_size
         self.device = self.decoder.device
@@ -235,18 +237,22 @@ class Engine:
         self._drain_deadline = float("inf")
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
         self.crashed: BaseException | None = None
 
     # -- lifetime ------------------------------------------------------------------------------------------
-    def start(self) -> None:
-        """Start the engine thread."""
+    def start(self, timeout: float = 600.0) -> None:
+        """Start the engine thread and wait until it is warmed up (CUDA graphs captured) and looping."""
         self._thread = threading.Thread(target=self._loop, name="gam-engine", daemon=True)
         self._thread.start()
+        self._ready.wait(timeout)
+        if self.crashed is not None:
+            raise RuntimeError(f"the engine failed to start: {self.crashed!r}") from self.crashed
 
     @property
     def alive(self) -> bool:
-        """Whether the loop thread is running (and has not crashed)."""
-        return self._thread is not None and self._thread.is_alive() and self.crashed is None
+        """Whether the loop thread is running (warmed up, and not crashed)."""
+        return self._thread is not None and self._thread.is_alive() and self._ready.is_set() and self.crashed is None
 
     @property
     def draining(self) -> bool:
@@ -300,8 +306,15 @@ class Engine:
 
     # -- engine thread -------------------------------------------------------------------------------------
     def _loop(self) -> None:
-        log.info("engine loop started: %d slots on %s", self.max_batch_size, self.device)
         try:
+            self.decoder.warmup()  # capture every bucket's graph up front (no-op without graphs)
+            log.info(
+                "engine loop started: %d slots on %s (cuda graphs: %s)",
+                self.max_batch_size,
+                self.device,
+                self.decoder.cuda_graphs,
+            )
+            self._ready.set()
             while True:
                 with self._cond:
                     while not (self._waiting or self._running or self._stopping):
@@ -313,6 +326,7 @@ class Engine:
             self.crashed = e
             log.exception("engine loop died")
         finally:
+            self._ready.set()  # never leave start() waiting
             reason = "the engine stopped" if self.crashed is None else f"the engine loop died: {self.crashed!r}"
             for seq in list(self._running):
                 self._end(seq, ErrorEvent(reason, 503, "unhealthy"), "error")
@@ -460,18 +474,19 @@ class Engine:
         if seq in self._running:
             self._running.remove(seq)
             self.decoder.free(seq.slot)
+        # stats first: a client that got its last event may read /metrics at once
+        self._report(seq.handle, reason, seq.generated, seq.admitted, seq.first_token, seq.inter_token)
         if ev is not None:
             seq.handle._push(ev)
         else:
             seq.handle.done = True
-        self._report(seq.handle, reason, seq.generated, seq.admitted, seq.first_token, seq.inter_token)
 
     def _end_waiting(self, h: RequestHandle, ev: Event | None, reason: str) -> None:
+        self._report(h, reason, 0, None, None, [])
         if ev is not None:
             h._push(ev)
         else:
             h.done = True
-        self._report(h, reason, 0, None, None, [])
 
     def _report(
         self,

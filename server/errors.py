@@ -69,7 +69,7 @@ def error_body(
 ) -> dict[str, Any]:
     """The error JSON for `path`'s API."""
     if is_openai_path(path):
-        t = error_type or OPENAI_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+        t = OPENAI_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")  # error_type is TGI's
         return {"error": {"message": message, "type": t, "param": param, "code": code}}
     return {
         "error": message,
@@ -78,8 +78,10 @@ def error_body(
 
 
 def error_response(path: str, err: ApiError) -> JSONResponse:
-    body = error_body(path, err.status, err.message, param=err.param, code=err.code, error_type=err.error_type)
-    return JSONResponse(body, status_code=err.status, headers=err.headers)
+    """The JSON error response; OpenAI answers bad input with 400 where TGI uses 422."""
+    status = 400 if err.status == 422 and is_openai_path(path) else err.status
+    body = error_body(path, status, err.message, param=err.param, code=err.code, error_type=err.error_type)
+    return JSONResponse(body, status_code=status, headers=err.headers)
 
 
 def _loc_param(loc: tuple[Any, ...] | list[Any]) -> str:
@@ -125,8 +127,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         msg, param = validation_message(exc)
-        status = 400 if is_openai_path(request.url.path) else 422  # OpenAI answers 400, TGI 422
-        return error_response(request.url.path, ApiError(status, msg, param=param))
+        return error_response(request.url.path, ApiError(422, msg, param=param))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

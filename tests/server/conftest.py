@@ -1,0 +1,149 @@
+"""Server test fixtures: a tiny random GAM + a byte-level BPE tokenizer trained on a committed WikiText-2 excerpt,
+saved as a real checkpoint directory; apps driven in-process (httpx ASGITransport) or by a real uvicorn."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+import uvicorn
+from fastapi import FastAPI
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from gam_model.checkpoint import CheckpointMeta, save_checkpoint
+from gam_model.tokenizer import Tokenizer
+from server.app import create_app
+from server.settings import Settings
+from tests.conftest import tiny_model
+
+FIXTURE_TEXT = Path(__file__).resolve().parent.parent / "fixtures" / "wikitext2_train_excerpt.txt"
+EOS = "<|endoftext|>"
+MODEL_ID = "tiny-gam"
+
+
+def train_tokenizer(vocab_size: int = 320) -> Tokenizer:
+    """Byte-level BPE (any Unicode input round-trips) trained on the WikiText-2 excerpt; id 0 is the eos token."""
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train([str(FIXTURE_TEXT)], trainer)
+    return Tokenizer(tok, eos_token_id=tok.token_to_id(EOS))
+
+
+def fit(model: torch.nn.Module, ids: list[int], block: int, steps: int = 120, seed: int = 0) -> None:
+    """A few AdamW steps of next-token training, so the tiny model's distributions are peaked like a real one's."""
+    data = torch.tensor(ids)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, len(data) - block - 1, (16,), generator=gen)
+        x = torch.stack([data[i : i + block] for i in starts.tolist()])  # (B, T)
+        y = torch.stack([data[i + 1 : i + block + 1] for i in starts.tolist()])  # (B, T)
+        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint directory (config.json, model.safetensors, tokenizer.json) of a tiny GAM briefly trained on
+    the WikiText-2 excerpt (block_size 48, so generations cross into the sliding-window regime)."""
+    tok = train_tokenizer()
+    model = tiny_model(seed=3, vocab_size=tok.vocab_size, block_size=48)
+    fit(model, tok.encode(FIXTURE_TEXT.read_text()), block=48)
+    d = tmp_path_factory.mktemp("ckpt") / MODEL_ID
+    save_checkpoint(d, model, tok, CheckpointMeta(model_name=MODEL_ID, eos_token_id=tok.eos_token_id))
+    return d
+
+
+@pytest.fixture
+def make_settings(checkpoint_dir: Path):
+    """Settings for the tiny checkpoint on CPU, overridable per test."""
+
+    def make(**kw: Any) -> Settings:
+        base: dict[str, Any] = dict(
+            model=checkpoint_dir,
+            device="cpu",
+            dtype="float32",
+            max_batch_size=4,
+            max_queue=16,
+            max_new_tokens=64,
+            max_input_tokens=256,
+            request_timeout=60.0,
+        )
+        base.update(kw)
+        return Settings.model_validate(base)
+
+    return make
+
+
+@contextlib.asynccontextmanager
+async def app_client(settings: Settings) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    """The app with its lifespan running, and an httpx client talking to it in-process."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as client:
+            yield app, client
+
+
+@pytest.fixture
+async def client(make_settings) -> AsyncIterator[httpx.AsyncClient]:
+    async with app_client(make_settings()) as (_, c):
+        yield c
+
+
+class LiveServer:
+    """A real uvicorn on 127.0.0.1 at a free port, in a background thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.app = create_app(settings)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=5))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+        self.sock.close()
+
+    @property
+    def engine(self):
+        return self.app.state.engine
+
+
+@pytest.fixture
+def live_server(make_settings) -> Iterator[LiveServer]:
+    with LiveServer(make_settings()) as s:
+        yield s

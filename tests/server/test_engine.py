@@ -1,0 +1,173 @@
+"""Engine behaviour through the app: batch invariance, queue bound, faults, deadlines, drain, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from tests.server.conftest import app_client
+
+PROMPTS = [
+    "The game was",
+    "In the city",
+    "He played",
+    "The season . " * 12,
+    "A",
+    "Valkyria Chronicles III is",
+    "The music",
+    "After the war",
+]
+
+
+def tgi_body(prompt: str, n: int, **params) -> dict:
+    return {"inputs": prompt, "parameters": {"max_new_tokens": n, "details": True, **params}}
+
+
+def assert_same_generation(a: dict, b: dict) -> None:
+    """Same text, tokens, finish reason and seed; logprobs equal up to fp32 GEMM reassociation across batch sizes."""
+    da, db = a["details"], b["details"]
+    assert a["generated_text"] == b["generated_text"]
+    assert [t["id"] for t in da["tokens"]] == [t["id"] for t in db["tokens"]]
+    assert (da["finish_reason"], da["seed"]) == (db["finish_reason"], db["seed"])
+    assert [t["logprob"] for t in da["tokens"]] == pytest.approx([t["logprob"] for t in db["tokens"]], abs=1e-4)
+
+
+async def test_concurrent_greedy_equals_alone(make_settings) -> None:
+    """8 requests on 4 slots (admissions between steps, one prompt past block_size) == each run alone."""
+    async with app_client(make_settings(max_batch_size=4)) as (_, client):
+        lengths = [30, 5, 17, 40, 9, 33, 1, 24]
+        alone = [(await client.post("/generate", json=tgi_body(p, n))).json() for p, n in zip(PROMPTS, lengths)]
+        together = await asyncio.gather(
+            *(client.post("/generate", json=tgi_body(p, n)) for p, n in zip(PROMPTS, lengths))
+        )
+        for r, a in zip(together, alone, strict=True):
+            assert_same_generation(r.json(), a)
+
+
+async def test_concurrent_seeded_sampling_equals_alone(make_settings) -> None:
+    async with app_client(make_settings(max_batch_size=4)) as (_, client):
+
+        def body(i: int, p: str) -> dict:
+            return tgi_body(
+                p, 20, do_sample=True, seed=1000 + i, temperature=0.9, top_k=40, top_p=0.95, repetition_penalty=1.2
+            )
+
+        alone = [(await client.post("/generate", json=body(i, p))).json() for i, p in enumerate(PROMPTS)]
+        together = await asyncio.gather(*(client.post("/generate", json=body(i, p)) for i, p in enumerate(PROMPTS)))
+        for r, a in zip(together, alone, strict=True):
+            assert_same_generation(r.json(), a)
+        oa = {"model": "tiny-gam", "prompt": PROMPTS[:3], "max_tokens": 12, "seed": 5, "temperature": 0.8}
+        first = (await client.post("/v1/completions", json=oa)).json()
+        again = await asyncio.gather(*(client.post("/v1/completions", json=oa) for _ in range(3)))
+        assert all([c["text"] for c in r.json()["choices"]] == [c["text"] for c in first["choices"]] for r in again)
+
+
+@pytest.mark.parametrize("path", ["/generate", "/v1/completions"])
+async def test_queue_overflow_gives_429_with_retry_after(make_settings, path: str) -> None:
+    async with app_client(make_settings(max_batch_size=1, max_queue=1, max_new_tokens=64)) as (app, client):
+        body = (
+            tgi_body("The game", 64)
+            if path == "/generate"
+            else {"model": "tiny-gam", "prompt": "The game", "max_tokens": 64}
+        )
+        rs = await asyncio.gather(*(client.post(path, json=body) for _ in range(6)))
+        codes = sorted(r.status_code for r in rs)
+        assert codes.count(200) >= 2 and codes.count(429) >= 1 and set(codes) == {200, 429}, codes
+        rejected = next(r for r in rs if r.status_code == 429)
+        assert rejected.headers["Retry-After"] == "1"
+        if path == "/generate":
+            assert rejected.json()["error_type"] == "overloaded"
+        else:
+            assert rejected.json()["error"]["type"] == "rate_limit_error"
+        metrics = (await client.get("/metrics")).text
+        endpoint = "generate" if path == "/generate" else "completions"
+        line = f'gam_requests_total{{endpoint="{endpoint}",finish_reason="rejected"}} {float(codes.count(429))}'
+        assert line in metrics
+        assert app.state.engine.num_running == 0 and (await client.get("/health")).status_code == 200
+
+
+async def test_step_failure_fails_only_that_steps_requests(make_settings) -> None:
+    async with app_client(make_settings(fault_injection="step:3")) as (app, client):
+        r = await client.post("/generate", json=tgi_body("The game", 10))
+        assert r.status_code == 500 and r.json()["error_type"] == "generation"
+        assert "injected" in r.json()["error"]
+        assert app.state.engine.num_running == 0
+        assert (await client.get("/health")).status_code == 200
+        ok = await client.post("/generate", json=tgi_body("The game", 10))  # steps 4.. are fine
+        assert ok.status_code == 200 and ok.json()["details"]["generated_tokens"] == 10
+        metrics = (await client.get("/metrics")).text
+        assert 'gam_requests_total{endpoint="generate",finish_reason="error"} 1.0' in metrics
+        assert 'gam_requests_total{endpoint="generate",finish_reason="length"} 1.0' in metrics
+
+
+async def test_step_failure_mid_stream_sends_error_event(make_settings) -> None:
+    async with app_client(make_settings(fault_injection="step:2")) as (_, client):
+        r = await client.post("/generate_stream", json=tgi_body("The game", 10))
+        events = [json.loads(b[len("data: ") :]) for b in r.text.split("\n\n") if b.strip()]
+        assert [e["index"] for e in events[:-1]] == [0, 1]  # prefill token, step 1; step 2 fails
+        assert events[-1]["error_type"] == "generation" and "injected" in events[-1]["error"]
+
+
+async def test_engine_crash_turns_health_503(make_settings) -> None:
+    async with app_client(make_settings(fault_injection="crash:3")) as (app, client):
+        assert (await client.get("/health")).status_code == 200
+        r = await client.post("/generate", json=tgi_body("The game", 10))
+        assert r.status_code == 503 and r.json()["error_type"] == "unhealthy"
+        h = await client.get("/health")
+        assert h.status_code == 503 and "engine" in h.json()["error"]
+        r = await client.post("/v1/completions", json={"model": "tiny-gam", "prompt": "x"})
+        assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
+        assert not app.state.engine.alive
+
+
+async def test_request_timeout(make_settings) -> None:
+    async with app_client(make_settings(request_timeout=0.3, max_new_tokens=4000)) as (app, client):
+        r = await client.post("/generate", json=tgi_body("The game", 4000))
+        assert r.status_code == 504 and r.json()["error_type"] == "timeout"
+        assert app.state.engine.num_running == 0
+
+
+async def test_drain_finishes_short_and_ends_long_requests(make_settings) -> None:
+    async with app_client(make_settings(max_new_tokens=4000)) as (app, client):
+        long = asyncio.create_task(client.post("/generate_stream", json=tgi_body("The game", 4000)))
+        short = asyncio.create_task(client.post("/generate", json=tgi_body("The game", 3)))
+        while app.state.engine.num_running < 2 and not short.done():
+            await asyncio.sleep(0.005)
+        app.state.engine.drain(grace=0.3)
+        refused = await client.post("/generate", json=tgi_body("The game", 3))
+        assert refused.status_code == 503 and (await client.get("/health")).status_code == 503
+        assert (await short).status_code == 200
+        events = [json.loads(b[len("data: ") :]) for b in (await long).text.split("\n\n") if b.strip()]
+        assert events[-1]["error_type"] == "unhealthy" and "shutting down" in events[-1]["error"]
+        assert app.state.engine.num_running == 0
+
+
+async def test_metrics_move(make_settings) -> None:
+    async with app_client(make_settings()) as (_, client):
+        await client.post("/generate", json=tgi_body("The game", 5))
+        await client.post("/generate_stream", json=tgi_body("The game", 4))
+        await client.post("/v1/completions", json={"model": "tiny-gam", "prompt": "x", "max_tokens": 3})
+        text = (await client.get("/metrics")).text
+        values = {
+            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line and not line.startswith("#")
+        }
+        assert values['gam_requests_total{endpoint="generate",finish_reason="length"}'] == 1
+        assert values['gam_requests_total{endpoint="generate_stream",finish_reason="length"}'] == 1
+        assert values['gam_requests_total{endpoint="completions",finish_reason="length"}'] == 1
+        assert values["gam_generated_tokens_total"] == 12
+        assert values["gam_request_generated_tokens_sum"] == 12
+        assert values["gam_request_duration_seconds_count"] == 3
+        assert values["gam_time_to_first_token_seconds_count"] == 3
+        assert values["gam_time_per_output_token_seconds_count"] == 4 + 3 + 2
+        assert values["gam_request_queue_duration_seconds_count"] == 3
+        assert values["gam_request_prompt_tokens_count"] == 3
+        assert values["gam_prompt_tokens_total"] > 0
+        assert values["gam_step_duration_seconds_count"] >= 5
+        assert values["gam_batch_size_count"] >= 5
+        assert values["gam_requests_running"] == 0 and values["gam_requests_waiting"] == 0
+        assert values["gam_generated_tokens_per_second"] > 0
+        assert values['gam_model_info{device="cpu",dtype="float32",model="tiny-gam",version="0.1.0"}'] == 1

@@ -1,0 +1,92 @@
+"""OpenAI completions wire format through the app in-process."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+
+MODEL = "tiny-gam"
+
+
+def sse_payloads(text: str) -> list[str]:
+    blocks = [b for b in text.split("\n\n") if b.strip()]
+    assert all(b.startswith("data: ") for b in blocks)
+    return [b[len("data: ") :] for b in blocks]
+
+
+async def test_models(client: httpx.AsyncClient) -> None:
+    r = (await client.get("/v1/models")).json()
+    assert r["object"] == "list" and [m["id"] for m in r["data"]] == [MODEL]
+
+
+async def test_completion_shape_and_usage(client: httpx.AsyncClient) -> None:
+    body = {"model": MODEL, "prompt": "The game was", "max_tokens": 6, "temperature": 0}
+    r = await client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert data["object"] == "text_completion" and data["id"].startswith("cmpl-") and data["model"] == MODEL
+    (choice,) = data["choices"]
+    assert choice["index"] == 0 and choice["finish_reason"] == "length" and choice["logprobs"] is None
+    assert data["usage"]["completion_tokens"] == 6
+    assert data["usage"]["total_tokens"] == data["usage"]["prompt_tokens"] + 6
+    tgi = await client.post("/generate", json={"inputs": "The game was", "parameters": {"max_new_tokens": 6}})
+    assert choice["text"] == tgi.json()["generated_text"]  # greedy: both APIs agree
+
+
+async def test_prompt_list_n_echo_logprobs(client: httpx.AsyncClient) -> None:
+    body = {
+        "model": MODEL,
+        "prompt": ["The game", "In the city"],
+        "n": 2,
+        "max_tokens": 4,
+        "echo": True,
+        "logprobs": 2,
+        "seed": 7,
+    }
+    data = (await client.post("/v1/completions", json=body)).json()
+    assert [c["index"] for c in data["choices"]] == [0, 1, 2, 3]
+    assert data["choices"][0]["text"].startswith("The game") and data["choices"][2]["text"].startswith("In the city")
+    lp = data["choices"][1]["logprobs"]
+    assert set(lp) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"])
+    generated = [x for x in lp["token_logprobs"] if x is not None]
+    assert len(generated) == 4 and all(x <= 0 for x in generated)
+    assert data["usage"]["completion_tokens"] == 16
+
+
+async def test_token_id_prompt(client: httpx.AsyncClient) -> None:
+    ids = [t["id"] for t in (await client.post("/tokenize", json={"inputs": "The game was"})).json()]
+    a = (
+        await client.post("/v1/completions", json={"model": MODEL, "prompt": ids, "max_tokens": 5, "temperature": 0})
+    ).json()
+    b = (
+        await client.post(
+            "/v1/completions", json={"model": MODEL, "prompt": "The game was", "max_tokens": 5, "temperature": 0}
+        )
+    ).json()
+    assert a["choices"][0]["text"] == b["choices"][0]["text"]
+
+
+async def test_stream_with_usage_and_done(client: httpx.AsyncClient) -> None:
+    body = {"model": MODEL, "prompt": "The game was", "max_tokens": 8, "temperature": 0}
+    full = (await client.post("/v1/completions", json=body)).json()
+    r = await client.post("/v1/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}})
+    payloads = sse_payloads(r.text)
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    usage = chunks[-1]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 8
+    assert all(c["usage"] is None for c in chunks[:-1])
+    assert "".join(c["choices"][0]["text"] for c in chunks[:-1]) == full["choices"][0]["text"]
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+
+
+async def test_stream_stop_string_is_cut(client: httpx.AsyncClient) -> None:
+    body = {"model": MODEL, "prompt": "The game was", "max_tokens": 20, "temperature": 0}
+    text = (await client.post("/v1/completions", json=body)).json()["choices"][0]["text"]
+    stop = text[8:11]
+    r = await client.post("/v1/completions", json={**body, "stop": stop, "stream": True})
+    chunks = [json.loads(p) for p in sse_payloads(r.text)[:-1]]
+    streamed = "".join(c["choices"][0]["text"] for c in chunks)
+    assert streamed == text[: text.index(stop)] and chunks[-1]["choices"][0]["finish_reason"] == "stop"
