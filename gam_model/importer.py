@@ -119,12 +119,12 @@ def build_config(sd: Mapping[str, torch.Tensor], hparams: Mapping[str, Any], ove
 def find_eos(tok: Tokenizer, eos_token: str | None) -> tuple[int | None, str | None]:
     """The eos id: the named token (which must exist) or the first common eos spelling in the vocabulary."""
     if eos_token is not None:
-        i = tok.tok.token_to_id(eos_token)
+        i = tok.token_to_id(eos_token)
         if i is None:
             raise CheckpointError(f"eos token {eos_token!r} is not in the tokenizer's vocabulary")
         return i, eos_token
     for name in EOS_CANDIDATES:
-        if (i := tok.tok.token_to_id(name)) is not None:
+        if (i := tok.token_to_id(name)) is not None:
             return i, name
     return None, None
 

@@ -32,5 +32,9 @@ class Tokenizer:
     def id_to_token(self, i: int) -> str:
         return self.tok.id_to_token(i) or ""
 
+    def token_to_id(self, token: str) -> int | None:
+        """Id of a token string (e.g. a special token), or None if it is not in the vocabulary."""
+        return self.tok.token_to_id(token)
+
     def save(self, path: str | Path) -> None:
         self.tok.save(str(path))

@@ -104,7 +104,7 @@ def test_cli_import_infers_config_and_keeps_logits(reference, tokenizer_json, tm
     assert loaded.config.to_dict() == {**CFG, "dropout": 0.0}  # every size inferred from the shapes
     assert logits_diff(model, loaded) <= 1e-4
     assert meta.model_name == "paper-gam"
-    assert meta.eos_token_id == tok.tok.token_to_id("[EOS]")  # found among the common spellings
+    assert meta.eos_token_id == tok.token_to_id("[EOS]")  # found among the common spellings
     assert (out / "README.md").read_text().startswith("# paper-gam")
     assert json.loads((out / "config.json").read_text())["imported_from"]["file"] == "paper.pt"
 
