@@ -10,7 +10,7 @@ import torch
 
 from gam_model.checkpoint import load_checkpoint
 from gam_model.data import read_text
-from gam_model.evaluate import evaluate_text
+from gam_model.evaluate import MODES, evaluate_text
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -21,6 +21,12 @@ def main(argv: list[str] | None = None) -> None:
         "--model", required=True, help="checkpoint directory (config.json, model.safetensors, tokenizer.json)"
     )
     p.add_argument("texts", nargs="+", help="UTF-8 text files, each scored as one stream")
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default="sliding",
+        help="sliding: exact for the served semantics (default); chunked: non-overlapping block_size chunks",
+    )
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=256, help="windows per forward past block_size")
@@ -32,14 +38,20 @@ def main(argv: list[str] | None = None) -> None:
     model, tok, meta = load_checkpoint(args.model, device=args.device, dtype=DTYPES[args.dtype])
     results = {}
     for path in args.texts:
-        r = evaluate_text(model, tok, read_text(path), batch_size=args.batch_size, progress=True)
+        r = evaluate_text(model, tok, read_text(path), batch_size=args.batch_size, progress=True, mode=args.mode)
         results[path] = r.to_dict()
         print(
             f"{path}: {r.tokens} tokens, {r.bytes} bytes, loss {r.loss:.4f}, ppl {r.perplexity:.2f}, "
             f"bits/byte {r.bits_per_byte:.4f}",
             flush=True,
         )
-    out = {"model": str(Path(args.model)), "model_name": meta.model_name, "dtype": args.dtype, "results": results}
+    out = {
+        "model": str(Path(args.model)),
+        "model_name": meta.model_name,
+        "dtype": args.dtype,
+        "mode": args.mode,
+        "results": results,
+    }
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(out, indent=2) + "\n")
 

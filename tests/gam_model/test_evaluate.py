@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from gam_model.checkpoint import CheckpointMeta, save_checkpoint
 from gam_model.cli.evaluate import main as eval_main
 from gam_model.data import encode_stream, read_text, train_tokenizer
-from gam_model.evaluate import evaluate_text, score_tokens, tail_window_logits
+from gam_model.evaluate import evaluate_text, score_chunks, score_tokens, tail_window_logits
 from tests.conftest import tiny_model
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
@@ -73,3 +73,16 @@ def test_evaluate_text_on_fixture_longer_than_block(tmp_path):
     got = json.loads((tmp_path / "r.json").read_text())["results"][str(tmp_path / "t.txt")]
     assert got["tokens"] == r.tokens
     assert got["nll"] == pytest.approx(r.nll, rel=1e-5)
+
+
+def test_chunked_mode_scores_each_chunk_from_its_start():
+    model = tiny_model(seed=5, block_size=16)
+    ids = torch.randint(0, 97, (50,), generator=torch.Generator().manual_seed(5))
+    nll, n = score_chunks(model, ids)
+    want = 0.0
+    with torch.no_grad():
+        for s in range(0, 49, 16):
+            x, y = ids[s : min(s + 16, 49)], ids[s + 1 : min(s + 16, 49) + 1]
+            want -= F.log_softmax(model(x.unsqueeze(0))[0].double(), -1).gather(1, y.unsqueeze(1)).sum().item()
+    assert n == 49 and nll == pytest.approx(want, rel=1e-5)
+    assert nll != pytest.approx(score_tokens(model, ids)[0], rel=1e-3)  # past block_size the two differ
