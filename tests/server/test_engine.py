@@ -38,9 +38,11 @@ async def test_concurrent_greedy_equals_alone(make_settings) -> None:
     """8 requests on 4 slots (admissions between steps, one prompt past block_size) == each run alone."""
     async with app_client(make_settings(max_batch_size=4)) as (_, client):
         lengths = [30, 5, 17, 40, 9, 33, 1, 24]
-        alone = [(await client.post("/generate", json=tgi_body(p, n))).json() for p, n in zip(PROMPTS, lengths)]
+        alone = [
+            (await client.post("/generate", json=tgi_body(p, n))).json() for p, n in zip(PROMPTS, lengths, strict=True)
+        ]
         together = await asyncio.gather(
-            *(client.post("/generate", json=tgi_body(p, n)) for p, n in zip(PROMPTS, lengths))
+            *(client.post("/generate", json=tgi_body(p, n)) for p, n in zip(PROMPTS, lengths, strict=True))
         )
         for r, a in zip(together, alone, strict=True):
             assert_same_generation(r.json(), a)
