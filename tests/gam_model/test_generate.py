@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gam_model.checkpoint import CheckpointMeta, save_checkpoint
+from gam_model.cli import generate as cli_generate
 from gam_model.cli.generate import main
 from gam_model.decode import Decoder
 from gam_model.generate import generate
@@ -126,3 +127,15 @@ def test_cli_prints_and_streams_the_same_text(model, tok, tmp_path, capsys):
         main(["--model", str(d), "--prompt", "x", "--top-p", "1.5"])
     with pytest.raises(SystemExit, match=r"no config\.json"):
         main(["--model", str(tmp_path), "--prompt", "x"])
+
+
+def test_cli_default_model_is_the_single_one_under_weights(model, tok, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli_generate, "WEIGHTS_DIR", tmp_path)
+    with pytest.raises(SystemExit, match="holds no model; pass --model"):
+        main(["--prompt", "x"])
+    save_checkpoint(tmp_path / "bundled", model, tok, CheckpointMeta())
+    main(["--prompt", "x", "--max-new-tokens", "3", "--temperature", "0"])
+    assert capsys.readouterr().out.endswith("\n")
+    save_checkpoint(tmp_path / "other", model, tok, CheckpointMeta())
+    with pytest.raises(SystemExit, match=r"holds 2 models \(bundled, other\)"):
+        main(["--prompt", "x"])
