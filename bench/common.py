@@ -1,11 +1,17 @@
-"""Shared by the bench scripts: a description of the machine the figures came from."""
+"""Shared by the bench scripts: the machine description, the model to serve, a gam-serve subprocess."""
 
 from __future__ import annotations
 
 import os
 import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -27,3 +33,79 @@ def machine() -> dict:
         "amx_bf16": "amx_bf16" in info,
         "python": platform.python_version(),
     }
+
+
+def bundled_model_dir() -> Path | None:
+    """The single model under weights/ (the bundled default), if it has landed."""
+    found = sorted(p.parent for p in (Path(__file__).resolve().parent.parent / "weights").glob("*/config.json"))
+    return found[0] if len(found) == 1 else None
+
+
+def random_paper_checkpoint(directory: Path) -> Path:
+    """A checkpoint of the paper's GAM config with random weights and a byte-level BPE trained on the load_tests
+    prompt excerpt (vocab_size = that tokenizer's size, so every sampled id decodes)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from gam_model.checkpoint import CheckpointMeta, save_checkpoint
+    from gam_model.config import GAMConfig
+    from gam_model.model import GAM
+    from gam_model.tokenizer import Tokenizer
+
+    corpus = Path(__file__).resolve().parent.parent / "load_tests" / "prompts.txt"
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.train([str(corpus)], trainers.BpeTrainer(vocab_size=10000, special_tokens=["<|endoftext|>"], show_progress=False,
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))  # fmt: skip
+    tok = Tokenizer(hf, eos_token_id=hf.token_to_id("<|endoftext|>"))
+    torch.manual_seed(0)
+    model = GAM(GAMConfig(vocab_size=tok.vocab_size, dropout=0.0)).eval()
+    meta = CheckpointMeta(model_name="gam-paper-config-random", eos_token_id=tok.eos_token_id)
+    return save_checkpoint(directory, model, tok, meta)
+
+
+class ServerProcess:
+    """`gam-serve` in a subprocess on 127.0.0.1 at a free port; a context manager that waits for /health."""
+
+    def __init__(self, model_dir: Path, threads: int = 1, **settings: object) -> None:
+        self.model_dir, self.threads, self.settings = model_dir, threads, settings
+        self.proc: subprocess.Popen | None = None
+        self.url = ""
+
+    def __enter__(self) -> ServerProcess:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        args = ["--model", str(self.model_dir), "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+        for k, v in self.settings.items():
+            args += [f"--{k.replace('_', '-')}", str(v)]
+        env = dict(os.environ, OMP_NUM_THREADS=str(self.threads))
+        code = "import sys; from server.cli import main; main(sys.argv[1:])"
+        root = Path(__file__).resolve().parent.parent
+        self.proc = subprocess.Popen([sys.executable, "-c", code, *args], cwd=root, env=env)
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gam-serve exited with {self.proc.returncode}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.__exit__()
+        raise RuntimeError("gam-serve did not become healthy in 300 s")
+
+    def info(self) -> dict:
+        return httpx.get(self.url + "/info", timeout=10).json()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

@@ -28,6 +28,7 @@ FLAGS = {
     "input_len": "input_words",
     "output_len": "output_tokens",
     "disconnect_fraction": "disconnect_fraction",
+    "disconnect_within": "disconnect_within",
     "temperature": "temperature",
     "seed": "seed",
     "prompts": "prompts",
@@ -57,6 +58,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--input-len", type=int, help="prompt length in words (WikiText-2 excerpt)")
     p.add_argument("--output-len", type=int, help="max_new_tokens / max_tokens per request")
     p.add_argument("--disconnect-fraction", type=float, help="share of requests cut after a random number of tokens")
+    p.add_argument("--disconnect-within", type=int, help="cut within this many tokens (default: --output-len)")
     p.add_argument("--temperature", type=float, help="0 = greedy")
     p.add_argument("--ignore-eos", action="store_true", help="openai: send vLLM's ignore_eos (if the server has it)")
     p.add_argument("--model", help="openai model name (default: the first of GET /v1/models)")

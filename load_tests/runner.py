@@ -57,6 +57,7 @@ class LoadConfig:
     input_words: int = 64
     output_tokens: int = 64
     disconnect_fraction: float = 0.0  # share of requests cut after a random number of tokens
+    disconnect_within: int | None = None  # the cut comes within this many tokens (default: the output length)
     temperature: float = 0.0
     ignore_eos: bool = False
     model: str | None = None
@@ -77,6 +78,8 @@ class LoadConfig:
             raise ValueError("open loop needs rate > 0 and burstiness > 0")
         if not 0.0 <= self.disconnect_fraction <= 1.0:
             raise ValueError("disconnect fraction must be in [0, 1]")
+        if self.disconnect_within is not None and self.disconnect_within < 1:
+            raise ValueError("disconnect-within must be >= 1 token")
 
 
 @dataclass
@@ -114,7 +117,7 @@ class _Load:
         cfg = self.cfg
         cut = None
         if cfg.disconnect_fraction and self.rng.random() < cfg.disconnect_fraction:
-            cut = self.rng.randint(1, max(1, cfg.output_tokens - 1))
+            cut = self.rng.randint(1, max(1, min(cfg.output_tokens - 1, cfg.disconnect_within or cfg.output_tokens)))
         seed = self.rng.randrange(2**31) if cfg.temperature > 0 else None
         body = protocols.body(
             cfg.api,

@@ -1,0 +1,126 @@
+"""HTTP-served output tokens/s at N concurrent streams vs the engine alone (in-process, no HTTP) at batch N.
+
+Both sides run the same workload: the same prompts (WikiText-2 excerpt, same seed), greedy decoding, the same
+max new tokens, a closed loop of N concurrent requests until --requests are done. The HTTP side is gam-serve in a
+subprocess on 127.0.0.1 driven by the load generator (TGI /generate_stream); the engine side is server.engine.Engine
+in this process with the handlers' event stream consumed directly. Runs alternate (engine, HTTP, engine, ...);
+medians of --repeats. Tokens counted are the tokens generated (a sequence may end early at eos on both sides).
+
+    .venv/bin/python bench/serving.py                  # bundled model if weights/ has one, else paper config random
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import RESULTS, ServerProcess, bundled_model_dir, machine, random_paper_checkpoint
+from gam_model.sampling import SamplingParams
+from load_tests.metrics import summarize
+from load_tests.prompts import PromptSampler
+from load_tests.runner import LoadConfig, run_load
+from server.app import load_context
+from server.engine import ErrorEvent, GenerationRequest
+from server.settings import Settings
+
+
+async def engine_alone(engine, prompts: list[list[int]], streams: int, max_new: int) -> tuple[float, int, int]:
+    """Closed loop of `streams` requests straight into the engine; returns (seconds, tokens generated, errors)."""
+    todo = list(prompts)
+    tokens = errors = 0
+
+    async def worker() -> None:
+        nonlocal tokens, errors
+        while todo:
+            ids = todo.pop()
+            h = engine.submit(GenerationRequest(ids, SamplingParams(temperature=1.0, do_sample=False), max_new))
+            async for ev in h.events():
+                if isinstance(ev, ErrorEvent):
+                    errors += 1
+                    break
+                tokens += 1
+
+    t = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(streams)))
+    return time.perf_counter() - t, tokens, errors
+
+
+async def bench(args: argparse.Namespace, model_dir: Path) -> dict:
+    settings = dict(max_batch_size=args.streams, max_queue=args.requests, max_new_tokens=args.output_len,
+                    dtype=args.dtype)  # fmt: skip
+    ctx = load_context(Settings.model_validate(dict(model=model_dir, device="cpu", request_timeout=600, **settings)))
+    engine, tok = ctx.engine, ctx.tokenizer
+    await asyncio.to_thread(engine.start)
+    rows = []
+    try:
+        with ServerProcess(model_dir, threads=args.threads, **settings) as srv:
+            info = srv.info()
+            for rep in range(args.repeats):
+                sampler = PromptSampler(seed=rep)
+                texts = [sampler.sample(args.input_len) for _ in range(args.requests)]
+                dt, n, err = await engine_alone(engine, [tok.encode(t) for t in texts], args.streams, args.output_len)
+                cfg = LoadConfig(url=srv.url, api="tgi", mode="closed", concurrency=args.streams,
+                                 num_requests=args.requests, input_words=args.input_len, output_tokens=args.output_len,
+                                 duration_s=600, timeout_s=600, seed=rep)  # fmt: skip
+                res = await run_load(cfg, progress=False)
+                s = summarize(res.records, res.duration_s)
+                row = {"engine_tok_s": n / dt, "engine_tokens": n, "engine_errors": err, "engine_s": dt,
+                       "http_tok_s": s["output_throughput"], "http_tokens": s["total_output_tokens"],
+                       "http_errors": s["errors"], "http_s": res.duration_s,
+                       "http_ttft_median_ms": s["ttft"]["median_ms"], "http_itl_median_ms": s["itl"]["median_ms"]}  # fmt: skip
+                row["ratio"] = row["http_tok_s"] / row["engine_tok_s"]
+                rows.append(row)
+                print(f"repeat {rep}: engine {row['engine_tok_s']:.0f} tok/s, HTTP {row['http_tok_s']:.0f} tok/s, "
+                      f"ratio {row['ratio']:.3f} (errors: engine {err}, http {s['errors']})", flush=True)  # fmt: skip
+    finally:
+        await engine.shutdown()
+    med = {k: statistics.median(r[k] for r in rows) for k in ("engine_tok_s", "http_tok_s")}
+    return {
+        "server_info": info,
+        "repeats": rows,
+        "median": med,
+        "ratio_of_medians": med["http_tok_s"] / med["engine_tok_s"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, help="checkpoint dir (default: bundled weights/*, else random paper config)")
+    p.add_argument("--streams", type=int, default=64)
+    p.add_argument("--requests", type=int, default=128, help="requests per run (2 rounds of the streams)")
+    p.add_argument("--input-len", type=int, default=64, help="prompt words")
+    p.add_argument("--output-len", type=int, default=64, help="max new tokens")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", default="float32", help="server dtype, both sides (the server's CPU default: float32)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads on both sides")
+    p.add_argument("--out", type=Path, default=RESULTS / "serving.json")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model or bundled_model_dir()
+        source = "given" if args.model else "bundled"
+        if model_dir is None:
+            model_dir, source = random_paper_checkpoint(Path(tmp) / "gam-random"), "paper config, random weights"
+        result = asyncio.run(bench(args, model_dir))
+    doc = {"benchmark": f"HTTP-served tokens/s at {args.streams} streams vs the engine alone at batch {args.streams}",
+           "command": "python bench/serving.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "machine": machine(), "model": {"dir": str(model_dir), "source": source}, "settings": vars(args) | {
+               "model": str(args.model), "out": str(args.out)}, "target": 0.85, **result}  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"HTTP / engine tokens/s: {doc['ratio_of_medians']:.3f} (target >= 0.85); wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

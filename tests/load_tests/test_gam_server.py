@@ -1,0 +1,133 @@
+"""A short real run of the load generator against gam-serve (tiny random GAM checkpoint, uvicorn on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from gam_model.checkpoint import CheckpointMeta, save_checkpoint
+from gam_model.tokenizer import Tokenizer
+from load_tests.metrics import summarize
+from load_tests.prompts import DEFAULT_PROMPTS
+from load_tests.runner import LoadConfig, run_load
+from server.app import create_app
+from server.settings import Settings
+from tests.conftest import tiny_model
+
+MAX_NEW = 8
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random GAM with a byte-level BPE trained on the prompt excerpt (every id decodes)."""
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.train(
+        [str(DEFAULT_PROMPTS)],
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<|endoftext|>"],
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    tok = Tokenizer(hf, eos_token_id=hf.token_to_id("<|endoftext|>"))
+    model = tiny_model(seed=5, vocab_size=tok.vocab_size, block_size=32)
+    d = tmp_path_factory.mktemp("ckpt") / "tiny-load"
+    return save_checkpoint(d, model, tok, CheckpointMeta(model_name="tiny-load", eos_token_id=tok.eos_token_id))
+
+
+@pytest.fixture(scope="module")
+def gam_server(tiny_checkpoint: Path) -> Iterator[tuple[str, object]]:
+    """(base URL, app) of gam-serve on a real uvicorn at a free 127.0.0.1 port."""
+    settings = Settings.model_validate(
+        dict(
+            model=tiny_checkpoint,
+            device="cpu",
+            dtype="float32",
+            max_batch_size=4,
+            max_queue=32,
+            max_new_tokens=100_000,
+            request_timeout=120.0,
+        )
+    )
+    app = create_app(settings)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "gam-serve did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}", app
+    server.should_exit = True
+    thread.join(timeout=30)
+    sock.close()
+
+
+@pytest.mark.parametrize("api", ["tgi", "openai"])
+async def test_load_run_against_gam_serve(gam_server, api: str) -> None:
+    url, _ = gam_server
+    cfg = LoadConfig(
+        url=url,
+        api=api,
+        mode="closed",
+        concurrency=4,
+        num_requests=8,
+        input_words=24,
+        output_tokens=MAX_NEW,
+        duration_s=60,
+        model="tiny-load",
+    )
+    res = await run_load(cfg, progress=False)
+    s = summarize(res.records, res.duration_s)
+    assert s["errors"] == {} and s["completed"] == 8
+    for r in res.records:
+        # a random model may hit eos early: the server's own count is used, and it matches what streamed
+        assert 1 <= r.n_output <= MAX_NEW and r.ttft > 0 and r.e2el >= r.ttft
+        assert len(r.token_times) == r.n_output if api == "tgi" else len(r.token_times) <= r.n_output
+    if api == "openai":
+        assert all(r.prompt_tokens and r.prompt_tokens >= 24 for r in res.records)  # usage: byte-level BPE >= words
+    assert s["output_throughput"] > 0 and s["itl"]["count"] > 0
+
+
+async def test_disconnects_free_the_servers_slots(gam_server) -> None:
+    url, app = gam_server
+    # 100k tokens each would keep the 4 slots busy for minutes: only cancellation frees them within seconds
+    cfg = LoadConfig(
+        url=url,
+        api="tgi",
+        mode="closed",
+        concurrency=4,
+        num_requests=8,
+        input_words=24,
+        output_tokens=100_000,
+        disconnect_fraction=1.0,
+        disconnect_within=20,
+        duration_s=60,
+        seed=2,
+    )
+    res = await run_load(cfg, progress=False)
+    assert sum(r.disconnected for r in res.records) + sum(r.success for r in res.records) == 8  # eos may come first
+    assert sum(r.disconnected for r in res.records) >= 4
+    engine = app.state.engine
+    deadline = time.monotonic() + 10
+    while engine.num_running or engine.num_waiting:
+        assert time.monotonic() < deadline, "cancelled requests still hold slots"
+        await asyncio.sleep(0.05)
+    async with httpx.AsyncClient(base_url=url) as c:
+        assert (await c.get("/health")).status_code == 200
