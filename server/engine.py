@@ -140,6 +140,12 @@ class RequestHandle:
         if not self.done:
             self.cancelled = True
 
+    def abort(self, message: str) -> None:
+        """Cancel from the handler's side and end its event stream now (call on the event loop's thread)."""
+        if not self.done:
+            self.cancelled = True
+            self._queue.put_nowait(ErrorEvent(message, 499, "cancelled"))
+
     def _push(self, ev: Event) -> None:
         """Called from the engine thread."""
         if is_last(ev):
@@ -154,13 +160,6 @@ class RequestHandle:
             yield ev
             if is_last(ev):
                 return
-
-    async def next_event(self, timeout: float | None = None) -> Event | None:
-        """The next event, or None after `timeout` seconds."""
-        try:
-            return await asyncio.wait_for(self._queue.get(), timeout)
-        except TimeoutError:
-            return None
 
 
 # -- the engine ----------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -22,7 +23,6 @@ from server.engine import (
 from server.errors import ApiError
 
 RETRY_AFTER_S = 1
-DISCONNECT_POLL_S = 0.25
 
 
 def check_text(text: str, param: str) -> None:
@@ -133,24 +133,36 @@ class Collected:
         return "".join(t.emitted for t in self.tokens)
 
 
-async def collect(request: Request, handle: RequestHandle) -> Collected:
-    """Wait for a whole generation, cancelling it if the client disconnects; an error event raises ApiError."""
+async def watch_disconnect(request: Request, handles: list[RequestHandle]) -> None:
+    """Abort the requests when the client goes away (what StreamingResponse does for streams)."""
+    while True:
+        msg = await request.receive()
+        if msg["type"] == "http.disconnect":
+            for h in handles:
+                h.abort("client closed the request")
+            return
+
+
+async def _gather(handle: RequestHandle) -> Collected:
     out = Collected()
+    async for ev in handle.events():
+        if isinstance(ev, ErrorEvent):
+            raise ApiError(ev.status, ev.message, error_type=ev.error_type)
+        out.tokens.append(ev)
+        if ev.finish is not None:
+            out.finish = ev.finish
+    return out
+
+
+async def collect(request: Request, handles: list[RequestHandle]) -> list[Collected]:
+    """Wait for whole generations, cancelling them if the client disconnects; an error event raises ApiError."""
+    watcher = asyncio.create_task(watch_disconnect(request, handles))
     try:
-        while True:
-            ev = await handle.next_event(DISCONNECT_POLL_S)
-            if ev is None:
-                if await request.is_disconnected():
-                    raise ApiError(499, "client closed the request")
-                continue
-            if isinstance(ev, ErrorEvent):
-                raise ApiError(ev.status, ev.message, error_type=ev.error_type)
-            out.tokens.append(ev)
-            if ev.finish is not None:
-                out.finish = ev.finish
-                return out
+        return list(await asyncio.gather(*(_gather(h) for h in handles)))
     finally:
-        handle.cancel()  # no-op once finished
+        watcher.cancel()
+        for h in handles:
+            h.cancel()  # no-op once finished
 
 
 def sse(data: str) -> bytes:

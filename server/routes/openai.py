@@ -162,11 +162,7 @@ async def completions(request: Request, body: CompletionRequest, ctx: Ctx) -> An
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    try:
-        results: list[Collected] = await asyncio.gather(*(collect(request, h) for h in handles))
-    finally:
-        for h in handles:
-            h.cancel()
+    results: list[Collected] = await collect(request, handles)
     lp = LogprobsBuilder(ctx)
     choices = []
     for k, res in enumerate(results):

@@ -99,7 +99,7 @@ def details_json(
 
 async def generate_json(request: Request, ctx: ServerContext, body: TGIRequest, endpoint: str) -> dict[str, Any]:
     req, p = tgi_request(ctx, body, endpoint)
-    out = await collect(request, submit(ctx, req))
+    (out,) = await collect(request, [submit(ctx, req)])
     assert out.finish is not None
     text = (body.inputs if p.return_full_text else "") + out.text
     res: dict[str, Any] = {"generated_text": text}

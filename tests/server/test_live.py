@@ -1,0 +1,141 @@
+"""Behaviour that needs a real HTTP server: client disconnects, auth, SIGTERM drain of the gam-serve process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.server.conftest import LiveServer, app_client
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def wait_for(cond, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return cond()
+
+
+def metric(url: str, name: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/generate_stream", {"inputs": "The game", "parameters": {"max_new_tokens": 4000}}),
+        ("/v1/completions", {"model": "tiny-gam", "prompt": "The game", "max_tokens": 4000, "stream": True}),
+        ("/generate", {"inputs": "The game", "parameters": {"max_new_tokens": 4000}}),
+    ],
+)
+def test_disconnect_frees_slot(make_settings, path: str, body: dict) -> None:
+    with LiveServer(make_settings(max_new_tokens=4000)) as s:
+        endpoint = {"/generate_stream": "generate_stream", "/v1/completions": "completions"}.get(path, "generate")
+        with httpx.Client(base_url=s.url, timeout=30) as client:
+            if body.get("stream") or path == "/generate_stream":
+                with client.stream("POST", path, json=body) as r:
+                    lines = r.iter_lines()
+                    got = [ln for ln in (next(lines) for _ in range(6)) if ln.startswith("data:")]
+                    assert got and s.engine.num_running == 1
+            else:
+                with pytest.raises(httpx.ReadTimeout):
+                    client.post(path, json=body, timeout=0.5)
+        # the slot is freed within a step or two of the disconnect being seen
+        assert wait_for(lambda: s.engine.num_running == 0, 10.0)
+        assert s.engine.decoder.state.free_slots == 4
+        assert wait_for(lambda: metric(s.url, "gam_requests_running") == 0)
+        cancelled = f'gam_requests_total{{endpoint="{endpoint}",finish_reason="cancelled"}}'
+        assert wait_for(lambda: metric(s.url, cancelled) == 1.0)
+        assert httpx.get(f"{s.url}/health").status_code == 200
+
+
+async def test_api_key(make_settings) -> None:
+    async with app_client(make_settings(api_key="s3cret")) as (_, client):
+        body = {"inputs": "The game", "parameters": {"max_new_tokens": 2}}
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong"},
+            {"Authorization": "Basic s3cret"},
+            {"Authorization": "s3cret"},
+        ):
+            r = await client.post("/generate", json=body, headers=headers)
+            assert r.status_code == 401 and r.json()["error_type"] == "authentication"
+            assert r.headers["WWW-Authenticate"] == "Bearer"
+            r = await client.get("/v1/models", headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+            assert (await client.get("/info", headers=headers)).status_code == 401
+            assert (await client.get("/docs", headers=headers)).status_code == 401
+        ok = {"Authorization": "Bearer s3cret"}
+        assert (await client.post("/generate", json=body, headers=ok)).status_code == 200
+        assert (await client.get("/v1/models", headers=ok)).status_code == 200
+        assert (await client.get("/health")).status_code == 200
+        assert (await client.get("/metrics")).status_code == 200
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_sigterm_drains_then_exits(checkpoint_dir: Path) -> None:
+    """gam-serve (the CLI) on SIGTERM: refuses new work, ends a long stream with a final event, exits 0."""
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GAM_MAX_NEW_TOKENS": "100000", "GAM_DEVICE": "cpu"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "--model",
+        str(checkpoint_dir),
+        "--port",
+        str(port),
+        "--shutdown-grace",
+        "1",
+        "--max-batch-size",
+        "2",
+        "--log-level",
+        "warning",
+    ]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+
+        def healthy() -> bool:
+            try:
+                return httpx.get(f"{url}/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        assert wait_for(healthy, 60), proc.stdout.read().decode() if proc.poll() is not None else "no start"
+        assert httpx.get(f"{url}/info").json()["max_new_tokens"] == 100000  # GAM_* env reached the settings
+        body = {"inputs": "The game", "parameters": {"max_new_tokens": 100000}}
+        with httpx.stream("POST", f"{url}/generate_stream", json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data:")
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            events = [json.loads(ln[5:]) for ln in lines if ln.startswith("data:")]
+        assert events[-1]["error_type"] == "unhealthy" and "shutting down" in events[-1]["error"]
+        assert proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled, after shutdown
+        assert time.monotonic() - t0 < 15
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
