@@ -1,0 +1,98 @@
+"""One settings object: CLI flags and GAM_* env vars map onto the same fields; model directory resolution."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from server import settings as settings_mod
+from server.cli import parse
+from server.settings import Settings
+
+
+def test_flags(tmp_path: Path) -> None:
+    s = parse(
+        [
+            "--model",
+            str(tmp_path),
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "9001",
+            "--device",
+            "cpu",
+            "--dtype",
+            "bfloat16",
+            "--max-batch-size",
+            "8",
+            "--max-queue",
+            "3",
+            "--max-new-tokens",
+            "50",
+            "--max-input-tokens",
+            "99",
+            "--request-timeout",
+            "2.5",
+            "--api-key",
+            "s3cret-key",
+            "--no-cuda-graphs",
+            "--shutdown-grace",
+            "4",
+            "--log-level",
+            "debug",
+        ]
+    )
+    assert s.model == tmp_path and (s.host, s.port, s.device) == ("0.0.0.0", 9001, "cpu")
+    assert s.resolved_dtype() == torch.bfloat16 and s.max_batch_size == 8 and s.max_queue == 3
+    assert (s.max_new_tokens, s.max_input_tokens, s.request_timeout) == (50, 99, 2.5)
+    assert s.api_key is not None and s.api_key.get_secret_value() == "s3cret-key" and "s3cret" not in repr(s)
+    assert s.cuda_graphs is False and s.shutdown_grace == 4 and s.log_level == "debug"
+
+
+def test_env_and_flag_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GAM_MAX_BATCH_SIZE", "7")
+    monkeypatch.setenv("GAM_PORT", "8123")
+    monkeypatch.setenv("GAM_CUDA_GRAPHS", "false")
+    s = parse(["--port", "8124"])
+    assert s.max_batch_size == 7 and s.port == 8124 and s.cuda_graphs is False
+
+
+def test_defaults() -> None:
+    s = Settings()
+    assert (s.host, s.port, s.device, s.dtype) == ("127.0.0.1", 8000, "auto", "auto")
+    assert s.api_key is None and s.cuda_graphs is True and s.fault_injection is None
+    if not torch.cuda.is_available():
+        assert s.resolved_device() == torch.device("cpu") and s.resolved_dtype() == torch.float32
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--max-batch-size", "0"],
+        ["--port", "70000"],
+        ["--dtype", "int8"],
+        ["--device", "tpu9"],
+        ["--request-timeout", "-1"],
+    ],
+)
+def test_bad_flags_exit(argv: list[str]) -> None:
+    with pytest.raises(SystemExit):
+        from server.cli import main
+
+        main(argv)
+
+
+def test_model_dir_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(settings_mod, "WEIGHTS_DIR", tmp_path)
+    with pytest.raises(ValueError, match="no model"):
+        Settings().resolved_model_dir()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "config.json").write_text("{}")
+    assert Settings().resolved_model_dir() == tmp_path / "a"
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="2 models"):
+        Settings().resolved_model_dir()
+    assert Settings(model=tmp_path / "b").resolved_model_dir() == tmp_path / "b"
