@@ -267,15 +267,23 @@ class Trainer:
             f.write(json.dumps(row) + "\n")
 
     def plan(self, sec_per_step: float) -> None:
-        """Fit the schedule into the time budget: fix max_steps once, later only shrink it if running late."""
+        """Fit the schedule into the time budget from the measured seconds per step (evals and saves included).
+
+        Fixed once after calibration; later shortened when the run falls behind (the CPU is shared), or lengthened
+        while still in the first 60% of the schedule when it runs >10% ahead. The budget's hard stop still holds.
+        """
         budget = self.cfg.time_budget_min * 60.0
         fit = self.step + int(max(0.0, budget - self.elapsed) / sec_per_step)
+        target = max(self.cfg.warmup_steps + 1, int(fit * 0.92))  # 8% margin for noise
         if self.max_steps is None:
-            self.max_steps = max(self.cfg.warmup_steps + 1, int(fit * 0.92))  # 8% margin for evals, saves, noise
+            self.max_steps = target
             print(f"schedule: {self.max_steps} steps ({sec_per_step:.2f}s/step, budget {budget / 60:.0f} min)")
         elif fit < self.max_steps:
             self.max_steps = max(self.step + 1, fit)
             print(f"running late: schedule shortened to {self.max_steps} steps ({sec_per_step:.2f}s/step)")
+        elif target > 1.1 * self.max_steps and self.step < 0.6 * self.max_steps:
+            self.max_steps = target
+            print(f"running ahead: schedule lengthened to {self.max_steps} steps ({sec_per_step:.2f}s/step)")
 
     def run(self, stop_after: int | None = None) -> list[float]:
         """Train until max_steps (or the time budget, or `stop_after` steps); returns the step losses."""
