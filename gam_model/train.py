@@ -161,6 +161,8 @@ def plot_curve(out: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in (out / LOG).read_text().splitlines() if line.strip()]
+    rows = list({(r["kind"], r["step"]): r for r in rows}.values())  # a resumed run redoes a few logged steps
+    rows.sort(key=lambda r: r["step"])
     tr = [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
     va = [(r["step"], r["val_loss"]) for r in rows if r["kind"] == "val"]
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
@@ -224,6 +226,14 @@ class Trainer:
             torch.set_rng_state(state["torch_rng"])
             self.step, self.max_steps = state["step"], state["max_steps"]
             self.elapsed, self.tokens_seen = state["elapsed"], state["tokens_seen"]
+            self.truncate_log()
+
+    def truncate_log(self) -> None:
+        """Drop log rows written after the saved step (they are about to be redone)."""
+        path = self.out / LOG
+        if path.exists():
+            rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= self.step]
+            path.write_text("".join(r + "\n" for r in rows))
 
     def save(self) -> None:
         """Write the serving checkpoint, then the resume state (atomically), then the curve."""

@@ -64,6 +64,8 @@ def test_resume_continues_the_same_run(tmp_path, dtype):
     whole = train(tiny_cfg(tmp_path / "a", dtype=dtype))
     first = train(tiny_cfg(tmp_path / "b", dtype=dtype), stop_after=5)
     assert len(first) == 5
+    with (tmp_path / "b" / "log.jsonl").open("a") as f:  # a crash after the save: rows past the saved step
+        f.write(json.dumps({"kind": "train", "step": 6, "loss": 0.0}) + "\n")
     t = Trainer(tiny_cfg(tmp_path / "b", dtype=dtype, lr=1.0), resume=True)  # saved settings win over new ones
     assert t.step == 5 and t.max_steps == 8 and t.cfg.lr == 3e-3
     saved = torch.load(tmp_path / "b" / STATE, weights_only=True)["optimizer"]["state"]
@@ -74,6 +76,9 @@ def test_resume_continues_the_same_run(tmp_path, dtype):
     a = torch.load(tmp_path / "a" / STATE, weights_only=True)["model"]
     b = torch.load(tmp_path / "b" / STATE, weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+    log_a = (tmp_path / "a" / "log.jsonl").read_text().splitlines()
+    steps = [json.loads(r)["step"] for r in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert steps == [json.loads(r)["step"] for r in log_a]  # no duplicated rows after the resume
 
 
 def test_fresh_run_refuses_to_overwrite_and_resume_needs_state(tmp_path):
