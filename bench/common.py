@@ -35,6 +35,12 @@ def machine() -> dict:
     }
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc/PID/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def bundled_model_dir() -> Path | None:
     """The single model under weights/ (the bundled default), if it has landed."""
     found = sorted(p.parent for p in (Path(__file__).resolve().parent.parent / "weights").glob("*/config.json"))
@@ -97,6 +103,11 @@ class ServerProcess:
             time.sleep(0.5)
         self.__exit__()
         raise RuntimeError("gam-serve did not become healthy in 300 s")
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the server process has used so far (all its threads), from /proc."""
+        assert self.proc is not None
+        return process_cpu_seconds(self.proc.pid)
 
     def info(self) -> dict:
         return httpx.get(self.url + "/info", timeout=10).json()

@@ -5,6 +5,9 @@ max new tokens, a closed loop of N concurrent requests until --requests are done
 subprocess on 127.0.0.1 driven by the load generator (TGI /generate_stream); the engine side is server.engine.Engine
 in this process with the handlers' event stream consumed directly. Runs alternate (engine, HTTP, engine, ...);
 medians of --repeats. Tokens counted are the tokens generated (a sequence may end early at eos on both sides).
+Besides wall-clock tokens/s, tokens per CPU-second of the serving process are compared (engine: this process;
+HTTP: the gam-serve process, read from /proc): on a shared machine that isolates what HTTP costs the server from
+scheduler noise and from the load generator's own CPU use.
 
     .venv/bin/python bench/serving.py                  # bundled model if weights/ has one, else paper config random
 """
@@ -68,28 +71,39 @@ async def bench(args: argparse.Namespace, model_dir: Path) -> dict:
             for rep in range(args.repeats):
                 sampler = PromptSampler(seed=rep)
                 texts = [sampler.sample(args.input_len) for _ in range(args.requests)]
+                cpu0 = time.process_time()
                 dt, n, err = await engine_alone(engine, [tok.encode(t) for t in texts], args.streams, args.output_len)
+                engine_cpu = time.process_time() - cpu0
                 cfg = LoadConfig(url=srv.url, api="tgi", mode="closed", concurrency=args.streams,
                                  num_requests=args.requests, input_words=args.input_len, output_tokens=args.output_len,
                                  duration_s=600, timeout_s=600, seed=rep)  # fmt: skip
+                server_cpu0, client_cpu0 = srv.cpu_seconds(), time.process_time()
                 res = await run_load(cfg, progress=False)
+                server_cpu, client_cpu = srv.cpu_seconds() - server_cpu0, time.process_time() - client_cpu0
                 s = summarize(res.records, res.duration_s)
                 row = {"engine_tok_s": n / dt, "engine_tokens": n, "engine_errors": err, "engine_s": dt,
                        "http_tok_s": s["output_throughput"], "http_tokens": s["total_output_tokens"],
                        "http_errors": s["errors"], "http_s": res.duration_s,
                        "http_ttft_median_ms": s["ttft"]["median_ms"], "http_itl_median_ms": s["itl"]["median_ms"]}  # fmt: skip
+                row |= {"engine_cpu_s": engine_cpu, "server_cpu_s": server_cpu, "client_cpu_s": client_cpu,
+                        "engine_tok_per_cpu_s": n / engine_cpu, "http_tok_per_server_cpu_s": row["http_tokens"] / server_cpu}  # fmt: skip
                 row["ratio"] = row["http_tok_s"] / row["engine_tok_s"]
+                row["cpu_ratio"] = row["http_tok_per_server_cpu_s"] / row["engine_tok_per_cpu_s"]
                 rows.append(row)
                 print(f"repeat {rep}: engine {row['engine_tok_s']:.0f} tok/s, HTTP {row['http_tok_s']:.0f} tok/s, "
-                      f"ratio {row['ratio']:.3f} (errors: engine {err}, http {s['errors']})", flush=True)  # fmt: skip
+                      f"ratio {row['ratio']:.3f}; per CPU-second: engine {row['engine_tok_per_cpu_s']:.0f}, server "
+                      f"{row['http_tok_per_server_cpu_s']:.0f}, ratio {row['cpu_ratio']:.3f}; client used "
+                      f"{client_cpu:.1f} CPU-s (errors: engine {err}, http {s['errors']})", flush=True)  # fmt: skip
     finally:
         await engine.shutdown()
-    med = {k: statistics.median(r[k] for r in rows) for k in ("engine_tok_s", "http_tok_s")}
+    keys = ("engine_tok_s", "http_tok_s", "engine_tok_per_cpu_s", "http_tok_per_server_cpu_s")
+    med = {k: statistics.median(r[k] for r in rows) for k in keys}
     return {
         "server_info": info,
         "repeats": rows,
         "median": med,
         "ratio_of_medians": med["http_tok_s"] / med["engine_tok_s"],
+        "cpu_ratio_of_medians": med["http_tok_per_server_cpu_s"] / med["engine_tok_per_cpu_s"],
     }
 
 
@@ -118,7 +132,10 @@ def main(argv: list[str] | None = None) -> int:
                "model": str(args.model), "out": str(args.out)}, "target": 0.85, **result}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1) + "\n")
-    print(f"HTTP / engine tokens/s: {doc['ratio_of_medians']:.3f} (target >= 0.85); wrote {args.out}")
+    print(
+        f"HTTP / engine tokens/s: {doc['ratio_of_medians']:.3f} (target >= 0.85); per CPU-second of the serving "
+        f"process: {doc['cpu_ratio_of_medians']:.3f}; wrote {args.out}"
+    )
     return 0
 
 
