@@ -203,6 +203,7 @@ class Trainer:
         if resume:
             state = torch.load(state_path, map_location="cpu", weights_only=True)
             saved = dict(state["train_config"])
+            max_steps_override = cfg.max_steps  # an explicit --max-steps re-fits the schedule of a resumed run
             self.cfg = cfg = TrainConfig(**{**saved, "out_dir": cfg.out_dir, "threads": cfg.threads})
             self.tok = Tokenizer.from_file(self.out / "tokenizer.json", state["eos_token_id"], state["bos_token_id"])
         else:
@@ -225,6 +226,9 @@ class Trainer:
             self.gen.set_state(state["data_rng"])
             torch.set_rng_state(state["torch_rng"])
             self.step, self.max_steps = state["step"], state["max_steps"]
+            if max_steps_override is not None and max_steps_override != self.max_steps:
+                print(f"resume: schedule length {self.max_steps} -> {max_steps_override} steps (--max-steps)")
+                self.max_steps = self.cfg.max_steps = max_steps_override
             self.elapsed, self.tokens_seen = state["elapsed"], state["tokens_seen"]
             self.truncate_log()
 
