@@ -354,7 +354,7 @@ class Engine:
         stepping = list(self._running)
         admitted: list[_Sequence] = []
         with self._cond:
-            while self._waiting and (self.decoder.state.free_slots > len(admitted) or shutting):
+            while self._waiting and (self.decoder.state.free_slots > 0 or shutting):
                 h = self._waiting.popleft()
                 if h.cancelled:
                     self._end_waiting(h, None, "cancelled")
@@ -366,8 +366,8 @@ class Engine:
                         ErrorEvent(f"request timed out after {t0 - h.arrival:.1f}s in the queue", 504, "timeout"),
                         "error",
                     )
-                else:
-                    admitted.append(self._admit(h, t0))
+                elif (new := self._admit(h, t0)) is not None:
+                    admitted.append(new)
         if not stepping and not admitted:
             return
         # 3. forward: one step call for the running rows, one prefill call for the admitted ones
@@ -397,26 +397,29 @@ class Engine:
                 log.exception("prefill failed for %d requests", len(admitted))
                 for seq in admitted:
                     self._end(seq, ErrorEvent(f"prefill failed: {e}"), "error")
-        if rows:
-            self._sample(rows, torch.cat(parts) if len(parts) > 1 else parts[0])
+        generated = self._sample(rows, torch.cat(parts) if len(parts) > 1 else parts[0]) if rows else 0
         if self.on_step is not None:
-            self.on_step(StepStats(len(rows), prefilled, time.monotonic() - t0, len(rows)))
+            self.on_step(StepStats(len(rows), prefilled, time.monotonic() - t0, generated))
 
-    def _admit(self, h: RequestHandle, now: float) -> _Sequence:
+    def _admit(self, h: RequestHandle, now: float) -> _Sequence | None:
+        """Give a waiting request a slot and its per-sequence state; None (and an error event) if it cannot."""
         r = h.request
-        slot = self.decoder.allocate()
+        try:
+            sampler = SequenceSampler(r.params, r.prompt_ids, self.vocab_size, self.device)
+            detok = IncrementalDetokenizer(self.tokenizer, r.prompt_ids)
+            stopper = StopChecker(r.stop, self.tokenizer.eos_token_id, r.stop_token_ids, r.max_new_tokens)
+        except Exception as e:  # handlers validate first; this only guards the loop against what slipped through
+            log.exception("admission failed")
+            self._end_waiting(h, ErrorEvent(f"invalid request: {e}", 422, "validation"), "error")
+            return None
         seq = _Sequence(
-            handle=h,
-            slot=slot,
-            admitted=now,
-            sampler=SequenceSampler(r.params, r.prompt_ids, self.vocab_size, self.device),
-            detok=IncrementalDetokenizer(self.tokenizer, r.prompt_ids),
-            stopper=StopChecker(r.stop, self.tokenizer.eos_token_id, r.stop_token_ids, r.max_new_tokens),
+            handle=h, slot=self.decoder.allocate(), admitted=now, sampler=sampler, detok=detok, stopper=stopper
         )
         self._running.append(seq)
         return seq
 
-    def _sample(self, rows: list[_Sequence], logits: torch.Tensor) -> None:
+    def _sample(self, rows: list[_Sequence], logits: torch.Tensor) -> int:
+        """Sample, detokenize, stop-check and emit one token per row; returns the tokens emitted."""
         try:
             out = sample(logits, [s.sampler for s in rows])
             tokens = out.tokens.tolist()
@@ -426,14 +429,17 @@ class Engine:
             log.exception("sampling failed for %d requests", len(rows))
             for seq in rows:
                 self._end(seq, ErrorEvent(f"sampling failed: {e}"), "error")
-            return
+            return 0
         now = time.monotonic()
+        emitted = 0
         for i, seq in enumerate(rows):
             try:
                 self._emit_token(seq, tokens[i], logprobs[i], top_ids[i], top_lps[i], now)
+                emitted += 1
             except Exception as e:
                 log.exception("token handling failed")
                 self._end(seq, ErrorEvent(f"token handling failed: {e}"), "error")
+        return emitted
 
     def _emit_token(
         self, seq: _Sequence, tok: int, logprob: float, top_ids: list[int], top_lps: list[float], now: float
@@ -496,6 +502,16 @@ class Engine:
         first_token: float | None,
         inter_token: list[float],
     ) -> None:
+        # lengths and timings only: prompts and generated text are never logged
+        log.debug(
+            "request %d %s: %s, %d prompt tokens, %d generated, %.3fs",
+            h.id,
+            h.request.endpoint,
+            reason,
+            len(h.request.prompt_ids),
+            generated,
+            time.monotonic() - h.arrival,
+        )
         if self.on_request is None:
             return
         now = time.monotonic()

@@ -40,7 +40,6 @@ class Settings(BaseSettings):
     cuda_graphs: bool = Field(True, description="capture the decode step in CUDA graphs (cuda only)")
     shutdown_grace: float = Field(10.0, ge=0, description="seconds in-flight requests get to finish on SIGTERM")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
-    log_prompts: bool = Field(False, description="log prompt text (off: only lengths are logged)")
     fault_injection: str | None = Field(
         None,
         description="TEST ONLY: 'step:N' makes the N-th decode step raise, 'crash:N' kills the engine loop "
