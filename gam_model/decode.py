@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from functools import partial
 from types import ModuleType
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -114,23 +115,23 @@ class Decoder:
     @torch.inference_mode()
     def step(self, slots: Sequence[int], tokens: Tensor) -> Tensor:
         """Feed tokens (B,) to slots (distinct, in order); returns next-token logits (B, V) float32."""
-        st, bs = self.state, self.config.block_size
-        n = len(slots)
-        if len(set(slots)) != n:
+        st = self.state
+        idx = np.asarray(slots, dtype=np.int64)  # (B,) host: no device sync anywhere on this path
+        n = idx.shape[0]
+        if np.unique(idx).shape[0] != n:
             raise ValueError(f"a step needs distinct slots, got {list(slots)}")
         tokens = tokens.to(self.device)
-        cached = [i for i, s in enumerate(slots) if st.lengths[s] < bs]
-        if len(cached) == n:
-            out = self._cached(slots, tokens)
+        sliding = st.lengths[idx] >= self.config.block_size  # (B,) rows past block_size
+        if not sliding.any():
+            out = self._cached(idx, tokens)
+        elif sliding.all():
+            out = self._window(idx, tokens)
         else:
             out = torch.empty(n, self.config.vocab_size, device=self.device)
-            sliding = [i for i in range(n) if st.lengths[slots[i]] >= bs]
-            for rows, run in ((cached, self._cached), (sliding, self._window)):
-                if rows:
-                    r = torch.tensor(rows, device=self.device)
-                    out[r] = run([slots[i] for i in rows], tokens[r])
-        for s in slots:
-            st.lengths[s] += 1
+            for rows, run in ((~sliding, self._cached), (sliding, self._window)):
+                r = torch.from_numpy(np.flatnonzero(rows)).to(self.device)
+                out[r] = run(idx[rows], tokens[r])
+        st.lengths[idx] += 1
         return out
 
     def cached_step(self, s: Tensor, tokens: Tensor) -> Tensor:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -149,11 +150,13 @@ class BucketedStep:
             for b in sorted(self.buckets, reverse=True):
                 self.bucket(b)
 
-    def __call__(self, slots: Sequence[int], tokens: Tensor) -> Tensor:
+    def __call__(self, slots: Sequence[int] | np.ndarray, tokens: Tensor) -> Tensor:
         """Step `slots` (n distinct real slots) with tokens (n,) -> logits (n, V) float32."""
         n = len(slots)
         b = pad_to(n, self.buckets)
-        padded = torch.tensor([*slots, *[self.scratch] * (b - n)], dtype=torch.long)  # (b,) host
+        padded = np.full(b, self.scratch, dtype=np.int64)  # (b,) host
+        padded[:n] = slots
+        padded = torch.from_numpy(padded)
         if self.graphs is not None:
             return self.bucket(b).run(padded, tokens)
         t = tokens if b == n else torch.cat([tokens, tokens.new_zeros(b - n)])  # (b,)
