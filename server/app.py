@@ -16,7 +16,13 @@ from gam_model.checkpoint import load_checkpoint
 from server.auth import ApiKeyMiddleware
 from server.context import ServerContext
 from server.engine import Engine
-from server.errors import ApiError, error_response, install_error_handlers
+from server.errors import (
+    OPENAI_ERROR_RESPONSES,
+    TGI_ERROR_RESPONSES,
+    ApiError,
+    error_response,
+    install_error_handlers,
+)
 from server.metrics import Metrics
 from server.routes import misc, openai, tgi
 from server.settings import Settings
@@ -114,9 +120,9 @@ def create_app(settings: Settings) -> FastAPI:
         description="GAM language models behind the Text Generation Inference and OpenAI APIs.",
     )
     install_error_handlers(app)
-    app.include_router(tgi.router)
-    app.include_router(openai.router)
-    app.include_router(misc.router)
+    app.include_router(tgi.router, responses=TGI_ERROR_RESPONSES)
+    app.include_router(openai.router, responses=OPENAI_ERROR_RESPONSES)
+    app.include_router(misc.router, responses=TGI_ERROR_RESPONSES)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     if settings.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value())

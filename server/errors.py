@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 # TGI error_type per status (validation is what its router answers for bad input)
@@ -33,6 +34,38 @@ OPENAI_TYPES = {
     500: "server_error",
     503: "server_error",
     504: "timeout",
+}
+
+
+class TGIErrorBody(BaseModel):
+    """TGI's error JSON (OpenAPI documentation of every non-OpenAI 4xx/5xx answer)."""
+
+    error: str
+    error_type: str
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIErrorBody(BaseModel):
+    """OpenAI's error JSON (OpenAPI documentation of every /v1 4xx/5xx answer)."""
+
+    error: OpenAIErrorDetail
+
+
+# `responses=` for include_router: documents the error shape on every status class (it also replaces FastAPI's
+# default 422 `{"detail": [...]}` schema, which this server never sends)
+TGI_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": TGIErrorBody, "description": "Bad request, auth, body too large, overloaded (TGI error shape)"},
+    "5XX": {"model": TGIErrorBody, "description": "Generation failed, unhealthy or timed out (TGI error shape)"},
+}
+OPENAI_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": OpenAIErrorBody, "description": "Bad request, auth, unknown model, overloaded (OpenAI shape)"},
+    "5XX": {"model": OpenAIErrorBody, "description": "Generation failed, unhealthy or timed out (OpenAI shape)"},
 }
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import Request
 
@@ -23,6 +25,24 @@ from server.engine import (
 from server.errors import ApiError
 
 RETRY_AFTER_S = 1
+
+
+def sse_response(data_schema: dict[str, Any] | None = None) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` entry of a 200 answered as Server-Sent Events; `data_schema` describes each event's JSON.
+
+    The event schema is OpenAPI 3.2's SSE convention (an object with a `data` string), which schemathesis checks.
+    """
+    data: dict[str, Any] = {"type": "string"}
+    if data_schema is not None:
+        data.update(contentMediaType="application/json", contentSchema=data_schema)
+    event = {"type": "object", "required": ["data"], "properties": {"data": data}}
+    return {200: {"description": "Server-Sent Events", "content": {"text/event-stream": {"schema": event}}}}
+
+
+def json_float(x: float | None) -> float | None:
+    """A float JSON can carry: NaN and infinities become null (a logprob of -inf or NaN comes from degenerate
+    sampling parameters, e.g. repetition_penalty 1e-300, and would make JSONResponse raise or SSE carry `NaN`)."""
+    return x if x is not None and math.isfinite(x) else None
 
 
 def check_text(text: str, param: str) -> None:

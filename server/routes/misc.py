@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.context import ServerContext, get_context
@@ -17,7 +18,7 @@ router = APIRouter(tags=["Server"])
 Ctx = Annotated[ServerContext, Depends(get_context)]
 
 
-@router.get("/health", summary="Liveness and readiness")
+@router.get("/health", summary="Liveness and readiness", response_class=Response)
 async def health(request: Request) -> Response:
     """200 when the model is loaded and the engine loop is alive, else 503 (TGI's shape)."""
     ctx: ServerContext | None = getattr(request.app.state, "ctx", None)
@@ -72,7 +73,7 @@ async def tokenize(body: TokenizeRequest, ctx: Ctx) -> list[dict[str, Any]]:
     ]
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
 async def metrics(ctx: Ctx) -> Response:
     """Prometheus text exposition of this app's registry."""
     return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)

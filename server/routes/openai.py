@@ -24,7 +24,9 @@ from server.routes.common import (
     check_stop,
     collect,
     encode_prompt,
+    json_float,
     sse,
+    sse_response,
     submit,
 )
 from server.types import CompletionRequest
@@ -138,8 +140,8 @@ class LogprobsBuilder:
             offset += len(t)
         for ev in tokens:
             out["tokens"].append(ev.text)
-            out["token_logprobs"].append(ev.logprob)
-            out["top_logprobs"].append({tok.decode([i]): lp for i, lp in ev.top})
+            out["token_logprobs"].append(json_float(ev.logprob))
+            out["top_logprobs"].append({tok.decode([i]): json_float(lp) for i, lp in ev.top})
             out["text_offset"].append(offset)
             offset += len(ev.emitted)
         return out
@@ -150,7 +152,8 @@ def _usage(prompts: list[tuple[str, list[int]]], completion_tokens: int) -> dict
     return {"prompt_tokens": p, "completion_tokens": completion_tokens, "total_tokens": p + completion_tokens}
 
 
-@router.post("/completions", summary="Create a completion")
+# streamed: `data:` is a chunk's JSON, or [DONE] at the end
+@router.post("/completions", summary="Create a completion", responses=sse_response())
 async def completions(request: Request, body: CompletionRequest, ctx: Ctx) -> Any:
     """OpenAI legacy completions; `stream` answers Server-Sent Events ending in `data: [DONE]`."""
     prompts, reqs = requests_of(ctx, body)

@@ -19,7 +19,9 @@ from server.routes.common import (
     check_stop,
     collect,
     encode_prompt,
+    json_float,
     sse,
+    sse_response,
     stream_events,
     submit,
 )
@@ -68,7 +70,7 @@ def tgi_request(ctx: ServerContext, body: TGIRequest, endpoint: str) -> tuple[Ge
 
 
 def token_json(ctx: ServerContext, tid: int, text: str, logprob: float | None, special: bool) -> dict[str, Any]:
-    return {"id": tid, "text": text, "logprob": logprob, "special": special}
+    return {"id": tid, "text": text, "logprob": json_float(logprob), "special": special}
 
 
 def top_json(ctx: ServerContext, ev: TokenEvent) -> list[dict[str, Any]]:
@@ -142,6 +144,39 @@ def generate_sse(ctx: ServerContext, body: TGIRequest, endpoint: str) -> Streami
 
 
 Ctx = Annotated[ServerContext, Depends(get_context)]
+_TOKEN = {
+    "type": "object",
+    "required": ["id", "text", "logprob", "special"],
+    "properties": {
+        "id": {"type": "integer"},
+        "text": {"type": "string"},
+        "logprob": {"type": ["number", "null"]},
+        "special": {"type": "boolean"},
+    },
+}
+# one TGI stream event: a token (the last one with generated_text and, if asked, details), or an error
+SSE_EVENTS = sse_response(
+    {
+        "anyOf": [
+            {
+                "type": "object",
+                "required": ["index", "token", "generated_text", "details"],
+                "properties": {
+                    "index": {"type": "integer", "minimum": 0},
+                    "token": _TOKEN,
+                    "top_tokens": {"type": "array", "items": _TOKEN},
+                    "generated_text": {"type": ["string", "null"]},
+                    "details": {"type": ["object", "null"]},
+                },
+            },
+            {
+                "type": "object",
+                "required": ["error", "error_type"],
+                "properties": {"error": {"type": "string"}, "error_type": {"type": "string"}},
+            },
+        ]
+    }
+)
 
 
 @router.post("/generate", summary="Generate text (JSON answer)")
@@ -150,13 +185,18 @@ async def generate(request: Request, body: TGIRequest, ctx: Ctx) -> JSONResponse
     return JSONResponse(await generate_json(request, ctx, body, "generate"))
 
 
-@router.post("/generate_stream", summary="Generate text (Server-Sent Events)")
+@router.post(
+    "/generate_stream",
+    summary="Generate text (Server-Sent Events)",
+    response_class=StreamingResponse,
+    responses=SSE_EVENTS,
+)
 async def generate_stream(body: TGIRequest, ctx: Ctx) -> StreamingResponse:
     """TGI /generate_stream: one `data:` event per token; the last has generated_text and details."""
     return generate_sse(ctx, body, "generate_stream")
 
 
-@router.post("/", summary="TGI compat route: JSON list or SSE by `stream`")
+@router.post("/", summary="TGI compat route: JSON list or SSE by `stream`", responses=SSE_EVENTS)
 async def compat_generate(request: Request, body: TGIRequest, ctx: Ctx) -> Any:
     """POST / as TGI answers it (huggingface_hub and text-generation post here): a one-element list or a stream."""
     if body.stream:

@@ -1,0 +1,122 @@
+"""Graceful shutdown of a real `gam-serve` process: SIGTERM with 32 open streams (16 decoding, 16 queued) ends
+every stream with a final event and the process exits within the grace period; prompts stay out of its logs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+GRACE_S = 2.0
+SECRET = "walrus-obsidian-9013"  # in every prompt; must not reach the process's logs
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return float("nan")
+
+
+async def tgi_stream(client: httpx.AsyncClient, i: int, started: asyncio.Event) -> list[dict]:
+    body = {"inputs": f"{SECRET} {i} The game", "parameters": {"max_new_tokens": 100_000}}
+    events = []
+    async with client.stream("POST", "/generate_stream", json=body) as r:
+        assert r.status_code == 200
+        started.set()
+        async for line in r.aiter_lines():
+            if line.startswith("data:"):
+                events.append(json.loads(line[5:]))
+    return events
+
+
+async def openai_stream(client: httpx.AsyncClient, i: int, started: asyncio.Event) -> list[dict | str]:
+    body = {"model": "tiny-gam", "prompt": f"{SECRET} {i} The game", "max_tokens": 100_000, "stream": True}
+    events: list[dict | str] = []
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        started.set()
+        async for line in r.aiter_lines():
+            if line.startswith("data:"):
+                data = line[5:].strip()
+                events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def ended_properly_tgi(events: list[dict]) -> bool:
+    """The last TGI event is the final token (generated_text set) or an error event."""
+    return bool(events) and (events[-1].get("generated_text") is not None or "error_type" in events[-1])
+
+
+def ended_properly_openai(events: list[dict | str]) -> bool:
+    """`[DONE]` after a chunk with a finish_reason or an error object."""
+    if len(events) < 2 or events[-1] != "[DONE]" or not isinstance(events[-2], dict):
+        return False
+    last = events[-2]
+    return "error" in last or any(c.get("finish_reason") for c in last.get("choices", []))
+
+
+@pytest.mark.slow
+async def test_sigterm_with_32_open_streams(checkpoint_dir: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GAM_MAX_NEW_TOKENS": "100000", "GAM_DEVICE": "cpu"}
+    cmd = [sys.executable, "-m", "server.cli", "--model", str(checkpoint_dir), "--port", str(port)]
+    cmd += ["--shutdown-grace", str(GRACE_S), "--max-batch-size", "16", "--max-queue", "32", "--log-level", "debug"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(60, connect=5)) as client:
+            deadline = time.monotonic() + 120
+            while True:
+                assert proc.poll() is None and time.monotonic() < deadline, "gam-serve did not start"
+                try:
+                    if (await client.get("/health")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.2)
+            started = [asyncio.Event() for _ in range(32)]
+            tasks = [
+                asyncio.create_task((tgi_stream if i % 2 else openai_stream)(client, i, started[i])) for i in range(32)
+            ]
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 60)
+            while True:  # all 32 accepted: 16 decoding, 16 waiting for a slot
+                m = (await client.get("/metrics")).text
+                if metric(m, "gam_requests_running") == 16 and metric(m, "gam_requests_waiting") == 16:
+                    break
+                await asyncio.sleep(0.05)
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            results = await asyncio.wait_for(asyncio.gather(*tasks), GRACE_S + 20)
+            exit_code = await asyncio.to_thread(proc.wait, GRACE_S + 20)
+            elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+    tgi = [r for i, r in enumerate(results) if i % 2]
+    oai = [r for i, r in enumerate(results) if not i % 2]
+    assert all(ended_properly_tgi(ev) for ev in tgi), [ev[-1:] for ev in tgi]
+    assert all(ended_properly_openai(ev) for ev in oai), [ev[-2:] for ev in oai]
+    assert sum(len(ev) > 1 for ev in tgi) >= 4  # decoding streams had tokens before their final event
+    assert exit_code in (0, -signal.SIGTERM), log[-2000:]  # uvicorn re-raises the signal it handled
+    assert elapsed < GRACE_S + 8, elapsed  # grace + uvicorn's own shutdown, under this machine's load
+    assert "draining" in log  # debug logs were on ...
+    assert SECRET not in log  # ... and still no prompt text
