@@ -86,7 +86,7 @@ class GAM(nn.Module):
     def forward(self, idx: Tensor) -> Tensor:
         """Reference parallel forward: idx (B, T) with T <= block_size -> logits (B, T, V)."""
         T = idx.shape[1]
-        if T > self.config.block_size:
+        if self.config.block_size < T:
             raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.token_embedding(idx) + self.pos_embedding(pos))  # (B, T, C)
@@ -101,7 +101,7 @@ class GAM(nn.Module):
         per row (at the right end). Returns the last position's logits (B, V) and every layer's ln1
         output at the last K-1 positions (L, B, K-1, C), zeros where padded: the conv history.
         """
-        B, W = idx.shape
+        W = idx.shape[1]
         j = torch.arange(W, device=idx.device)  # (W,)
         real = j.unsqueeze(0) >= (W - valid).unsqueeze(1)  # (B, W)
         pos = (last_pos.unsqueeze(1) - (W - 1) + j).clamp(min=0)  # (B, W)

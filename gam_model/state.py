@@ -21,8 +21,9 @@ class DecodeState:
     sequence. One extra scratch slot (index `scratch`) absorbs the padded rows of a bucketed batch.
     """
 
-    def __init__(self, cfg: GAMConfig, num_slots: int, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, cfg: GAMConfig, num_slots: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> None:
         if num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {num_slots}")
         self.config = cfg
