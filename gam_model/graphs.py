@@ -96,13 +96,23 @@ class CapturedBucket:
         # Capture with every row on the scratch slot: warm-up runs touch no real slot's state.
         self.slots = torch.full((size,), scratch, dtype=torch.long, device=device)  # (b,)
         self.tokens = torch.zeros(size, dtype=torch.long, device=device)  # (b,)
+        # On CUDA the slot ids go through a pinned host buffer: a pageable copy would block the host until the
+        # stream drains. The event keeps the host from rewriting the buffer before its copy has run.
+        cuda = device.type == "cuda"
+        self.host = torch.empty(size, dtype=torch.long, pin_memory=cuda)  # (b,)
+        self.copied = torch.cuda.Event() if cuda else None
         self.graph = graph
         self.out = graph.capture(lambda: fn(self.slots, self.tokens))  # (b, V)
 
-    def run(self, slots: Tensor, tokens: Tensor) -> Tensor:
-        """slots (b,) already padded (host), tokens (n,) -> logits (n, V) float32, a fresh tensor."""
+    def run(self, slots: np.ndarray, tokens: Tensor) -> Tensor:
+        """slots (b,) padded slot ids (host), tokens (n,) -> logits (n, V) float32, a fresh tensor."""
         n = tokens.shape[0]
-        self.slots.copy_(slots)
+        if self.copied is not None:
+            self.copied.synchronize()
+        self.host.numpy()[:] = slots
+        self.slots.copy_(self.host, non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
         self.tokens[:n].copy_(tokens)
         self.tokens[n:].zero_()
         self.graph.replay()
@@ -156,8 +166,7 @@ class BucketedStep:
         b = pad_to(n, self.buckets)
         padded = np.full(b, self.scratch, dtype=np.int64)  # (b,) host
         padded[:n] = slots
-        padded = torch.from_numpy(padded)
         if self.graphs is not None:
             return self.bucket(b).run(padded, tokens)
         t = tokens if b == n else torch.cat([tokens, tokens.new_zeros(b - n)])  # (b,)
-        return self.fn(padded.to(self.device), t)[:n].float()
+        return self.fn(torch.from_numpy(padded).to(self.device), t)[:n].float()
