@@ -123,7 +123,7 @@ def test_sigterm_drains_then_exits(checkpoint_dir: Path) -> None:
             except httpx.HTTPError:
                 return False
 
-        assert wait_for(healthy, 60), proc.stdout.read().decode() if proc.poll() is not None else "no start"
+        assert wait_for(healthy, 240), proc.stdout.read().decode() if proc.poll() is not None else "no start"
         assert httpx.get(f"{url}/info").json()["max_new_tokens"] == 100000  # GAM_* env reached the settings
         body = {"inputs": "The game", "parameters": {"max_new_tokens": 100000}}
         with httpx.stream("POST", f"{url}/generate_stream", json=body, timeout=30) as r:
@@ -134,7 +134,7 @@ def test_sigterm_drains_then_exits(checkpoint_dir: Path) -> None:
             events = [json.loads(ln[5:]) for ln in lines if ln.startswith("data:")]
         assert events[-1]["error_type"] == "unhealthy" and "shutting down" in events[-1]["error"]
         assert proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled, after shutdown
-        assert time.monotonic() - t0 < 15
+        assert time.monotonic() - t0 < 60  # grace 1 s; generous for a loaded 2-core machine
     finally:
         if proc.poll() is None:
             proc.kill()
