@@ -31,12 +31,22 @@ class Decoder:
       uses the graph runner's CPU stand-in (same buffers and bookkeeping, no speed-up): for tests.
     - kernels: "torch" (reference), "triton" (fused elementwise kernels), "auto" (triton on CUDA when
       importable, else torch), or a module with the same functions as gam_model.kernels.reference.
-    - compile: wrap the cached step's math in torch.compile (static shapes, one compile per bucket).
+    - compile: wrap the cached step's math in torch.compile (static shapes, one compile per bucket). Off by
+      default: on the development CPU it gained nothing (bench/decode.py --only compile); on CUDA the GPU
+      check (bench/gpu_check.sh) measures it.
     """
 
-    def __init__(self, model: GAM, num_slots: int, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None, *, cuda_graphs: bool | None = None, kernels: str | ModuleType = "auto",
-                 compile: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: GAM,
+        num_slots: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        cuda_graphs: bool | None = None,
+        kernels: str | ModuleType = "auto",
+        compile: bool = False,
+    ) -> None:
         p = next(model.parameters())
         self.device = torch.device(device) if device is not None else p.device
         self.dtype = dtype or p.dtype
@@ -48,7 +58,7 @@ class Decoder:
 
         on_cuda = self.device.type == "cuda"
         if kernels == "auto":
-            kernels = "triton" if on_cuda and kernel_modules.triton_available() else "torch"
+            kernels = "triton" if on_cuda and kernel_modules.usable_on(self.device, self.dtype) else "torch"
         ops = kernels if isinstance(kernels, ModuleType) else kernel_modules.load(kernels)
         self.kernels = kernels if isinstance(kernels, str) else ops.__name__
         self.weights = StepWeights.from_model(self.model)

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from types import ModuleType
+
+import torch
 
 from gam_model.kernels import reference
 
@@ -22,6 +25,21 @@ def triton_available() -> bool:
 def interpret_mode() -> bool:
     """True if Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def usable_on(device: torch.device, dtype: torch.dtype) -> bool:
+    """True if the Triton kernels import and run on this device (a one-row launch; a failure warns)."""
+    if not triton_available():
+        return False
+    try:
+        tri = load("triton")
+        x = torch.ones(1, 8, device=device, dtype=dtype)  # (1, C)
+        w = torch.ones(2, 8, device=device, dtype=dtype)  # (K, C)
+        tri.ln_conv(x, torch.zeros(1, 1, 8, device=device, dtype=dtype), x[0], x[0], 1e-5, w, x[0])
+        return True
+    except Exception as e:  # e.g. no compiler or an unsupported GPU: the PyTorch reference serves instead
+        warnings.warn(f"Triton kernels unusable on {device} ({type(e).__name__}: {e}); using PyTorch", stacklevel=2)
+        return False
 
 
 def load(name: str) -> ModuleType:

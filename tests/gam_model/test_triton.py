@@ -133,3 +133,11 @@ def test_decoder_with_triton_kernels_matches_forward_across_block_size() -> None
     assert dec.kernels == "triton"
     assert teacher_force(model, seq[:8], 1, dec) <= 1e-4  # cached steps from the first token
     assert teacher_force(model, seq, bs - 4, dec) <= 1e-4  # cached steps, then past block_size
+
+
+@needs_kernels
+def test_kernels_are_found_usable_and_chosen_by_the_probe() -> None:
+    from gam_model import kernels
+
+    assert kernels.usable_on(torch.device(DEVICE), torch.float32)
+    assert kernels.usable_on(torch.device(DEVICE), torch.bfloat16)
