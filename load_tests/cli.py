@@ -13,7 +13,7 @@ from typing import Any
 
 from load_tests.metrics import parse_goodput, summarize
 from load_tests.report import document, table, write
-from load_tests.runner import LoadConfig, RemoteTargetError, check_target, resolve_model, run_load
+from load_tests.runner import LoadConfig, RemoteTargetError, check_target, health, resolve_model, run_load
 from load_tests.scenarios import SCENARIOS
 
 # flag -> LoadConfig field, for the overrides shared by every scenario
@@ -77,6 +77,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-requests", action="store_true", help="leave per-request records out of the JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--allow-remote", action="store_true", help="allow a target other than loopback")
+    p.add_argument("--wait-ready", type=float, default=0.0, help="seconds to wait for GET /health to answer 200")
     return p
 
 
@@ -128,7 +129,10 @@ async def amain(args: argparse.Namespace) -> int:
     slos = parse_goodput(args.goodput)
     if cfg.api == "openai" and cfg.model is None:
         cfg.model = await resolve_model(cfg.url, cfg.api_key)
-    extra: dict[str, Any] = {"scenario": args.scenario}
+    before = await health(cfg.url, cfg.api_key, args.wait_ready)
+    if before is None:
+        raise ConnectionError(f"cannot reach {cfg.url} (is the server up? --wait-ready S polls /health first)")
+    extra: dict[str, Any] = {"scenario": args.scenario, "health_before": before}
     if relative is not None:
         capacity = await calibrate(cfg, args.calibrate_concurrency, not args.no_progress)
         cfg.rate = float(relative[:-1]) * capacity
@@ -139,10 +143,12 @@ async def amain(args: argparse.Namespace) -> int:
         }
         print(f"capacity {capacity:.2f} req/s at {args.calibrate_concurrency} streams -> rate {cfg.rate:.2f} req/s")
     result = await run_load(cfg, progress=not args.no_progress)
+    extra["health_after"] = await health(cfg.url, cfg.api_key)  # still up after the load (burst, soak)?
     doc = document(result, percentiles, slos, extra, with_requests=not args.no_requests)
     out = args.out or Path("load_results") / f"{args.scenario}-{cfg.api}-{time.strftime('%Y%m%dT%H%M%S')}"
     js, png = write(result, doc, out)
     print(table(doc["summary"]))
+    print(f"/health: {before} before the run, {extra['health_after']} after")
     print(f"wrote {js} and {png}")
     return 0 if doc["summary"]["completed"] > 0 else 1
 
@@ -151,6 +157,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return asyncio.run(amain(args))
-    except (RemoteTargetError, ValueError) as e:
+    except (RemoteTargetError, ValueError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -94,7 +94,7 @@ def table(summary: dict[str, Any]) -> str:
         s = summary[m]
         lines.append(f"{LABELS[m]:-^56}")
         for k, v in s.items():
-            if k.endswith("_ms") and k != "std_ms":
+            if k.endswith("_ms") and k not in ("std_ms", "p50_ms"):  # p50 is the median row
                 row(f"{k[:-3].capitalize()} {m.upper()} (ms):", v)
     lines.append("=" * 56)
     return "\n".join(lines)
@@ -124,7 +124,8 @@ def plot(records: list[RequestRecord], doc: dict[str, Any], path: Path) -> None:
     ax1.set_ylabel("fraction of requests / gaps")
     ax1.set_title("latency CDFs (successful requests)")
     ax1.grid(True, which="both", alpha=0.3)
-    ax1.legend()
+    if ax1.lines:
+        ax1.legend()
     tl = doc["timeline"]
     ax2.plot(tl["t_s"], tl["output_tokens_per_s"], color="C0", label="output tokens/s")
     ax2.set_xlabel("time since start (s)")

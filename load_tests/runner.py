@@ -203,6 +203,22 @@ async def run_load(cfg: LoadConfig, progress: bool = True) -> RunResult:
     return await _Load(cfg, progress).run()
 
 
+async def health(url: str, api_key: str | None = None, wait_s: float = 0.0) -> int | None:
+    """GET /health: its status code, or None if the server cannot be reached (polled for up to wait_s seconds)."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    deadline = time.monotonic() + wait_s
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=10.0) as client:
+        while True:
+            try:
+                status = (await client.get("/health")).status_code
+                if status == 200 or time.monotonic() >= deadline:
+                    return status
+            except httpx.HTTPError:
+                if time.monotonic() >= deadline:
+                    return None
+            await asyncio.sleep(0.5)
+
+
 async def resolve_model(url: str, api_key: str | None = None) -> str | None:
     """The first model id of GET /v1/models, or None if the server does not list one."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}

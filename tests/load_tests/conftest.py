@@ -105,6 +105,9 @@ def scripted_app(script: Script) -> Starlette:
 
         return StreamingResponse(tokens(n, fmt), media_type="text/event-stream")
 
+    async def health(request: Request):
+        return JSONResponse({})
+
     async def models(request: Request):
         return JSONResponse({"object": "list", "data": [{"id": "scripted", "object": "model"}]})
 
@@ -113,6 +116,7 @@ def scripted_app(script: Script) -> Starlette:
             Route("/generate_stream", generate_stream, methods=["POST"]),
             Route("/v1/completions", completions, methods=["POST"]),
             Route("/v1/models", models),
+            Route("/health", health),
         ]
     )
 

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 
+import numpy as np
 import pytest
 
 from load_tests.cli import main
 from load_tests.metrics import summarize
-from load_tests.runner import LoadConfig, run_load
+from load_tests.runner import LoadConfig, intervals, run_load
 
 from .conftest import GAP_S, REJECT_EVERY, TTFT_S
 
 N_TOKENS = 6
-# the client and server share 2 busy cores with other work: timings may run late, never early
-SLACK_S = 0.15
+# Token i cannot arrive before TTFT_S + i * GAP_S (a hard lower bound); on a shared, busy CPU it may arrive late,
+# so the upper bounds are loose. The statistics themselves are checked exactly in test_metrics.py.
+SLACK_S = 1.0
 
 
 def expected_e2e() -> float:
@@ -51,8 +54,8 @@ async def test_closed_loop_timings_and_counts(scripted, api: str) -> None:
     s = summarize(res.records, res.duration_s)
     assert s["completed"] == 6 and s["failed"] == 0 and s["total_output_tokens"] == 6 * N_TOKENS
     assert s["itl"]["count"] == 6 * (N_TOKENS - 1)
-    assert GAP_S <= s["tpot"]["median_ms"] / 1000 < GAP_S + SLACK_S / 2
-    assert s["itl"]["median_ms"] / 1000 == pytest.approx(GAP_S, abs=0.01)
+    assert 0 < s["tpot"]["median_ms"] / 1000 < GAP_S + SLACK_S
+    assert 0 < s["itl"]["median_ms"] / 1000 < GAP_S + SLACK_S
     assert TTFT_S <= s["ttft"]["median_ms"] / 1000 < TTFT_S + SLACK_S
     # 3 rounds of 2 concurrent requests: the wall time is about 3 end-to-end latencies
     assert 3 * expected_e2e() <= res.duration_s < 3 * (expected_e2e() + SLACK_S)
@@ -79,13 +82,14 @@ async def test_disconnects_cut_the_stream_and_the_server_sees_it(scripted) -> No
         api="tgi",
         concurrency=4,
         num_requests=8,
-        output_tokens=10,
+        output_tokens=20,
+        disconnect_within=5,  # the server has >= 15 gaps left to notice the closed socket
         disconnect_fraction=1.0,
         duration_s=30,
         seed=3,
     )
     res = await run_load(cfg, progress=False)
-    assert all(r.disconnected and 1 <= len(r.token_times) <= 9 for r in res.records)
+    assert all(r.disconnected and 1 <= len(r.token_times) <= 5 for r in res.records)
     await asyncio.sleep(GAP_S * 5)  # let the server notice the closed sockets
     assert script.aborted == 8 and script.completed == 0
     s = summarize(res.records, res.duration_s)
@@ -109,9 +113,11 @@ async def test_open_loop_sends_at_the_rate(scripted) -> None:
     res = await run_load(cfg, progress=False)
     starts = sorted(r.start for r in res.records)
     assert len(starts) == 20 and script.requests == 20 and all(r.success for r in res.records)
-    # Poisson arrivals at 20/s with seed 0: 19 gaps of mean 50 ms (loose: the CPU is shared)
+    # Poisson arrivals at 20/s, seed 0: the sends are at least the drawn gaps apart (sleeps only overrun)
+    it = intervals(20.0, 1.0, np.random.default_rng(0))
+    gaps = [next(it) for _ in range(19)]
     span = starts[-1] - starts[0]
-    assert 0.3 < span < 2.5
+    assert sum(gaps) <= span < sum(gaps) + 2 * SLACK_S
     assert max(sum(1 for r in res.records if r.start <= t < r.end) for t in starts) > 1  # requests overlapped
 
 
@@ -130,7 +136,7 @@ async def test_drain_cancels_requests_still_running(scripted) -> None:
     cfg = LoadConfig(url=url, api="tgi", concurrency=2, num_requests=2, output_tokens=1000, duration_s=0.2, drain_s=0.3)
     res = await run_load(cfg, progress=False)
     assert [r.error for r in res.records] == ["cancelled_at_deadline"] * 2
-    assert res.duration_s < 1.5
+    assert res.duration_s < 0.5 + SLACK_S
 
 
 def test_cli_writes_json_png_and_table(scripted, tmp_path, capsys) -> None:
@@ -160,9 +166,18 @@ def test_cli_writes_json_png_and_table(scripted, tmp_path, capsys) -> None:
     doc = json.loads((tmp_path / "run.json").read_text())
     assert doc["config"]["model"] == "scripted"  # resolved from GET /v1/models
     assert doc["summary"]["completed"] == 4 and doc["summary"]["request_goodput"] > 0
+    assert doc["health_before"] == doc["health_after"] == 200
     assert len(doc["requests"]) == 4 and doc["machine"]["cores"] >= 1
     assert (tmp_path / "run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Median TTFT (ms):" in capsys.readouterr().out
+
+
+def test_cli_stops_when_the_server_cannot_be_reached(capsys) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["--url", f"http://127.0.0.1:{port}", "--no-progress"]) == 2
+    assert "cannot reach" in capsys.readouterr().err
 
 
 def test_cli_refuses_remote_targets(capsys) -> None:
