@@ -204,7 +204,10 @@ class Trainer:
             state = torch.load(state_path, map_location="cpu", weights_only=True)
             saved = dict(state["train_config"])
             max_steps_override = cfg.max_steps  # an explicit --max-steps re-fits the schedule of a resumed run
-            self.cfg = cfg = TrainConfig(**{**saved, "out_dir": cfg.out_dir, "threads": cfg.threads})
+            budget = cfg.time_budget_min if cfg.time_budget_min is not None else saved["time_budget_min"]
+            self.cfg = cfg = TrainConfig(
+                **{**saved, "out_dir": cfg.out_dir, "threads": cfg.threads, "time_budget_min": budget}
+            )
             self.tok = Tokenizer.from_file(self.out / "tokenizer.json", state["eos_token_id"], state["bos_token_id"])
         else:
             torch.manual_seed(cfg.seed)

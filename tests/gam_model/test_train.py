@@ -136,3 +136,10 @@ def test_cli_paper_tokenizer(tmp_path):
     _, tok, meta = load_checkpoint(out)
     assert meta.special_tokens == {"bos_token": "[SOS]", "eos_token": "[EOS]"}
     assert [tok.id_to_token(i) for i in range(4)] == ["[UNK]", "[PAD]", "[SOS]", "[EOS]"]
+
+
+def test_resume_can_refit_the_schedule(tmp_path):
+    train(tiny_cfg(tmp_path / "r"), stop_after=3)
+    t = Trainer(tiny_cfg(tmp_path / "r", max_steps=12, time_budget_min=5.0), resume=True)
+    assert t.step == 3 and t.max_steps == 12 and t.cfg.time_budget_min == 5.0
+    assert len(t.run()) == 9
