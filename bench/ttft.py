@@ -3,7 +3,8 @@
 gam-serve runs in a subprocess on 127.0.0.1; one streaming OpenAI completion at a time (max_tokens 2), prompt
 lengths interleaved within each repeat round; medians. The prompt is a WikiText-2 excerpt cut to N tokens of the
 served tokenizer; the server-reported prompt_tokens are recorded. Tokenizing the prompt is the only work that grows
-with its length, so the script also times the tokenizer on each prompt in-process, for comparison.
+with its length, so the script also times the tokenizer on each prompt in-process, for comparison. The server
+process's CPU time per request (from /proc) is recorded too: on a shared machine it is steadier than wall time.
 
     .venv/bin/python bench/ttft.py
 """
@@ -37,18 +38,25 @@ def prompt_of(tok: Tokenizer, ids: list[int], n: int) -> str:
     return tok.decode((ids * reps)[:n])
 
 
-async def measure(url: str, model: str, prompts: dict[int, str], repeats: int) -> dict[int, list[RequestRecord]]:
+async def measure(
+    srv: ServerProcess, model: str, prompts: dict[int, str], repeats: int
+) -> tuple[dict[int, list[RequestRecord]], dict[int, float]]:
+    """Records per prompt length (warm-up round dropped) and the server's mean CPU seconds per request."""
     out: dict[int, list[RequestRecord]] = {n: [] for n in prompts}
-    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
-        for _ in range(repeats + 1):  # the first round warms up and is dropped
+    cpu = dict.fromkeys(prompts, 0.0)
+    async with httpx.AsyncClient(base_url=srv.url, timeout=120) as client:
+        for round_ in range(repeats + 1):  # the first round warms up and is dropped
             for n, text in prompts.items():
                 rec = RequestRecord(start=time.perf_counter())
                 body = protocols.body("openai", text, 2, model=model)
+                c0 = srv.cpu_seconds()
                 await stream_request(client, "openai", protocols.APIS["openai"], body, rec)
+                if round_:
+                    cpu[n] += (srv.cpu_seconds() - c0) / repeats
                 if rec.error:
                     raise RuntimeError(f"prompt of {n} tokens failed: {rec.error}")
                 out[n].append(rec)
-    return {n: recs[1:] for n, recs in out.items()}
+    return {n: recs[1:] for n, recs in out.items()}, cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,24 +88,30 @@ def main(argv: list[str] | None = None) -> int:
         with ServerProcess(model_dir, threads=args.threads, max_input_tokens=max(lengths) + 64) as srv:
             info = srv.info()
             model = info.get("model_id") or "gam"
-            recs = asyncio.run(measure(srv.url, model, prompts, args.repeats))
+            recs, server_cpu = asyncio.run(measure(srv, model, prompts, args.repeats))
     rows = []
     for n in lengths:
         ttft = [r.ttft * 1000 for r in recs[n]]
         rows.append({"prompt_tokens_requested": n, "prompt_tokens_served": recs[n][0].prompt_tokens,
                      "ttft_ms_median": statistics.median(ttft), "ttft_ms": ttft,
-                     "tokenize_ms_median": tokenize_ms[n]})  # fmt: skip
+                     "tokenize_ms_median": tokenize_ms[n], "server_cpu_ms_per_request": server_cpu[n] * 1000})  # fmt: skip
         print(f"{n:>6} tokens (server counted {rows[-1]['prompt_tokens_served']}): TTFT median "
-              f"{rows[-1]['ttft_ms_median']:.1f} ms; tokenizing it in-process {tokenize_ms[n]:.2f} ms", flush=True)  # fmt: skip
+              f"{rows[-1]['ttft_ms_median']:.1f} ms; server CPU per request {server_cpu[n] * 1000:.1f} ms; "
+              f"tokenizing it in-process {tokenize_ms[n]:.2f} ms", flush=True)  # fmt: skip
     ratio = rows[-1]["ttft_ms_median"] / rows[0]["ttft_ms_median"]
+    cpu_ratio = rows[-1]["server_cpu_ms_per_request"] / max(rows[0]["server_cpu_ms_per_request"], 1e-9)
     doc = {"benchmark": "TTFT over HTTP vs prompt length (one request at a time, OpenAI streaming, max_tokens 2)",
            "command": "python bench/ttft.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "machine": machine(), "model": {"dir": str(model_dir), "source": source}, "server_info": info,
-           "rows": rows, "ttft_ratio_longest_vs_shortest": ratio}  # fmt: skip
+           "rows": rows, "ttft_ratio_longest_vs_shortest": ratio,
+           "server_cpu_ratio_longest_vs_shortest": cpu_ratio}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1) + "\n")
     plot(doc, args.out.with_suffix(".png"))
-    print(f"TTFT({lengths[-1]}) / TTFT({lengths[0]}) = {ratio:.2f}; wrote {args.out}")
+    print(
+        f"TTFT({lengths[-1]}) / TTFT({lengths[0]}) = {ratio:.2f}; server CPU per request: {cpu_ratio:.2f}x; "
+        f"wrote {args.out}"
+    )
     return 0
 
 
@@ -114,6 +128,7 @@ def plot(doc: dict, path: Path) -> None:
     for r in rows:
         ax.scatter([r["prompt_tokens_requested"]] * len(r["ttft_ms"]), r["ttft_ms"], s=8, color="C0", alpha=0.4)
     ax.plot(x, [r["ttft_ms_median"] for r in rows], "o-", color="C0", label="TTFT over HTTP (median)")
+    ax.plot(x, [r["server_cpu_ms_per_request"] for r in rows], "^-", color="C2", label="server CPU per request (mean)")
     ax.plot(x, [r["tokenize_ms_median"] for r in rows], "s--", color="C1", label="tokenizing the prompt (in-process)")
     ax.set_xscale("log")
     ax.set_ylim(bottom=0)
