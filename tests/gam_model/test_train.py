@@ -140,6 +140,8 @@ def test_cli_paper_tokenizer(tmp_path):
 
 def test_resume_can_refit_the_schedule(tmp_path):
     train(tiny_cfg(tmp_path / "r"), stop_after=3)
-    t = Trainer(tiny_cfg(tmp_path / "r", max_steps=12, time_budget_min=5.0), resume=True)
-    assert t.step == 3 and t.max_steps == 12 and t.cfg.time_budget_min == 5.0
+    budgeted = Trainer(tiny_cfg(tmp_path / "r", time_budget_min=5.0), resume=True)
+    assert budgeted.max_steps == 8 and budgeted.cfg.time_budget_min == 5.0
+    t = Trainer(tiny_cfg(tmp_path / "r", max_steps=12), resume=True)
+    assert t.step == 3 and t.max_steps == 12 and t.cfg.time_budget_min is None
     assert len(t.run()) == 9
