@@ -63,7 +63,8 @@ class CudaGraph:
             for _ in range(self.warmup):
                 fn()
         torch.cuda.current_stream().wait_stream(side)
-        with torch.cuda.graph(self.graph, pool=self.pool):
+        # thread_local: CUDA calls the server's other threads may make do not invalidate this capture
+        with torch.cuda.graph(self.graph, pool=self.pool, capture_error_mode="thread_local"):
             out = fn()
         return out
 

@@ -159,3 +159,14 @@ def test_cuda_bf16_graphs_within_bf16_tolerance(kernels: str) -> None:
         got = dec.step([slot], torch.tensor([seq[n]]))[0].cpu()
         ref = reference_logits(model, seq[: n + 1])
         assert (got - ref).abs().max() <= 0.05 * ref.abs().max() + 0.02, n
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_graphs_over_a_compiled_step_match_forward() -> None:
+    model = tiny_model(n_embd=64, n_layer=3)
+    bs = model.config.block_size
+    seq = torch.randint(0, 97, (bs + 4,), generator=torch.Generator().manual_seed(10)).tolist()
+    dec = cuda_decoder(torch.float32, cuda_graphs=True, kernels="torch", compile=True)
+    assert dec.compiled
+    assert teacher_force(model, seq, bs - 6, dec) <= 1e-4  # compiled cached steps, then the window step

@@ -68,7 +68,7 @@ def randn(*shape: int, g: torch.Generator, dtype: torch.dtype, scale: float = 1.
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k", [2, 3, 4])
-@pytest.mark.parametrize("C", [32, 48])
+@pytest.mark.parametrize("C", [32, 48, 512])
 def test_ln_conv_matches_reference(C: int, k: int, dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(C + k)
     B = 5
@@ -88,7 +88,7 @@ def test_ln_conv_matches_reference(C: int, k: int, dtype: torch.dtype) -> None:
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("C", [32, 48])
+@pytest.mark.parametrize("C", [32, 48, 512])
 def test_gate_fuse_ln_matches_reference(C: int, dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(C)
     B, S = 4, 24
