@@ -163,11 +163,13 @@ class _Load:
             async with sem:
                 return await self._one(client, *args)
 
+        due = time.perf_counter()
         for _ in range(cfg.num_requests):
             if time.perf_counter() >= deadline:
                 break
             tasks.append(asyncio.create_task(limited(self._next())))
-            await asyncio.sleep(next(gaps))
+            due += next(gaps)  # absolute schedule: a late wake-up does not push every later arrival back
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
         return tasks
 
     async def run(self) -> RunResult:
