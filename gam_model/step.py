@@ -41,7 +41,7 @@ class LayerWeights:
 
 @dataclass(frozen=True)
 class StepWeights:
-    """Decode-ready weights of a whole GAM model. Build after the model has its final device and dtype."""
+    """Decode-ready weights of a GAM model. Build after the model has its final weights, device and dtype."""
 
     tok: Tensor  # (V, C), also the head
     pos: Tensor  # (block_size, C)

@@ -123,3 +123,27 @@ def test_buckets() -> None:
     assert pad_to(3, [1, 2, 4, 8]) == 4
     with pytest.raises(ValueError):
         pad_to(9, [1, 2, 4, 8])
+
+
+def test_kernel_options(model: GAM) -> None:
+    assert Decoder(model, num_slots=1).kernels == "torch"  # auto on CPU: the PyTorch reference
+    assert not Decoder(model, num_slots=1).cuda_graphs and not Decoder(model, num_slots=1).compiled
+    with pytest.raises(ValueError, match="kernels must be"):
+        Decoder(model, num_slots=1, kernels="fused")
+
+
+def test_decode_ready_weights_follow_the_model() -> None:
+    """StepWeights stacks [gate; memory bank] and transposes the conv: same logits as GAM.step."""
+    from gam_model.kernels import reference
+    from gam_model.step import StepWeights, step
+
+    model = tiny_model(n_layer=3)
+    cfg = model.config
+    g = torch.Generator().manual_seed(11)
+    idx, pos = torch.randint(0, cfg.vocab_size, (4,), generator=g), torch.tensor([0, 1, 9, cfg.block_size - 1])
+    hist = torch.randn(cfg.n_layer, 4, cfg.history, cfg.n_embd, generator=g)
+    with torch.no_grad():
+        ref, ref_hist = model.step(idx, pos, hist.clone())
+        got = step(StepWeights.from_model(model), idx, pos, hist, reference)  # hist updated in place
+    assert (got - ref).abs().max() <= TOL
+    assert (hist - ref_hist).abs().max() <= 1e-6
