@@ -6,7 +6,7 @@ import collections
 import threading
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from server.engine import Engine, RequestStats, StepStats
 
@@ -89,6 +89,9 @@ class Metrics:
         self.model_info = Gauge(
             "gam_model_info", "The served model", ["model", "dtype", "device", "version"], registry=r
         )
+        # process_resident_memory_bytes, process_cpu_seconds_total, ... (Linux /proc; nothing elsewhere): soak runs
+        # read RSS growth from here, as operators do from any Prometheus client
+        ProcessCollector(registry=r)
         self._window: collections.deque[tuple[float, int]] = collections.deque()
         self._lock = threading.Lock()
         self.tokens_per_second.set_function(self._tokens_per_second)
