@@ -114,6 +114,12 @@ async def soak(
         duration = time.perf_counter() - t0
         after = await settle(client, settle_s)
     records = [rec for res in results for rec in res.records]
+    failed = [
+        {"api": res.config.api, "error": r.error, "status": r.status, "tokens": len(r.token_times), "s": r.start - t0}
+        for res in results
+        for r in res.records
+        if r.error is not None
+    ]
     summary = summarize(records, duration)
     server_errors = sum(is_server_error(r) for r in records)
     other_errors = sum(r.error is not None and not is_server_error(r) for r in records)
@@ -148,6 +154,7 @@ async def soak(
         "request_throughput": summary["request_throughput"],
         "e2el_p99_ms": summary["e2el"]["p99_ms"],
         "ttft_p99_ms": summary["ttft"]["p99_ms"],
+        "failed_samples": failed[:20],
         "checks": checks,
         "ok": all(checks.values()),
     }
