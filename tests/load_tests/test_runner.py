@@ -116,7 +116,7 @@ async def test_open_loop_sends_at_the_rate(scripted) -> None:
     # Poisson arrivals at 20/s, seed 0: the last send is due at the sum of the drawn gaps (sleeps only overrun)
     it = intervals(20.0, 1.0, np.random.default_rng(0))
     due = sum(next(it) for _ in range(19))
-    assert due <= starts[-1] - res.t0 < due + 4 * SLACK_S  # a rate 3x too low would still fail
+    assert due <= starts[-1] - res.t0 < due + 4 * SLACK_S  # loose for a busy CPU; a rate 5x too low fails
     assert max(sum(1 for r in res.records if r.start <= t < r.end) for t in starts) > 1  # requests overlapped
 
 
