@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.shutdown_grace) + 5,
+        timeout_keep_alive=settings.timeout_keep_alive,
     )
     DrainingServer(config).run()
 

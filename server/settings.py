@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="bearer token required on all but /health and /metrics")
     cuda_graphs: bool = Field(True, description="capture the decode step in CUDA graphs (cuda only)")
     shutdown_grace: float = Field(10.0, ge=0, description="seconds in-flight requests get to finish on SIGTERM")
+    # uvicorn's default (5 s) equals httpx's pool expiry (openai, huggingface_hub clients): a client reusing a
+    # connection the server is closing gets a reset (ReadError), seen 17 times in a 10,000-request soak. Longer than
+    # the clients' expiry and nginx's 60 s, as vLLM's VLLM_TIMEOUT_KEEP_ALIVE (vllm-project/vllm#18472)
+    timeout_keep_alive: int = Field(75, ge=1, description="seconds an idle keep-alive connection is kept open")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     fault_injection: str | None = Field(
         None,
