@@ -69,8 +69,16 @@ def read_config(directory: str | Path) -> tuple[GAMConfig, CheckpointMeta]:
         cfg = GAMConfig.from_dict(raw)
     except (json.JSONDecodeError, ConfigError, TypeError) as e:
         raise CheckpointError(f"{path}: {e}") from e
-    known = {"architecture", "format_version", "model_name", "eos_token_id", "bos_token_id", "special_tokens",
-             "torch_dtype", *cfg.to_dict()}
+    known = {
+        "architecture",
+        "format_version",
+        "model_name",
+        "eos_token_id",
+        "bos_token_id",
+        "special_tokens",
+        "torch_dtype",
+        *cfg.to_dict(),
+    }
     meta = CheckpointMeta(
         model_name=raw.get("model_name", Path(directory).resolve().name),
         eos_token_id=raw.get("eos_token_id"),
@@ -98,8 +106,9 @@ def load_state_dict_into(model: GAM, sd: dict[str, torch.Tensor], source: str) -
     model.load_state_dict({k: v for k, v in sd.items() if k != TIED}, strict=False)
 
 
-def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None) -> tuple[GAM, Tokenizer, CheckpointMeta]:
+def load_checkpoint(
+    directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> tuple[GAM, Tokenizer, CheckpointMeta]:
     """Load a checkpoint directory into an eval-mode model; safetensors only (no pickle)."""
     d = Path(directory)
     if not d.is_dir():
