@@ -80,7 +80,11 @@ class Bench:
 
 
 def cached_vs_reference_loop(b: Bench, device: torch.device, reps: int) -> None:
-    """Decoder.step at a 256-token context vs the reference loop (forward over the last block_size tokens)."""
+    """Decoder.step at a 256-token context vs the reference loop.
+
+    The reference loop is the paper's generation loop: the full forward (logits at every position) over the
+    last block_size tokens, keeping the last position's logits.
+    """
     model = model_of(device, torch.float32)
     bs = model.config.block_size
     for batch in (1, 32):
@@ -103,10 +107,13 @@ def cached_vs_reference_loop(b: Bench, device: torch.device, reps: int) -> None:
             with torch.inference_mode():
                 model(torch.cat([ctx, tok.unsqueeze(1)], 1)[:, -bs:])[:, -1].float()  # (B, V)
 
-        _, t_loop = compare(cached, loop, reps, device)
-        t_cached = statistics.median(cached.t[2:])
+        heavy = batch > 1  # the reference loop at batch 32 forwards 8192 tokens per call: fewer repeats
+        _, t_loop = compare(cached, loop, 3 if heavy else reps, device, warmup=1 if heavy else 2)
+        t_cached = statistics.median(cached.t[1 if heavy else 2 :])
         b.add(f"cached step vs reference loop, 256-token context, batch {batch} (x)", t_loop / t_cached, 50,
               cached_s=t_cached, reference_s=t_loop)  # fmt: skip
+        if heavy:
+            continue
         # Past block_size the step recomputes the R-token window (DESIGN 1.3): reported, no target.
         long = [[*p, 1, 2] for p in prompts]  # 257 tokens: the sliding-window regime
         dec2 = Decoder(model, num_slots=batch)
