@@ -145,6 +145,35 @@ def mamba_layers_matching(target_params: int, dtype: torch.dtype) -> int:
     return max(1, round((target_params - base) / per_layer))
 
 
+def write(
+    args: argparse.Namespace, argv: list[str] | None, models: dict, cells: list[dict], wall_s: float, complete: bool
+) -> None:
+    """Write the JSON and PNG (after every cell, so a run cut short keeps what it measured)."""
+    goal = next((c for c in cells if c["batch"] == 32 and c["context"] == 512), None)
+    target = None
+    if goal is not None:  # issue #6: GAM >= 3x both peers at batch 32, 512-token contexts
+        r, rc = goal["ratio_gam_vs"], goal["cpu_ratio_gam_vs"]
+        target = {"cell": "batch 32, context 512", "goal": 3.0, "gam_vs": r, "gam_vs_by_cpu_time": rc,
+                  "met": min(r.values()) >= 3.0, "met_by_cpu_time": min(rc.values()) >= 3.0,
+                  "gam_long_block_vs": goal["ratio_gam_long_block_vs"],
+                  "gam_long_block_vs_by_cpu_time": goal["cpu_ratio_gam_long_block_vs"]}  # fmt: skip
+    doc = {"benchmark": "decode tokens/s after a prompt, GAM vs peers (greedy, random weights)",
+           "target": target,
+           "command": "python bench/peers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "machine": machine(), "dtype": args.dtype, "models": models, "cells": cells,
+           "wall_s": wall_s, "complete": complete,
+           "notes": ["tokens_per_s: wall clock; tokens_per_cpu_s: process CPU time of the same loop (with 1 thread the "
+                     "two agree on an idle machine; on a shared one CPU time is the steadier measure of the work)",
+                     "peers from transformers on CPU: GPT-2 with DynamicCache; Mamba on its slow sequential path "
+                     "(the fast kernels are CUDA-only), as a CPU user gets them",
+                     "gam: the paper config (block_size 256): contexts past 256 decode with the exact sliding-window "
+                     "step (recomputes the R-token window); gam_long_block: same model with a position table long "
+                     "enough that every context takes the O(1) cached step"]}  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    plot(doc, args.out.with_suffix(".png"))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", default="1,32")
@@ -210,35 +239,14 @@ def main(argv: list[str] | None = None) -> int:
                 "cpu_ratio_gam_long_block_vs": {k: tpcs["gam_long_block"] / tpcs[k] for k in PEERS},
             }  # fmt: skip
             cells.append(cell)
+            write(args, argv, models, cells, time.perf_counter() - t_start, complete=False)
             r, rc = cell["ratio_gam_vs"], cell["cpu_ratio_gam_vs"]
             print(f"batch {batch:>3} ctx {ctx:>5}: " + "  ".join(f"{k} {v:7.0f}" for k, v in tps.items())
                   + f" tok/s | gam/gpt2 {r['gpt2']:.2f}x (cpu {rc['gpt2']:.2f}x) gam/mamba {r['mamba']:.2f}x "
                   + f"(cpu {rc['mamba']:.2f}x) | state/seq " + " ".join(f"{k} {v / 1024:.1f}KiB" for k, v in state.items()),
                   flush=True)  # fmt: skip
 
-    goal = next((c for c in cells if c["batch"] == 32 and c["context"] == 512), None)
-    target = None
-    if goal is not None:  # issue #6: GAM >= 3x both peers at batch 32, 512-token contexts
-        r, rc = goal["ratio_gam_vs"], goal["cpu_ratio_gam_vs"]
-        target = {"cell": "batch 32, context 512", "goal": 3.0, "gam_vs": r, "gam_vs_by_cpu_time": rc,
-                  "met": min(r.values()) >= 3.0, "met_by_cpu_time": min(rc.values()) >= 3.0,
-                  "gam_long_block_vs": goal["ratio_gam_long_block_vs"],
-                  "gam_long_block_vs_by_cpu_time": goal["cpu_ratio_gam_long_block_vs"]}  # fmt: skip
-    doc = {"benchmark": "decode tokens/s after a prompt, GAM vs peers (greedy, random weights)",
-           "target": target,
-           "command": "python bench/peers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "machine": machine(), "dtype": args.dtype, "models": models, "cells": cells,
-           "wall_s": time.perf_counter() - t_start,
-           "notes": ["tokens_per_s: wall clock; tokens_per_cpu_s: process CPU time of the same loop (with 1 thread the "
-                     "two agree on an idle machine; on a shared one CPU time is the steadier measure of the work)",
-                     "peers from transformers on CPU: GPT-2 with DynamicCache; Mamba on its slow sequential path "
-                     "(the fast kernels are CUDA-only), as a CPU user gets them",
-                     "gam: the paper config (block_size 256): contexts past 256 decode with the exact sliding-window "
-                     "step (recomputes the R-token window); gam_long_block: same model with a position table long "
-                     "enough that every context takes the O(1) cached step"]}  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=1) + "\n")
-    plot(doc, args.out.with_suffix(".png"))
+    write(args, argv, models, cells, time.perf_counter() - t_start, complete=True)
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     return 0
 
