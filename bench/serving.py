@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or bundled_model_dir()
-        source = "given" if args.model else "bundled"
+        source = "given (--model)" if args.model else "bundled"
         if model_dir is None:
             model_dir, source = random_paper_checkpoint(Path(tmp) / "gam-random"), "paper config, random weights"
         result = asyncio.run(bench(args, model_dir))

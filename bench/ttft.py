@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     lengths = [int(x) for x in args.lengths.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or bundled_model_dir()
-        source = "given" if args.model else "bundled"
+        source = "given (--model)" if args.model else "bundled"
         if model_dir is None:
             model_dir, source = random_paper_checkpoint(Path(tmp) / "gam-random"), "paper config, random weights"
         tok = Tokenizer.from_file(model_dir / "tokenizer.json")
@@ -135,7 +135,8 @@ def plot(doc: dict, path: Path) -> None:
     ax.set_ylim(bottom=0)
     ax.set_xlabel("prompt length (tokens)")
     ax.set_ylabel("ms")
-    ax.set_title(f"TTFT vs prompt length ({doc['model']['source']}; {doc['machine']['cpu']})", fontsize=9)
+    model = f"{doc['server_info'].get('model_id')}, {doc['model']['source']}"
+    ax.set_title(f"TTFT vs prompt length ({model}; {doc['machine']['cpu']})", fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
