@@ -38,13 +38,18 @@ class GAMBlock(nn.Module):
         x = x + torch.sigmoid(gl) * local + torch.sigmoid(gg) * self.memory_read(h)
         return x + self.ffn(self.ln2(x))
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Parallel block over (B, T, C); mask (B, T, 1) zeroes left-padding. Returns (x, h) with h = ln1(x)."""
+    def forward(self, x: Tensor, mask: Tensor | None = None, keep: int | None = None) -> tuple[Tensor, Tensor]:
+        """Parallel block over (B, T, C); mask (B, T, 1) zeroes left-padding. Returns (x, h) with h = ln1(x).
+
+        With `keep`, only the last `keep` positions of x are computed and returned (h stays full length).
+        """
         h = self.ln1(x)  # (B, T, C)
         if mask is not None:
             h = h * mask  # padded positions read as the conv's zero padding
         hp = F.pad(h.transpose(1, 2), (self.kernel - 1, 0))  # (B, C, T+K-1)
         local = F.conv1d(hp, self.causal_conv.weight, self.causal_conv.bias, groups=h.shape[-1]).transpose(1, 2)
+        if keep is not None and keep < x.shape[1]:
+            return self.fuse(x[:, -keep:], h[:, -keep:], local[:, -keep:]), h  # (B, keep, C), (B, T, C)
         return self.fuse(x, h, local), h
 
     def step(self, x: Tensor, hist: Tensor) -> tuple[Tensor, Tensor]:
@@ -108,10 +113,11 @@ class GAM(nn.Module):
         mask = real.unsqueeze(-1).to(self.token_embedding.weight.dtype)  # (B, W, 1)
         x = self.token_embedding(idx) + self.pos_embedding(pos)  # (B, W, C)
         hists = []
-        k1 = self.config.history
-        for blk in self.blocks:
-            x, h = blk(x, mask)
-            hists.append(F.pad(h, (0, 0, max(k1 - W, 0), 0))[:, -k1:] if k1 > 0 else h[:, :0])
+        k1, L = self.config.history, self.config.n_layer
+        for i, blk in enumerate(self.blocks):
+            # only the last (L-1-i)(K-1)+1 outputs of block i reach the last logits (a pyramid, not W per layer)
+            x, h = blk(x, mask[:, -x.shape[1] :], keep=(L - 1 - i) * k1 + 1)
+            hists.append(F.pad(h, (0, 0, max(k1 - h.shape[1], 0), 0))[:, -k1:] if k1 > 0 else h[:, :0])
         logits = self.head(self.ln_f(x[:, -1]))  # (B, V)
         return logits, torch.stack(hists)  # (B, V), (L, B, K-1, C)
 

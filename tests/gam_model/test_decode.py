@@ -147,3 +147,20 @@ def test_decode_ready_weights_follow_the_model() -> None:
         got = step(StepWeights.from_model(model), idx, pos, hist, reference)  # hist updated in place
     assert (got - ref).abs().max() <= TOL
     assert (hist - ref_hist).abs().max() <= 1e-6
+
+
+def test_sliding_step_computes_only_the_receptive_pyramid() -> None:
+    """Past block_size, block i computes only the (L-1-i)(K-1)+1 positions the last logits depend on."""
+    model = tiny_model(n_layer=3, conv_kernel=3)
+    cfg = model.config
+    dec = Decoder(model, num_slots=1)
+    slot = dec.allocate()
+    seq = torch.randint(0, cfg.vocab_size, (cfg.block_size + 2,), generator=torch.Generator().manual_seed(5)).tolist()
+    dec.prefill([slot], [seq[:-1]])  # already past block_size: the next step is a window step
+    seen: list[int] = []
+    hooks = [blk.ffn.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1])) for blk in model.blocks]
+    out = dec.step([slot], torch.tensor([seq[-1]]))[0]
+    for h in hooks:
+        h.remove()
+    assert seen == [(cfg.n_layer - 1 - i) * cfg.history + 1 for i in range(cfg.n_layer)]  # [5, 3, 1]
+    assert (out - reference_logits(model, seq)).abs().max() <= TOL
