@@ -59,6 +59,15 @@ def save_checkpoint(directory: str | Path, model: GAM, tokenizer: Tokenizer | No
     return d
 
 
+def find_single_checkpoint(weights_dir: str | Path, hint: str = "pass --model DIR") -> Path:
+    """The one checkpoint directory (holding a config.json) under `weights_dir`: the bundled-model rule."""
+    found = sorted(p.parent for p in Path(weights_dir).glob("*/config.json"))
+    if len(found) != 1:
+        what = "no model" if not found else f"{len(found)} models ({', '.join(p.name for p in found)})"
+        raise CheckpointError(f"{weights_dir} holds {what}; {hint}")
+    return found[0]
+
+
 def read_config(directory: str | Path) -> tuple[GAMConfig, CheckpointMeta]:
     """Parse config.json of a checkpoint directory."""
     path = Path(directory) / "config.json"

@@ -103,15 +103,21 @@ class _Detokenizer(Protocol):
 
 
 def advance(detok: _Detokenizer, stop: StopChecker, token_id: int) -> tuple[str, str | None]:
-    """Detokenize one generated token and run the stop checks: the per-token text step of a generation loop.
+    """Detokenize one generated token and run the stop checks: (text safe to emit, finish reason or None)."""
+    _, emitted, reason = advance_token(detok, stop, token_id)
+    return emitted, reason
 
-    Stop token ids are not detokenized (an unfinished character held by the detokenizer before one is dropped: it
-    could only print as U+FFFD); on the last token the detokenizer's held-back text is flushed through the stop
-    checks, so nothing is lost at max_new_tokens.
+
+def advance_token(detok: _Detokenizer, stop: StopChecker, token_id: int) -> tuple[str, str, str | None]:
+    """The per-token text step of a generation loop: (the token's own new text, text safe to emit, finish reason).
+
+    Stop token ids are not detokenized (their own text is ""; an unfinished character held by the detokenizer
+    before one is dropped: it could only print as U+FFFD); on the last token the detokenizer's held-back text is
+    flushed through the stop checks, so nothing is lost at max_new_tokens.
     """
     if stop.is_stop_token(token_id):
-        return stop.feed(token_id, "")
+        return ("", *stop.feed(token_id, ""))
     text = detok.add(token_id)
     if stop.last_token:
         text += detok.flush()
-    return stop.feed(token_id, text)
+    return (text, *stop.feed(token_id, text))

@@ -27,7 +27,7 @@ from gam_model.decode import Decoder
 from gam_model.detokenize import IncrementalDetokenizer
 from gam_model.model import GAM
 from gam_model.sampling import SamplingParams, SequenceSampler, sample
-from gam_model.stopping import StopChecker
+from gam_model.stopping import StopChecker, advance_token
 from gam_model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -452,14 +452,9 @@ class Engine:
             seq.inter_token.append(now - (seq.last_token or now))
         seq.last_token = now
         stop = seq.stopper
+        text, emitted, reason = advance_token(seq.detok, stop, tok)
         if stop.is_stop_token(tok):
-            text = self.tokenizer.id_to_token(tok)
-            emitted, reason = stop.feed(tok, "")
-        else:
-            text = seq.detok.add(tok)
-            if stop.last_token:
-                text += seq.detok.flush()
-            emitted, reason = stop.feed(tok, text)
+            text = self.tokenizer.id_to_token(tok)  # TGI shows a stop token's own text (e.g. "</s>")
         n = seq.sampler.params.top_n_tokens
         top = list(zip(top_ids[:n], top_lps[:n], strict=True))
         special = tok in self.special_ids or tok in stop.stop_token_ids

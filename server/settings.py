@@ -9,6 +9,8 @@ import torch
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gam_model.checkpoint import find_single_checkpoint
+
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 
@@ -76,8 +78,4 @@ class Settings(BaseSettings):
         """--model, or else the single subdirectory of weights/ holding a config.json."""
         if self.model is not None:
             return self.model
-        found = sorted(p.parent for p in WEIGHTS_DIR.glob("*/config.json"))
-        if len(found) != 1:
-            what = "no model" if not found else f"{len(found)} models ({', '.join(p.name for p in found)})"
-            raise ValueError(f"{WEIGHTS_DIR} holds {what}; pass --model DIR (or GAM_MODEL)")
-        return found[0]
+        return find_single_checkpoint(WEIGHTS_DIR, "pass --model DIR (or GAM_MODEL)")  # a ValueError

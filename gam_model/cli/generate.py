@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from gam_model.checkpoint import CheckpointError, load_checkpoint
+from gam_model.checkpoint import CheckpointError, find_single_checkpoint, load_checkpoint
 from gam_model.decode import Decoder
 from gam_model.generate import generate
 from gam_model.sampling import SamplingParams
@@ -19,11 +19,7 @@ WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"
 
 def default_model_dir() -> Path:
     """The single model under weights/ (the bundled one); same rule as gam-serve."""
-    found = sorted(p.parent for p in WEIGHTS_DIR.glob("*/config.json"))
-    if len(found) != 1:
-        what = "no model" if not found else f"{len(found)} models ({', '.join(p.name for p in found)})"
-        raise CheckpointError(f"{WEIGHTS_DIR} holds {what}; pass --model DIR")
-    return found[0]
+    return find_single_checkpoint(WEIGHTS_DIR)
 
 
 def main(argv: list[str] | None = None) -> None:
