@@ -1,11 +1,4 @@
-"""Exact perplexity and bits per byte of a GAM model on a text (DESIGN 1.3 semantics).
-
-The logits after N tokens are the forward over the last min(N, block_size) tokens. The first block_size
-predictions come from one forward of the first block_size tokens. Past it, every token sits at position
-block_size-1 of its window, and its logits depend only on the last R tokens (R = receptive field), so it is
-scored by a batch of R-token windows at positions block_size-R..block_size-1. Each block trims the k-1
-positions whose conv reached outside the window, so a window costs R + (R-k+1) + ... + 1 positions.
-"""
+"""Exact perplexity and bits per byte of a GAM model on a text (DESIGN 1.3 semantics; see gam_model.scoring)."""
 
 from __future__ import annotations
 
@@ -19,6 +12,7 @@ from tqdm import tqdm
 
 from gam_model.data import encode_stream
 from gam_model.model import GAM
+from gam_model.scoring import next_token_logits
 from gam_model.tokenizer import Tokenizer
 
 
@@ -46,42 +40,14 @@ class EvalResult:
         return {**asdict(self), "loss": self.loss, "perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte}
 
 
-def tail_window_logits(model: GAM, win: Tensor) -> Tensor:
-    """Logits of the last token of each window, placed at positions block_size-W..block_size-1: win (B, W) -> (B, V).
-
-    Exact for the full-context semantics when W >= R (the conv zero-padding never reaches the last token).
-    """
-    bs, k1 = model.config.block_size, model.config.history
-    W = win.shape[1]
-    pos = torch.arange(bs - W, bs, device=win.device)  # (W,)
-    x = model.token_embedding(win) + model.pos_embedding(pos)  # (B, W, C)
-    for blk in model.blocks:
-        x, _ = blk(x)
-        if x.shape[1] > 1:
-            x = x[:, min(k1, x.shape[1] - 1) :]  # drop outputs whose conv read the window's zero padding
-    return model.head(model.ln_f(x[:, -1]))  # (B, V)
-
-
 @torch.no_grad()
 def score_tokens(model: GAM, ids: Tensor, batch_size: int = 256, progress: bool = False) -> tuple[float, int]:
     """Sum of -log p(ids[i+1] | ids[..i]) over i = 0..N-2 under the sliding-window semantics; (nll, count)."""
-    model.eval()
-    cfg = model.config
-    dev = model.token_embedding.weight.device
-    ids = ids.to(dev)
-    N, bs, R = len(ids), cfg.block_size, cfg.receptive_field
-    if N < 2:
-        return 0.0, 0
-    head = min(N - 1, bs)
-    logits = model(ids[:head].unsqueeze(0))[0]  # (head, V): contexts ids[0..i], i < block_size
-    nll = F.cross_entropy(logits.float(), ids[1 : head + 1], reduction="sum").item()
-    rel = torch.arange(-R + 1, 1, device=dev)  # (R,)
-    starts = range(bs, N - 1, batch_size)
-    for i0 in tqdm(starts, desc="eval", disable=not progress, mininterval=5):
-        i = torch.arange(i0, min(i0 + batch_size, N - 1), device=dev)  # (b,) last context token of each window
-        win = ids[i.unsqueeze(1) + rel]  # (b, R)
-        nll += F.cross_entropy(tail_window_logits(model, win).float(), ids[i + 1], reduction="sum").item()
-    return nll, N - 1
+    chunks = next_token_logits(
+        model, ids, batch_size, wrap=lambda it: tqdm(it, desc="eval", disable=not progress, mininterval=5)
+    )
+    nll = sum(F.cross_entropy(logits.float(), t, reduction="sum").item() for logits, t in chunks)
+    return float(nll), max(len(ids) - 1, 0)
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from gam_model.checkpoint import CheckpointMeta, save_checkpoint
 from gam_model.cli.evaluate import main as eval_main
 from gam_model.data import encode_stream, read_text, train_tokenizer
-from gam_model.evaluate import evaluate_text, score_chunks, score_tokens, tail_window_logits
+from gam_model.evaluate import evaluate_text, score_chunks, score_tokens
 from tests.conftest import tiny_model
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
@@ -38,16 +38,6 @@ def test_score_tokens_matches_hand_computation(n, kernel, layers):
     nll, count = score_tokens(model, ids, batch_size=7)
     assert count == n - 1
     assert nll == pytest.approx(hand_nll(model, ids), rel=1e-5, abs=1e-4)
-
-
-def test_tail_window_is_exact_and_wider_windows_agree(model):
-    ids = torch.randint(0, 97, (3, 32), generator=torch.Generator().manual_seed(1))
-    ref = model(ids)[:, -1]  # (3, V): contexts of exactly block_size tokens
-    R = model.config.receptive_field
-    for w in (R, R + 3, 32):
-        torch.testing.assert_close(tail_window_logits(model, ids[:, -w:]), ref, rtol=1e-5, atol=1e-5)
-    # a window shorter than R misses real context: the test above could fail
-    assert not torch.allclose(tail_window_logits(model, ids[:, -(R - 1) :]), ref, atol=1e-5)
 
 
 def test_evaluate_text_on_fixture_longer_than_block(tmp_path):
