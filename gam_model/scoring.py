@@ -69,22 +69,45 @@ class TokenLogprobs:
     top_logprobs: list[list[float]]  # (N-1, n)
 
 
-@torch.no_grad()
+class PromptScorer:
+    """`token_logprobs` in pieces: each `advance()` scores one chunk, so a server can interleave other work."""
+
+    def __init__(self, model: GAM, ids: Tensor, top_n: int = 0, batch_size: int = 256) -> None:
+        self.top_n = top_n
+        self.total = max(len(ids) - 1, 0)  # tokens to score
+        self.result = TokenLogprobs([], [], [])
+        self._chunks = next_token_logits(model, ids, batch_size)
+
+    @property
+    def done(self) -> bool:
+        return len(self.result.logprobs) == self.total
+
+    @torch.no_grad()
+    def advance(self) -> int:
+        """Score the next chunk (the first block_size tokens at once, then `batch_size` windows); returns its size."""
+        if self.done:
+            return 0
+        logits, t = next(self._chunks)  # (n, V), (n,)
+        lp = logits.float().log_softmax(dim=-1)  # (n, V)
+        out = self.result
+        out.logprobs += lp.gather(1, t.unsqueeze(1)).squeeze(1).tolist()
+        if self.top_n > 0:
+            vals, idx = lp.topk(min(self.top_n, lp.shape[-1]), dim=-1)  # (n, top_n)
+            out.top_ids += idx.tolist()
+            out.top_logprobs += vals.tolist()
+        else:
+            out.top_ids += [[] for _ in range(len(t))]
+            out.top_logprobs += [[] for _ in range(len(t))]
+        return len(t)
+
+
 def token_logprobs(model: GAM, ids: Tensor, top_n: int = 0, batch_size: int = 256) -> TokenLogprobs:
     """Every token's log-probability given the tokens before it (the served semantics), and the top_n alternatives.
 
     What a server returns as prompt logprobs (TGI `decoder_input_details`, OpenAI `echo` + `logprobs`): O(N) work,
     unlike the O(R) prefill. Log-softmax in float32 of the model's logits.
     """
-    out = TokenLogprobs([], [], [])
-    for logits, t in next_token_logits(model, ids, batch_size):
-        lp = logits.float().log_softmax(dim=-1)  # (n, V)
-        out.logprobs += lp.gather(1, t.unsqueeze(1)).squeeze(1).tolist()
-        if top_n > 0:
-            vals, idx = lp.topk(min(top_n, lp.shape[-1]), dim=-1)  # (n, top_n)
-            out.top_ids += idx.tolist()
-            out.top_logprobs += vals.tolist()
-        else:
-            out.top_ids += [[] for _ in range(len(t))]
-            out.top_logprobs += [[] for _ in range(len(t))]
-    return out
+    scorer = PromptScorer(model, ids, top_n, batch_size)
+    while not scorer.done:
+        scorer.advance()
+    return scorer.result

@@ -2,7 +2,8 @@
 
 Each iteration of the loop (between two decode steps):
   1. ends running sequences that were cancelled (client gone) or ran past their deadline, freeing their slots;
-  2. admits waiting requests into free slots and prefills them all in one call (O(R) per prompt);
+  2. admits waiting requests into free slots and prefills them all in one call (O(R) per prompt); a request
+     that asked for prompt logprobs is first scored, SCORE_BUDGET tokens per iteration, then prefilled;
   3. steps every sequence that was already running in one call;
   4. samples the next token of all those rows in one batched call, detokenizes, checks stops, emits events.
 A failure in the prefill, step or sampling call fails only that call's requests (an ErrorEvent each); the loop
@@ -27,10 +28,17 @@ from gam_model.decode import Decoder
 from gam_model.detokenize import IncrementalDetokenizer
 from gam_model.model import GAM
 from gam_model.sampling import SamplingParams, SequenceSampler, sample
+from gam_model.scoring import PromptScorer, TokenLogprobs
 from gam_model.stopping import StopChecker, advance_token
 from gam_model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+
+# Prompt logprobs: about this many prompt tokens are scored per engine iteration, in chunks of SCORE_WINDOWS
+# positions past block_size (the first block_size tokens are one forward, whatever the budget).
+SCORE_BUDGET = 256
+SCORE_WINDOWS = 64
 
 
 class QueueFull(RuntimeError):
@@ -52,6 +60,9 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: set[int] = field(default_factory=set)
     endpoint: str = "generate"  # metrics label
+    # prompt logprobs (TGI decoder_input_details, OpenAI echo + logprobs): None = not asked, n = with top-n
+    # alternatives. O(prompt) work in the engine thread at admission, unlike the O(R) prefill.
+    prompt_logprobs: int | None = None
 
 
 @dataclass
@@ -76,6 +87,7 @@ class TokenEvent:
     special: bool
     top: list[tuple[int, float]]
     finish: FinishEvent | None = None  # set on the last token: the sequence ended normally
+    prompt: TokenLogprobs | None = None  # on the first token of a request that asked for prompt logprobs
 
 
 @dataclass
@@ -172,6 +184,8 @@ class _Sequence:
     stopper: StopChecker
     admitted: float
     pending: int = -1  # last sampled token, fed to the model by the next step
+    scorer: PromptScorer | None = None  # while its prompt logprobs are being computed (before prefill)
+    prompt: TokenLogprobs | None = None  # prompt logprobs, until the first token event carries them
     generated: int = 0
     first_token: float | None = None
     last_token: float | None = None
@@ -351,7 +365,7 @@ class Engine:
             elif t0 >= h.deadline:
                 self._end(seq, ErrorEvent(f"request timed out after {t0 - h.arrival:.1f}s", 504, "timeout"), "error")
         # 2. admit waiting requests into free slots
-        stepping = list(self._running)
+        stepping = [s for s in self._running if s.pending >= 0]  # not those still scoring their prompt
         admitted: list[_Sequence] = []
         with self._cond:
             while self._waiting and (self.decoder.state.free_slots > 0 or shutting):
@@ -368,6 +382,8 @@ class Engine:
                     )
                 elif (new := self._admit(h, t0)) is not None:
                     admitted.append(new)
+        # 2b. requests that asked for prompt logprobs are scored first, a budget per iteration; then prefilled
+        admitted = [s for s in admitted if s.scorer is None] + self._score_prompts()
         if not stepping and not admitted:
             return
         # 3. forward: one step call for the running rows, one prefill call for the admitted ones
@@ -415,8 +431,34 @@ class Engine:
         seq = _Sequence(
             handle=h, slot=self.decoder.allocate(), admitted=now, sampler=sampler, detok=detok, stopper=stopper
         )
+        if r.prompt_logprobs is not None:
+            ids = torch.tensor(r.prompt_ids)
+            seq.scorer = PromptScorer(self.decoder.model, ids, r.prompt_logprobs, batch_size=SCORE_WINDOWS)
         self._running.append(seq)
         return seq
+
+    def _score_prompts(self) -> list[_Sequence]:
+        """Advance prompt logprobs, oldest first, by about SCORE_BUDGET tokens in all; returns the sequences done.
+
+        A long prompt is scored over several iterations (O(prompt) work), so the running streams keep stepping.
+        """
+        done, budget = [], SCORE_BUDGET
+        for seq in [s for s in self._running if s.scorer is not None]:
+            if budget <= 0:
+                break
+            scorer = seq.scorer
+            try:
+                with torch.inference_mode():
+                    while budget > 0 and not scorer.done:
+                        budget -= scorer.advance()
+            except Exception as e:
+                log.exception("prompt logprobs failed")
+                self._end(seq, ErrorEvent(f"prompt logprobs failed: {e}"), "error")
+                continue
+            if scorer.done:
+                seq.prompt, seq.scorer = scorer.result, None
+                done.append(seq)
+        return done
 
     def _sample(self, rows: list[_Sequence], logits: torch.Tensor) -> int:
         """Sample, detokenize, stop-check and emit one token per row; returns the tokens emitted."""
@@ -462,7 +504,8 @@ class Engine:
         if reason is not None:
             seed = seq.sampler.seed if seq.sampler.generator is not None else None
             fin = FinishEvent(reason, seq.generated, seed, len(seq.handle.request.prompt_ids))
-        ev = TokenEvent(seq.generated - 1, tok, text, emitted, logprob, special, top, fin)
+        ev = TokenEvent(seq.generated - 1, tok, text, emitted, logprob, special, top, fin, seq.prompt)
+        seq.prompt = None
         if fin is not None:
             self._end(seq, ev, fin.reason)
         else:

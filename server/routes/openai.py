@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from gam_model.sampling import SamplingParams
+from gam_model.scoring import TokenLogprobs
 from server.context import ServerContext, get_context
 from server.engine import ErrorEvent, Event, GenerationRequest, RequestHandle, TokenEvent
 from server.errors import ApiError, error_body
@@ -105,7 +106,10 @@ def requests_of(
                     top_n_tokens=body.logprobs or 0,
                 )
             )
-            reqs.append(GenerationRequest(ids, params, max_new, stop, endpoint="completions"))
+            req = GenerationRequest(ids, params, max_new, stop, endpoint="completions")
+            if body.echo and body.logprobs is not None:
+                req.prompt_logprobs = body.logprobs  # echoed prompt tokens get logprobs too (lm-eval loglikelihood)
+            reqs.append(req)
     return prompts, reqs
 
 
@@ -128,14 +132,26 @@ class LogprobsBuilder:
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
 
-    def build(self, tokens: list[TokenEvent], offset: int, echo_ids: list[int] | None = None) -> dict[str, Any]:
+    def build(
+        self,
+        tokens: list[TokenEvent],
+        offset: int,
+        echo_ids: list[int] | None = None,
+        prompt: TokenLogprobs | None = None,
+    ) -> dict[str, Any]:
+        """tokens: generated; echo_ids: the echoed prompt, with `prompt` its logprobs (the first token has none)."""
         tok = self.ctx.tokenizer
         out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for i in echo_ids or []:  # prompt logprobs are not computed (prefill is O(R), not O(prompt))
+        for j, i in enumerate(echo_ids or []):
             t = tok.decode([i])
             out["tokens"].append(t)
-            out["token_logprobs"].append(None)
-            out["top_logprobs"].append(None)
+            if prompt is None or j == 0:
+                out["token_logprobs"].append(None)
+                out["top_logprobs"].append(None)
+            else:
+                out["token_logprobs"].append(json_float(prompt.logprobs[j - 1]))
+                alts = zip(prompt.top_ids[j - 1], prompt.top_logprobs[j - 1], strict=True)
+                out["top_logprobs"].append({tok.decode([a]): json_float(lp) for a, lp in alts})
             out["text_offset"].append(offset)
             offset += len(t)
         for ev in tokens:
@@ -172,7 +188,8 @@ async def completions(request: Request, body: CompletionRequest, ctx: Ctx) -> An
         assert res.finish is not None
         ptext, pids = prompts[k // body.n]
         prefix = ptext if body.echo else ""
-        logprobs = lp.build(res.tokens, 0, pids if body.echo else None) if body.logprobs is not None else None
+        prompt = res.tokens[0].prompt if res.tokens else None
+        logprobs = lp.build(res.tokens, 0, pids if body.echo else None, prompt) if body.logprobs is not None else None
         choices.append(
             {
                 "index": k,
@@ -242,14 +259,21 @@ async def _stream(
             data["usage"] = None
         return sse(json.dumps(data))
 
+    def echo(k: int, prompt: TokenLogprobs | None) -> bytes:
+        ptext, pids = prompts[k // body.n]
+        offsets[k] = len(ptext)
+        return chunk(k, ptext, lp.build([], 0, pids, prompt) if body.logprobs is not None else None, None)
+
+    # with logprobs, a choice's echo waits for its first event, which carries the prompt logprobs
+    echo_pending = set(range(len(handles))) if body.echo and body.logprobs is not None else set()
     try:
-        if body.echo:
+        if body.echo and body.logprobs is None:
             for k in range(len(handles)):
-                ptext, pids = prompts[k // body.n]
-                logprobs = lp.build([], 0, pids) if body.logprobs is not None else None
-                offsets[k] = len(ptext)
-                yield chunk(k, ptext, logprobs, None)
+                yield echo(k, None)
         async for k, ev in _merge(handles):
+            if k in echo_pending and isinstance(ev, TokenEvent):
+                echo_pending.discard(k)
+                yield echo(k, ev.prompt)
             if isinstance(ev, ErrorEvent):
                 yield sse(json.dumps(error_body("/v1/completions", ev.status, ev.message, error_type=None)))
                 for h in handles:

@@ -31,9 +31,15 @@ router = APIRouter(tags=["Text Generation Inference"])
 DEFAULT_MAX_NEW_TOKENS = 100  # TGI's default
 
 
-def tgi_request(ctx: ServerContext, body: TGIRequest, endpoint: str) -> tuple[GenerationRequest, TGIParameters]:
+def tgi_request(
+    ctx: ServerContext, body: TGIRequest, endpoint: str, stream: bool = False
+) -> tuple[GenerationRequest, TGIParameters]:
     """Validate a TGI body into an engine request (422 in TGI's shape on any bad value)."""
     p = body.parameters or TGIParameters.model_validate({})
+    if stream and p.decoder_input_details:  # TGI's own rule: prompt details only come with a whole answer
+        raise ApiError(
+            422, "`decoder_input_details` == true is not supported when streaming tokens", param="decoder_input_details"
+        )
     if p.best_of is not None and p.best_of > 1:
         raise ApiError(422, "best_of > 1 is not supported by this server", param="best_of")
     for name, unsupported in (
@@ -66,6 +72,8 @@ def tgi_request(ctx: ServerContext, body: TGIRequest, endpoint: str) -> tuple[Ge
         )
     )
     req = GenerationRequest(ids, params, max_new, check_stop(ctx, p.stop or []), endpoint=endpoint)
+    if p.details and p.decoder_input_details:
+        req.prompt_logprobs = 0  # TGI's prefill tokens carry their own logprob only
     return req, p
 
 
@@ -82,11 +90,15 @@ def top_json(ctx: ServerContext, ev: TokenEvent) -> list[dict[str, Any]]:
 def details_json(
     ctx: ServerContext, req: GenerationRequest, p: TGIParameters, tokens: list[TokenEvent], fin: FinishEvent
 ) -> dict[str, Any]:
-    """TGI `details` of a non-streamed answer. Prompt logprobs are not computed (prefill is O(R)): null."""
+    """TGI `details` of a non-streamed answer; `prefill` has the prompt tokens' logprobs (the first has none)."""
     tok = ctx.tokenizer
-    prefill = (
-        [{"id": i, "text": tok.decode([i]), "logprob": None} for i in req.prompt_ids] if p.decoder_input_details else []
-    )
+    prefill = []
+    if p.decoder_input_details and tokens and tokens[0].prompt is not None:
+        lps = [None, *tokens[0].prompt.logprobs]
+        prefill = [
+            {"id": i, "text": tok.decode([i]), "logprob": json_float(lp)}
+            for i, lp in zip(req.prompt_ids, lps, strict=True)
+        ]
     d: dict[str, Any] = {
         "finish_reason": fin.reason,
         "generated_tokens": fin.generated_tokens,
@@ -111,7 +123,7 @@ async def generate_json(request: Request, ctx: ServerContext, body: TGIRequest, 
 
 
 def generate_sse(ctx: ServerContext, body: TGIRequest, endpoint: str) -> StreamingResponse:
-    req, p = tgi_request(ctx, body, endpoint)
+    req, p = tgi_request(ctx, body, endpoint, stream=True)
     handle = submit(ctx, req)
 
     async def events() -> AsyncIterator[bytes]:

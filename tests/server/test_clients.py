@@ -47,6 +47,12 @@ def test_openai_client(server) -> None:
     assert chunks[-1].usage.completion_tokens == 8
     many = client.completions.create(model=model, prompt=[PROMPT, "In the city"], n=2, max_tokens=4, seed=3)
     assert len(many.choices) == 4
+    # the request lm-evaluation-harness makes for loglikelihoods: echo the prompt with its logprobs
+    scored = client.completions.create(model=model, prompt=PROMPT, max_tokens=1, temperature=0, echo=True, logprobs=1)
+    lp = scored.choices[0].logprobs
+    assert scored.choices[0].text.startswith(PROMPT) and lp.token_logprobs[0] is None
+    assert all(x is not None and x <= 0 for x in lp.token_logprobs[1:])
+    assert lp.token_logprobs[-1] == max(lp.top_logprobs[-1].values())  # greedy
 
 
 def test_text_generation_client(server) -> None:
@@ -57,6 +63,9 @@ def test_text_generation_client(server) -> None:
     stream = list(client.generate_stream(PROMPT, max_new_tokens=9))
     assert "".join(r.token.text for r in stream) == out.generated_text == stream[-1].generated_text
     assert stream[-1].details.generated_tokens == 9
+    scored = client.generate(PROMPT, max_new_tokens=1, decoder_input_details=True)
+    assert scored.details.prefill[0].logprob is None and len(scored.details.prefill) > 1
+    assert all(t.logprob is not None and t.logprob <= 0 for t in scored.details.prefill[1:])
     sampled = client.generate(PROMPT, max_new_tokens=6, do_sample=True, seed=11, temperature=0.7)
     assert sampled == client.generate(PROMPT, max_new_tokens=6, do_sample=True, seed=11, temperature=0.7)
     with pytest.raises(ValidationError):
@@ -74,6 +83,9 @@ def test_huggingface_hub_client(server) -> None:
         details = client.text_generation(PROMPT, max_new_tokens=7, details=True)
         streamed = list(client.text_generation(PROMPT, max_new_tokens=7, stream=True))
         streamed_details = list(client.text_generation(PROMPT, max_new_tokens=7, stream=True, details=True))
+        scored = client.text_generation(PROMPT, max_new_tokens=1, details=True, decoder_input_details=True)
+    assert scored.details.prefill[0].logprob is None
+    assert all(t.logprob is not None and t.logprob <= 0 for t in scored.details.prefill[1:])
     assert isinstance(text, str) and text == details.generated_text == "".join(streamed)
     assert details.details.finish_reason == "length" and len(details.details.tokens) == 7
     assert streamed_details[-1].generated_text == text and streamed_details[-1].details.generated_tokens == 7

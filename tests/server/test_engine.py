@@ -173,3 +173,36 @@ async def test_metrics_move(make_settings) -> None:
         assert values["gam_requests_running"] == 0 and values["gam_requests_waiting"] == 0
         assert values["gam_generated_tokens_per_second"] > 0
         assert values['gam_model_info{device="cpu",dtype="float32",model="tiny-gam",version="0.1.0"}'] == 1
+
+
+async def test_prompt_logprobs_are_scored_between_steps(make_settings, monkeypatch) -> None:
+    """A long prompt's logprobs take several iterations; the running streams keep stepping meanwhile."""
+    import server.engine as engine_mod
+    from gam_model.sampling import SamplingParams
+    from server.engine import GenerationRequest
+
+    monkeypatch.setattr(engine_mod, "SCORE_BUDGET", 16)
+    monkeypatch.setattr(engine_mod, "SCORE_WINDOWS", 8)
+    async with app_client(make_settings(max_batch_size=2)) as (app, client):
+        engine = app.state.engine
+        ids = [t["id"] for t in (await client.post("/tokenize", json={"inputs": "The season . " * 40})).json()]
+        assert len(ids) > 150  # block_size 48: about (len - 48) / 16 iterations of scoring
+        order: list[str] = []
+
+        async def consume(name: str, req: GenerationRequest) -> list:
+            events = []
+            async for ev in engine.submit(req).events():
+                order.append(name)
+                events.append(ev)
+            return events
+
+        running = asyncio.create_task(consume("run", GenerationRequest(ids[:5], SamplingParams(), 60)))
+        while "run" not in order:
+            await asyncio.sleep(0.001)
+        scored = await consume("score", GenerationRequest(ids, SamplingParams(), 1, prompt_logprobs=2))
+        events = await running
+        assert order.index("score") >= order.index("run") + 5  # several tokens streamed while the prompt was scored
+        prompt = scored[0].prompt
+        assert len(prompt.logprobs) == len(ids) - 1 and all(len(t) == 2 for t in prompt.top_ids)
+        assert len(events) == 60 and all(ev.prompt is None for ev in events)
+        assert engine.num_running == 0 and engine.decoder.state.free_slots == 2

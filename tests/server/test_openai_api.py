@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
+import pytest
+import torch
+
+from gam_model.checkpoint import load_checkpoint
+from gam_model.scoring import token_logprobs
 
 MODEL = "tiny-gam"
 
@@ -50,8 +56,9 @@ async def test_prompt_list_n_echo_logprobs(client: httpx.AsyncClient) -> None:
     lp = data["choices"][1]["logprobs"]
     assert set(lp) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
     assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"])
-    generated = [x for x in lp["token_logprobs"] if x is not None]
-    assert len(generated) == 4 and all(x <= 0 for x in generated)
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None  # the first prompt token has no context
+    assert all(x is not None and x <= 0 for x in lp["token_logprobs"][1:])
+    assert all(1 <= len(alts) <= 2 for alts in lp["top_logprobs"][1:])
     assert data["usage"]["completion_tokens"] == 16
 
 
@@ -90,3 +97,39 @@ async def test_stream_stop_string_is_cut(client: httpx.AsyncClient) -> None:
     chunks = [json.loads(p) for p in sse_payloads(r.text)[:-1]]
     streamed = "".join(c["choices"][0]["text"] for c in chunks)
     assert streamed == text[: text.index(stop)] and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+LONG = "The game was played at the stadium in the city , and the team won the match . " * 3
+
+
+async def test_echo_logprobs_are_the_prompt_logprobs(client: httpx.AsyncClient, checkpoint_dir: Path) -> None:
+    """echo + logprobs scores the prompt exactly (past block_size too), and agrees with the generated tokens."""
+    ids = [t["id"] for t in (await client.post("/tokenize", json={"inputs": LONG})).json()]
+    model, _, _ = load_checkpoint(checkpoint_dir)
+    assert len(ids) > model.config.block_size  # the sliding-window semantics are part of the check
+    want = token_logprobs(model, torch.tensor(ids), top_n=1)
+    gen = (
+        await client.post("/generate", json={"inputs": LONG, "parameters": {"max_new_tokens": 4, "details": True}})
+    ).json()["details"]["tokens"]  # greedy
+    body = {"model": MODEL, "prompt": ids + [t["id"] for t in gen], "max_tokens": 1, "echo": True, "logprobs": 1}
+    choice = (await client.post("/v1/completions", json={**body, "temperature": 0})).json()["choices"][0]
+    lp = choice["logprobs"]
+    n = len(ids)
+    assert lp["token_logprobs"][0] is None
+    assert lp["token_logprobs"][1:n] == pytest.approx(want.logprobs, abs=1e-4)
+    # the echoed continuation carries the logprobs it was generated with, and each is its position's best (the
+    # check lm-evaluation-harness makes for is_greedy)
+    assert lp["token_logprobs"][n : n + 4] == pytest.approx([t["logprob"] for t in gen], abs=1e-4)
+    assert all(lp["token_logprobs"][j] == max(lp["top_logprobs"][j].values()) for j in range(n, n + 4))
+    assert choice["text"].startswith(LONG)
+
+
+async def test_stream_echo_carries_prompt_logprobs(client: httpx.AsyncClient) -> None:
+    body = {"model": MODEL, "prompt": "The game was", "max_tokens": 3, "echo": True, "logprobs": 2, "stream": True}
+    r = await client.post("/v1/completions", json=body)
+    chunks = [json.loads(p) for p in sse_payloads(r.text)[:-1]]
+    first = chunks[0]["choices"][0]
+    assert first["text"] == "The game was" and first["logprobs"]["token_logprobs"][0] is None
+    assert all(x is not None and x <= 0 for x in first["logprobs"]["token_logprobs"][1:])
+    assert "".join(c["choices"][0]["text"] for c in chunks).startswith("The game was")
+    assert len(chunks) == 4  # the echo, then one chunk per generated token

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
+import pytest
+import torch
+
+from gam_model.checkpoint import load_checkpoint
+from gam_model.scoring import token_logprobs
 
 PROMPT = "The game was"
 
@@ -132,3 +138,21 @@ async def test_generation_past_block_size(client: httpx.AsyncClient) -> None:
     events = sse_events((await client.post("/generate_stream", json=body)).text)
     assert a["details"]["generated_tokens"] == 40 == len(events)
     assert events[-1]["generated_text"] == a["generated_text"]
+
+
+async def test_decoder_input_details_are_the_prompt_logprobs(client: httpx.AsyncClient, checkpoint_dir: Path) -> None:
+    long = "The game was played at the stadium in the city , and the team won the match . " * 3
+    params = {"max_new_tokens": 2, "details": True, "decoder_input_details": True}
+    pre = (await client.post("/generate", json={"inputs": long, "parameters": params})).json()["details"]["prefill"]
+    model, tok, _ = load_checkpoint(checkpoint_dir)
+    ids = tok.encode(long)
+    assert len(ids) > model.config.block_size and [p["id"] for p in pre] == ids
+    assert pre[0]["logprob"] is None  # TGI: the first prompt token has no logprob
+    assert [p["logprob"] for p in pre[1:]] == pytest.approx(token_logprobs(model, torch.tensor(ids)).logprobs, abs=1e-4)
+
+
+async def test_decoder_input_details_need_a_whole_answer(client: httpx.AsyncClient) -> None:
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 2, "decoder_input_details": True}}
+    for r in (await client.post("/generate_stream", json=body), await client.post("/", json={**body, "stream": True})):
+        assert r.status_code == 422 and "decoder_input_details" in r.json()["error"], r.text
+        assert r.json()["error_type"] == "validation"
