@@ -212,6 +212,24 @@ def compile_eval(b: Bench, device: torch.device, reps: int) -> None:
             b.add(name, t_eager / t_comp, compile_s=round(t_compile, 1), max_abs_diff=err)
 
 
+def layout_eval(b: Bench, device: torch.device, reps: int) -> None:
+    """Decoder.step with contiguous (in, out) weight copies vs transposed views of the parameters."""
+    for dtype in (torch.float32, torch.bfloat16):
+        model = model_of(device, dtype)
+        for batch in (1, 8, 64):
+            decs = [Decoder(model, num_slots=batch, weight_layout=w) for w in ("view", "contiguous")]
+            prompts = random_prompts(batch, 40, model.config.vocab_size, 7)
+            slots = []
+            for d in decs:
+                slots = [d.allocate() for _ in range(batch)]
+                d.prefill(slots, prompts)
+            tok = torch.zeros(batch, dtype=torch.long, device=device)
+            t_view, t_contig = compare(partial(decs[0].step, slots, tok), partial(decs[1].step, slots, tok),
+                                       reps * 3, device)  # fmt: skip
+            b.add(f"contiguous weights vs views, {str(dtype).split('.')[-1]} batch {batch} (speed-up, x)",
+                  t_view / t_contig)  # fmt: skip
+
+
 SECTIONS: dict[str, Callable[[Bench, torch.device, int], None]] = {
     "cached": cached_vs_reference_loop,
     "position": position_independence,
@@ -219,6 +237,7 @@ SECTIONS: dict[str, Callable[[Bench, torch.device, int], None]] = {
     "state": state_bytes,
     "overhead": bookkeeping_overhead,
     "compile": compile_eval,
+    "layout": layout_eval,
 }
 
 
@@ -243,7 +262,9 @@ def main() -> None:
     print(f"machine: {info}", flush=True)
     b = Bench()
     t0 = time.perf_counter()
-    only = [s for s in args.only.split(",") if s] or [s for s in SECTIONS if s != "compile" or args.compile]
+    only = [s for s in args.only.split(",") if s] or [
+        s for s in SECTIONS if s not in ("compile", "layout") or args.compile
+    ]
     for name in only:
         SECTIONS[name](b, device, reps)
     info["wall_s"] = round(time.perf_counter() - t0, 1)

@@ -31,6 +31,9 @@ class Decoder:
       uses the graph runner's CPU stand-in (same buffers and bookkeeping, no speed-up): for tests.
     - kernels: "torch" (reference), "triton" (fused elementwise kernels), "auto" (triton on CUDA when
       importable, else torch), or a module with the same functions as gam_model.kernels.reference.
+    - weight_layout: "view" (projections read the (out, in) parameters, as F.linear), "contiguous" (a second,
+      (in, out) copy: faster small-batch GEMMs on CPU in fp32, bench/decode.py --only layout), or "auto"
+      (contiguous on CPU in fp32, view elsewhere).
     - compile: wrap the cached step's math in torch.compile (static shapes, one compile per bucket). Off by
       default: on the development CPU it gained nothing (bench/decode.py --only compile); on CUDA the GPU
       check (bench/gpu_check.sh) measures it.
@@ -46,6 +49,7 @@ class Decoder:
         cuda_graphs: bool | None = None,
         kernels: str | ModuleType = "auto",
         compile: bool = False,
+        weight_layout: str = "auto",
     ) -> None:
         p = next(model.parameters())
         self.device = torch.device(device) if device is not None else p.device
@@ -61,7 +65,12 @@ class Decoder:
             kernels = "triton" if on_cuda and kernel_modules.usable_on(self.device, self.dtype) else "torch"
         ops = kernels if isinstance(kernels, ModuleType) else kernel_modules.load(kernels)
         self.kernels = kernels if isinstance(kernels, str) else ops.__name__
-        self.weights = StepWeights.from_model(self.model)
+        if weight_layout == "auto":
+            weight_layout = "contiguous" if self.device.type == "cpu" and self.dtype == torch.float32 else "view"
+        if weight_layout not in ("view", "contiguous"):
+            raise ValueError(f"weight_layout must be 'auto', 'view' or 'contiguous', got {weight_layout!r}")
+        self.weight_layout = weight_layout
+        self.weights = StepWeights.from_model(self.model, contiguous=weight_layout == "contiguous")
         math = partial(step, self.weights, ops=ops)
         self._math = torch.compile(math, dynamic=False) if compile else math
         self.compiled = compile

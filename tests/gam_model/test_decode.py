@@ -130,10 +130,15 @@ def test_kernel_options(model: GAM) -> None:
     assert not Decoder(model, num_slots=1).cuda_graphs and not Decoder(model, num_slots=1).compiled
     with pytest.raises(ValueError, match="kernels must be"):
         Decoder(model, num_slots=1, kernels="fused")
+    assert Decoder(model, num_slots=1).weight_layout == "contiguous"  # auto on CPU in fp32
+    assert Decoder(tiny_model(), num_slots=1, dtype=torch.bfloat16).weight_layout == "view"
+    with pytest.raises(ValueError, match="weight_layout must be"):
+        Decoder(model, num_slots=1, weight_layout="packed")
 
 
-def test_decode_ready_weights_follow_the_model() -> None:
-    """StepWeights stacks [gate; memory bank] and transposes the conv: same logits as GAM.step."""
+@pytest.mark.parametrize("contiguous", [False, True])
+def test_decode_ready_weights_follow_the_model(contiguous: bool) -> None:
+    """StepWeights stacks [gate; memory bank] and transposes the conv (weights as views or copies): same as GAM.step."""
     from gam_model.kernels import reference
     from gam_model.step import StepWeights, step
 
@@ -144,7 +149,7 @@ def test_decode_ready_weights_follow_the_model() -> None:
     hist = torch.randn(cfg.n_layer, 4, cfg.history, cfg.n_embd, generator=g)
     with torch.no_grad():
         ref, ref_hist = model.step(idx, pos, hist.clone())
-        got = step(StepWeights.from_model(model), idx, pos, hist, reference)  # hist updated in place
+        got = step(StepWeights.from_model(model, contiguous), idx, pos, hist, reference)  # hist updated in place
     assert (got - ref).abs().max() <= TOL
     assert (hist - ref_hist).abs().max() <= 1e-6
 
