@@ -315,3 +315,14 @@ async def models(ctx: Ctx) -> dict[str, Any]:
         "object": "list",
         "data": [{"id": ctx.model_id, "object": "model", "created": ctx.created, "owned_by": "gam-serve"}],
     }
+
+
+@router.post("/chat/completions", summary="Chat completions: not served (a base model has no chat template)")
+async def chat_completions() -> None:
+    """A clear 404 in OpenAI's shape instead of a bare Not Found: GAM checkpoints are base language models."""
+    raise ApiError(
+        404,
+        "This server serves a base language model without a chat template: /v1/chat/completions is not available."
+        " Use /v1/completions with a prompt.",
+        code="chat_not_supported",
+    )

@@ -133,3 +133,10 @@ async def test_stream_echo_carries_prompt_logprobs(client: httpx.AsyncClient) ->
     assert all(x is not None and x <= 0 for x in first["logprobs"]["token_logprobs"][1:])
     assert "".join(c["choices"][0]["text"] for c in chunks).startswith("The game was")
     assert len(chunks) == 4  # the echo, then one chunk per generated token
+
+
+async def test_chat_completions_explains_itself(client: httpx.AsyncClient) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    r = await client.post("/v1/chat/completions", json=body)
+    err = r.json()["error"]
+    assert r.status_code == 404 and "/v1/completions" in err["message"] and err["code"] == "chat_not_supported"
