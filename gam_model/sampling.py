@@ -2,7 +2,7 @@
 
 Per step, for a batch of rows each with its own SamplingParams:
 
-1. penalties on the float32 logits: repetition (HF/TGI: divide positive logits, multiply negative ones, over
+1. the row's logit bias (OpenAI `logit_bias`: added to the raw logits), then penalties on the float32 logits: repetition (HF/TGI: divide positive logits, multiply negative ones, over
    prompt + generated tokens), then frequency/presence (OpenAI: subtract f*count + p*[count>0], generated only);
 2. greedy rows take the argmax of the penalised logits;
 3. sampling rows divide by their temperature, then mask by top-k, top-p and typical-p (in that order, each on
@@ -48,6 +48,7 @@ class SamplingParams:
     do_sample: bool = True  # False -> greedy unless a warper is set (TGI's rule, see `greedy`)
     seed: int | None = None  # None -> a random seed is drawn and recorded in SequenceSampler.seed
     top_n_tokens: int = 0  # how many top alternatives (id, logprob) to return per step
+    logit_bias: dict[int, float] | None = None  # OpenAI: token id -> bias in [-100, 100] added to its logit
 
     def validate(self) -> None:
         """Raise ValueError naming the first out-of-range value (NaN and infinities included)."""
@@ -77,6 +78,11 @@ class SamplingParams:
             raise ValueError(f"do_sample must be a boolean, got {self.do_sample!r}")
         if self.seed is not None:
             integer("seed", 0, MAX_SEED)
+        for tid, b in (self.logit_bias or {}).items():
+            if isinstance(tid, bool) or not isinstance(tid, int) or tid < 0:
+                raise ValueError(f"logit_bias keys must be token ids >= 0, got {tid!r}")
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not -100 <= b <= 100:
+                raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {b!r} for token {tid}")
 
     @property
     def greedy(self) -> bool:
@@ -104,6 +110,17 @@ class SequenceSampler:
         # penalty state lives on the device, allocated only when the row uses it
         self.seen: Tensor | None = None  # (V,) bool, prompt + generated tokens (repetition penalty)
         self.counts: Tensor | None = None  # (V,) float32, generated-token counts (frequency/presence)
+        self.bias: Tensor | None = None  # (V,) float32 logit bias
+        if params.logit_bias:
+            if max(params.logit_bias) >= vocab_size:
+                raise ValueError(
+                    f"logit_bias has token id {max(params.logit_bias)} >= the vocabulary size {vocab_size}"
+                )
+            self.bias = torch.zeros(vocab_size, dtype=torch.float32, device=self.device)
+            ids = list(params.logit_bias)
+            self.bias[torch.tensor(ids, device=self.device)] = torch.tensor(
+                [float(params.logit_bias[i]) for i in ids], device=self.device
+            )
         if params.repetition_penalty != 1.0:
             self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=self.device)
             ids = [i for i in prompt_ids if 0 <= i < vocab_size]
@@ -137,9 +154,12 @@ def _column(rows: list[SequenceSampler], attr: str, device: torch.device, dtype:
 
 
 def apply_penalties(logits: Tensor, rows: list[SequenceSampler]) -> Tensor:
-    """Repetition, frequency and presence penalties; returns new logits (B, V) (input untouched)."""
+    """Logit bias, then repetition, frequency and presence penalties; returns new logits (B, V) (input untouched)."""
     V = logits.shape[-1]
     dev = logits.device
+    if any(r.bias is not None for r in rows):
+        zero = torch.zeros(V, dtype=logits.dtype, device=dev)
+        logits = logits + torch.stack([r.bias if r.bias is not None else zero for r in rows])  # (B, V)
     if any(r.seen is not None for r in rows):
         none = torch.zeros(V, dtype=torch.bool, device=dev)
         seen = torch.stack([r.seen if r.seen is not None else none for r in rows])  # (B, V)

@@ -77,7 +77,6 @@ def requests_of(
         )
     for name, bad in (
         ("suffix", body.suffix is not None),
-        ("logit_bias", bool(body.logit_bias)),
         ("best_of", body.best_of not in (None, body.n)),
     ):
         if bad:
@@ -90,6 +89,7 @@ def requests_of(
     stop = check_stop(ctx, stop)
     max_new = check_max_new_tokens(ctx, body.max_tokens or 16, "max_tokens")
     prompts = prompts_of(ctx, body)
+    bias = logit_bias(ctx, body.logit_bias)
     reqs = []
     for _, ids in prompts:
         for j in range(body.n):
@@ -104,6 +104,7 @@ def requests_of(
                     do_sample=True,
                     seed=None if body.seed is None else (body.seed + j) % (2**63),  # n choices draw differently
                     top_n_tokens=body.logprobs or 0,
+                    logit_bias=bias,
                 )
             )
             req = GenerationRequest(ids, params, max_new, stop, endpoint="completions")
@@ -111,6 +112,26 @@ def requests_of(
                 req.prompt_logprobs = body.logprobs  # echoed prompt tokens get logprobs too (lm-eval loglikelihood)
             reqs.append(req)
     return prompts, reqs
+
+
+def logit_bias(ctx: ServerContext, raw: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI `logit_bias` {"token id": bias}: ids must be in the vocabulary (values are checked with the rest)."""
+    if not raw:
+        return None
+    out = {}
+    for key, b in raw.items():
+        try:
+            tid = int(key)
+        except ValueError:
+            raise ApiError(400, f"logit_bias keys must be token ids, got {key!r}", param="logit_bias") from None
+        if not 0 <= tid < ctx.model_config.vocab_size:
+            raise ApiError(
+                400,
+                f"logit_bias token id {tid} is outside the vocabulary [0, {ctx.model_config.vocab_size})",
+                param="logit_bias",
+            )
+        out[tid] = b
+    return out
 
 
 def submit_all(ctx: ServerContext, reqs: list[GenerationRequest]) -> list[RequestHandle]:

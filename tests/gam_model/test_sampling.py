@@ -112,6 +112,29 @@ def test_frequency_and_presence_penalties_over_generated_only():
     assert torch.allclose(got, expect)  # prompt tokens 7, 8 untouched; row 1 untouched
 
 
+def test_logit_bias_bans_and_forces_tokens_per_row():
+    logits = logits_batch(3, seed=8)
+    best = logits.argmax(-1).tolist()
+    params = [
+        SamplingParams(temperature=0, logit_bias={best[0]: -100.0}),
+        SamplingParams(temperature=0, logit_bias={5: 100.0}),
+        SamplingParams(temperature=0),
+    ]
+    rows = rows_for(params, [])
+    out = sample(logits, rows)
+    assert (
+        out.tokens[0] != best[0]
+        and out.tokens[0] == logits[0].clone().index_fill(0, torch.tensor(best[0]), -1e9).argmax()
+    )
+    assert out.tokens[1] == 5 and out.tokens[2] == best[2]  # a row without bias is untouched
+    expect = logits.clone()
+    expect[0, best[0]] -= 100
+    expect[1, 5] += 100
+    assert torch.equal(apply_penalties(logits, rows), expect)
+    with pytest.raises(ValueError, match="vocabulary size"):
+        SequenceSampler(SamplingParams(logit_bias={logits.shape[1]: 1.0}), [], logits.shape[1])
+
+
 def test_greedy_is_argmax_of_penalised_logits():
     logits = logits_batch(4, seed=7)
     params = [
@@ -218,6 +241,9 @@ def test_batch_invariance_over_30_steps():
         dict(top_n_tokens=-1),
         dict(do_sample="yes"),
         dict(temperature=True),
+        dict(logit_bias={-1: 1.0}),
+        dict(logit_bias={3: 101.0}),
+        dict(logit_bias={3: float("nan")}),
     ],
 )
 def test_validate_rejects(bad):

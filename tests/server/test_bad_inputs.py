@@ -85,7 +85,12 @@ BAD_JSON = [
     (OAI, oai(stream="true"), 400),
     (OAI, oai(stream_options={"include_usage": "yes"}), 400),
     (OAI, oai(suffix="end"), 400),
-    (OAI, oai(logit_bias={"5": 10}), 400),
+    (OAI, oai(logit_bias={"x": 10}), 400),
+    (OAI, oai(logit_bias={"-1": 10}), 400),
+    (OAI, oai(logit_bias={"99999": 10}), 400),
+    (OAI, oai(logit_bias={"5": 101}), 400),
+    (OAI, oai(logit_bias={"5": "ten"}), 400),
+    (OAI, oai(logit_bias={"5": float("inf")}), 400),
     (OAI, oai(seed="12"), 400),
 ]
 

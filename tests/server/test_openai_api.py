@@ -140,3 +140,17 @@ async def test_chat_completions_explains_itself(client: httpx.AsyncClient) -> No
     r = await client.post("/v1/chat/completions", json=body)
     err = r.json()["error"]
     assert r.status_code == 404 and "/v1/completions" in err["message"] and err["code"] == "chat_not_supported"
+
+
+async def test_logit_bias_bans_and_forces(client: httpx.AsyncClient, checkpoint_dir: Path) -> None:
+    _, tok, _ = load_checkpoint(checkpoint_dir)
+    body = {"model": MODEL, "prompt": "The game was", "max_tokens": 4, "temperature": 0, "logprobs": 1}
+    plain = (await client.post("/v1/completions", json=body)).json()["choices"][0]["logprobs"]
+    first = tok.encode(plain["tokens"][0])
+    assert len(first) == 1  # the greedy first token, as an id
+    banned = (await client.post("/v1/completions", json={**body, "logit_bias": {str(first[0]): -100}})).json()
+    assert banned["choices"][0]["logprobs"]["tokens"][0] != plain["tokens"][0]
+    forced = (await client.post("/v1/completions", json={**body, "logit_bias": {"5": 100}})).json()["choices"][0]
+    assert forced["logprobs"]["tokens"] == [tok.decode([5])] * 4
+    # the reported logprobs are those of the biased distribution (token 5 is then all but certain)
+    assert all(lp > -1e-3 for lp in forced["logprobs"]["token_logprobs"])
