@@ -5,6 +5,9 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install -q --disable-pip-version-check
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
+# lm-evaluation-harness gets its own venv: it needs huggingface_hub >= 1, the TGI client in .venv pins < 1
+LM_EVAL_VENV := .venv-lm-eval
+LM_EVAL      := lm-eval[api]==0.4.13
 
 .PHONY: serve test lint format bench venv clean
 
@@ -21,15 +24,20 @@ $(VENV)/.dev: pyproject.toml | $(VENV)/bin/python
 	$(PIP) -e '.[server,train,dev,triton]'
 	touch $@ $(VENV)/.serve
 
+$(LM_EVAL_VENV)/.installed: Makefile
+	$(PYTHON) -m venv $(LM_EVAL_VENV)
+	$(LM_EVAL_VENV)/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 '$(LM_EVAL)'
+	touch $@
+
 venv: $(VENV)/.dev
 
 serve: $(VENV)/.serve
 	$(VENV)/bin/gam-serve --host $(HOST) --port $(PORT)
 
-test: $(VENV)/.dev
+test: $(VENV)/.dev $(LM_EVAL_VENV)/.installed
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -q
+	GAM_LM_EVAL_PYTHON=$(CURDIR)/$(LM_EVAL_VENV)/bin/python $(PY) -m pytest -q
 
 lint: $(VENV)/.dev
 	$(PY) -m ruff check .
@@ -44,4 +52,4 @@ bench: $(VENV)/.dev
 	$(PY) bench/decode.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) $(LM_EVAL_VENV) .pytest_cache .ruff_cache .mypy_cache

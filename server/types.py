@@ -57,6 +57,21 @@ class TokenizeRequest(_Body):
     parameters: TGIParameters | None = None
 
 
+class VLLMTokenizeRequest(_Body):
+    """Body of POST /tokenize in vLLM's form (what lm-evaluation-harness's remote tokenizer sends)."""
+
+    prompt: str
+    add_special_tokens: bool = True
+    model: str | None = None
+
+
+class DetokenizeRequest(_Body):
+    """Body of POST /detokenize (vLLM)."""
+
+    tokens: list[Annotated[int, Field(ge=0)]]
+    model: str | None = None
+
+
 # -- OpenAI -------------------------------------------------------------------------------------------------
 class StreamOptions(_Body):
     include_usage: bool = False

@@ -1,4 +1,4 @@
-"""GET /health, GET /info, POST /tokenize, GET /metrics."""
+"""GET /health, GET /info, POST /tokenize (TGI or vLLM form), POST /detokenize, GET /tokenizer_info, GET /metrics."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from server.context import ServerContext, get_context
 from server.errors import ApiError
 from server.routes.common import check_text
-from server.types import TokenizeRequest
+from server.types import DetokenizeRequest, TokenizeRequest, VLLMTokenizeRequest
 from server.version import VERSION
 
 router = APIRouter(tags=["Server"])
@@ -62,15 +62,46 @@ async def info(ctx: Ctx) -> dict[str, Any]:
     }
 
 
-@router.post("/tokenize", summary="Tokenize inputs (TGI /tokenize)")
-async def tokenize(body: TokenizeRequest, ctx: Ctx) -> list[dict[str, Any]]:
-    """TGI /tokenize: `[{"id", "text", "start", "stop"}]` with character offsets into `inputs`."""
+@router.post("/tokenize", summary="Tokenize text (TGI `inputs` or vLLM `prompt` form)")
+async def tokenize(body: TokenizeRequest | VLLMTokenizeRequest, ctx: Ctx) -> Any:
+    """TGI form `{"inputs"}`: `[{"id", "text", "start", "stop"}]` with character offsets into `inputs`.
+    vLLM form `{"prompt", "add_special_tokens"}`: `{"count", "max_model_len", "tokens"}`."""
+    if isinstance(body, VLLMTokenizeRequest):
+        check_text(body.prompt, "prompt")
+        ids = ctx.tokenizer.tok.encode(body.prompt, add_special_tokens=body.add_special_tokens).ids
+        return {"count": len(ids), "max_model_len": ctx.settings.max_input_tokens, "tokens": ids}
     check_text(body.inputs, "inputs")
     enc = ctx.tokenizer.tok.encode(body.inputs, add_special_tokens=False)
     return [
         {"id": i, "text": body.inputs[a:b], "start": a, "stop": b}
         for i, (a, b) in zip(enc.ids, enc.offsets, strict=True)
     ]
+
+
+@router.post("/detokenize", summary="Token ids to text (vLLM /detokenize)")
+async def detokenize(body: DetokenizeRequest, ctx: Ctx) -> dict[str, str]:
+    """vLLM /detokenize: `{"prompt": text}`; ids outside the vocabulary are a 422."""
+    vocab = ctx.model_config.vocab_size
+    if any(t >= vocab for t in body.tokens):
+        raise ApiError(422, f"tokens has an id >= the vocabulary size {vocab}", param="tokens")
+    return {"prompt": ctx.tokenizer.decode(body.tokens)}
+
+
+@router.get("/tokenizer_info", summary="Tokenizer facts (vLLM /tokenizer_info)")
+async def tokenizer_info(ctx: Ctx) -> dict[str, Any]:
+    """vLLM /tokenizer_info: special tokens and limits, so clients can tokenize through this server
+    (lm-evaluation-harness's remote tokenizer checks it). A base model: no chat template."""
+    tok = ctx.tokenizer
+    eos, bos = tok.eos_token_id, tok.bos_token_id
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": None if eos is None else tok.id_to_token(eos),
+        "bos_token": None if bos is None else tok.id_to_token(bos),
+        "pad_token": None,
+        "model_max_length": ctx.settings.max_input_tokens,
+        "vocab_size": tok.vocab_size,
+        "chat_template": None,
+    }
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)

@@ -112,6 +112,28 @@ async def test_tokenize_offsets(client: httpx.AsyncClient) -> None:
     assert all(set(t) == {"id", "text", "start", "stop"} for t in toks)
 
 
+async def test_vllm_tokenize_detokenize_and_tokenizer_info(client: httpx.AsyncClient) -> None:
+    """The vLLM forms lm-evaluation-harness's remote tokenizer uses: /tokenizer_info, /tokenize, /detokenize."""
+    info = (await client.get("/tokenizer_info")).json()
+    assert info["eos_token"] == "<|endoftext|>" and info["chat_template"] is None
+    text = "Héllo wörld 🚀 The game"
+    r = (await client.post("/tokenize", json={"prompt": text, "add_special_tokens": False})).json()
+    tgi = (await client.post("/tokenize", json={"inputs": text})).json()
+    assert r["tokens"] == [t["id"] for t in tgi] and r["count"] == len(tgi) and r["max_model_len"] == 256
+    assert (await client.post("/detokenize", json={"tokens": r["tokens"]})).json() == {"prompt": text}
+    eos = (await client.post("/tokenize", json={"prompt": info["eos_token"], "add_special_tokens": False})).json()
+    assert eos["tokens"] == [0]  # the special token's own id (conftest: id 0)
+    for path, body in [
+        ("/detokenize", {"tokens": [10**6]}),
+        ("/detokenize", {"tokens": [-1]}),
+        ("/detokenize", {"tokens": "abc"}),
+        ("/tokenize", {"prompt": 5}),
+        ("/tokenize", {}),
+    ]:
+        bad = await client.post(path, json=body)
+        assert bad.status_code == 422 and set(bad.json()) == {"error", "error_type"}, (path, body, bad.text)
+
+
 async def test_info_and_health(client: httpx.AsyncClient) -> None:
     info = (await client.get("/info")).json()
     for key in (
