@@ -190,17 +190,22 @@ def bookkeeping_overhead(b: Bench, device: torch.device, reps: int, batch: int =
     b.add(f"  bf16 decode tokens/s at batch {batch} (absolute, this machine)", batch / t_step)
 
 
+def twin_decoders(model: GAM, batch: int, seed: int, *options: dict) -> tuple[list[Decoder], list[int]]:
+    """One Decoder per options dict over the same model, each with `batch` slots prefilled with the same prompts."""
+    decs = [Decoder(model, num_slots=batch, **o) for o in options]
+    prompts = random_prompts(batch, 40, model.config.vocab_size, seed)
+    slots: list[int] = []
+    for d in decs:
+        slots = [d.allocate() for _ in range(batch)]
+        d.prefill(slots, prompts)
+    return decs, slots
+
+
 def compile_eval(b: Bench, device: torch.device, reps: int) -> None:
     """torch.compile of the step math vs eager, per dtype and batch: adopt only where it is faster."""
     for dtype in (torch.float32, torch.bfloat16):
         for batch in (1, 64):
-            model = model_of(device, dtype)
-            decs = [Decoder(model, num_slots=batch, compile=c) for c in (False, True)]
-            prompts = random_prompts(batch, 40, model.config.vocab_size, 6)
-            slots = []
-            for d in decs:
-                slots = [d.allocate() for _ in range(batch)]
-                d.prefill(slots, prompts)
+            decs, slots = twin_decoders(model_of(device, dtype), batch, 6, dict(compile=False), dict(compile=True))
             tok = torch.zeros(batch, dtype=torch.long, device=device)
             t0 = time.perf_counter()
             a, c = (d.step(slots, tok) for d in decs)  # first compiled call compiles
@@ -217,15 +222,12 @@ def layout_eval(b: Bench, device: torch.device, reps: int) -> None:
     for dtype in (torch.float32, torch.bfloat16):
         model = model_of(device, dtype)
         for batch in (1, 8, 64):
-            decs = [Decoder(model, num_slots=batch, weight_layout=w) for w in ("view", "contiguous")]
-            prompts = random_prompts(batch, 40, model.config.vocab_size, 7)
-            slots = []
-            for d in decs:
-                slots = [d.allocate() for _ in range(batch)]
-                d.prefill(slots, prompts)
+            layouts = dict(weight_layout="view"), dict(weight_layout="contiguous")
+            (view, contig), slots = twin_decoders(model, batch, 7, *layouts)
             tok = torch.zeros(batch, dtype=torch.long, device=device)
-            t_view, t_contig = compare(partial(decs[0].step, slots, tok), partial(decs[1].step, slots, tok),
-                                       reps * 3, device)  # fmt: skip
+            t_view, t_contig = compare(
+                partial(view.step, slots, tok), partial(contig.step, slots, tok), reps * 3, device
+            )
             b.add(f"contiguous weights vs views, {str(dtype).split('.')[-1]} batch {batch} (speed-up, x)",
                   t_view / t_contig)  # fmt: skip
 
