@@ -114,6 +114,19 @@ def cached_vs_reference_loop(b: Bench, device: torch.device, reps: int) -> None:
               cached_s=t_cached, reference_s=t_loop)  # fmt: skip
         if heavy:
             continue
+        # The batch-1 step is memory bound: it must read every weight once per token. The time of a bare
+        # streaming read of those bytes (a sum over each parameter) bounds the ratio any batch-1 step can reach.
+        params = [p for p in model.parameters()]
+
+        def read_weights(params=params) -> None:
+            with torch.inference_mode():
+                for p in params:
+                    p.sum()
+
+        t_read, t_loop3 = compare(read_weights, loop, reps, device)
+        mb = sum(p.numel() * p.element_size() for p in params) / 1e6
+        b.add(f"  ceiling at batch 1: reference loop / one streaming read of the {mb:.0f} MB of weights (x)",
+              t_loop3 / t_read, read_s=t_read, cached_s=t_cached)  # fmt: skip
         # Past block_size the step recomputes the R-token window (DESIGN 1.3): reported, no target.
         long = [[*p, 1, 2] for p in prompts]  # 257 tokens: the sliding-window regime
         dec2 = Decoder(model, num_slots=batch)
