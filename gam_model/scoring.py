@@ -35,14 +35,32 @@ def tail_window_logits(model: GAM, win: Tensor) -> Tensor:
     return model.head(model.ln_f(x[:, -1]))  # (B, V)
 
 
+def range_logits(model: GAM, ids: Tensor, a: int, b: int) -> Tensor:
+    """Logits at positions a..b-1 (b <= block_size) of one sequence ids (N,): (b-a, V), exact.
+
+    A forward over ids[s:b] at positions s..b-1 with s = max(0, a-R+1): the conv's zero padding at s (wrong
+    unless s = 0) reaches only the R-1 positions before a, whose outputs are dropped.
+    """
+    s = max(0, a - model.config.receptive_field + 1)
+    pos = torch.arange(s, b, device=ids.device)  # (b-s,)
+    x = (model.token_embedding(ids[s:b]) + model.pos_embedding(pos)).unsqueeze(0)  # (1, b-s, C)
+    for blk in model.blocks:
+        x, _ = blk(x)
+    return model.head(model.ln_f(x[0, a - s :]))  # (b-a, V)
+
+
 def next_token_logits(
-    model: GAM, ids: Tensor, batch_size: int = 256, wrap: Callable[[Iterable[int]], Iterable[int]] = iter
+    model: GAM,
+    ids: Tensor,
+    batch_size: int = 256,
+    wrap: Callable[[Iterable[int]], Iterable[int]] = iter,
+    head_chunk: int | None = None,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Logits predicting ids[1:] under the sliding-window semantics, in order and in chunks: (logits (n, V), targets (n,)).
 
-    The first chunk is one forward of the first min(N-1, block_size) tokens; past block_size, chunks of
-    `batch_size` R-token windows (see `tail_window_logits`). `wrap` wraps the chunks' start indices (a
-    progress bar). Call under torch.no_grad or inference_mode.
+    The first min(N-1, block_size) positions come from forwards of `head_chunk` positions (default: all in
+    one forward); past block_size, chunks of `batch_size` R-token windows (see `tail_window_logits`). `wrap`
+    wraps the window chunks' start indices (a progress bar). Call under torch.no_grad or inference_mode.
     """
     model.eval()
     cfg = model.config
@@ -51,8 +69,11 @@ def next_token_logits(
     N, bs, R = len(ids), cfg.block_size, cfg.receptive_field
     if N < 2:
         return
-    head = min(N - 1, bs)
-    yield model(ids[:head].unsqueeze(0))[0], ids[1 : head + 1]  # (head, V): contexts ids[0..i], i < block_size
+    head = min(N - 1, bs)  # positions 0..head-1 predict ids[1..head]: contexts ids[0..i], i < block_size
+    step = head_chunk or head
+    for a in range(0, head, step):
+        b = min(a + step, head)
+        yield range_logits(model, ids, a, b), ids[a + 1 : b + 1]  # (b-a, V), (b-a,)
     rel = torch.arange(-R + 1, 1, device=dev)  # (R,)
     starts = range(bs, N - 1, batch_size)
     for i0 in wrap(starts):  # wrap: e.g. a progress bar
@@ -72,11 +93,13 @@ class TokenLogprobs:
 class PromptScorer:
     """`token_logprobs` in pieces: each `advance()` scores one chunk, so a server can interleave other work."""
 
-    def __init__(self, model: GAM, ids: Tensor, top_n: int = 0, batch_size: int = 256) -> None:
+    def __init__(
+        self, model: GAM, ids: Tensor, top_n: int = 0, batch_size: int = 256, head_chunk: int | None = None
+    ) -> None:
         self.top_n = top_n
         self.total = max(len(ids) - 1, 0)  # tokens to score
         self.result = TokenLogprobs([], [], [])
-        self._chunks = next_token_logits(model, ids, batch_size)
+        self._chunks = next_token_logits(model, ids, batch_size, head_chunk=head_chunk)
 
     @property
     def done(self) -> bool:
@@ -101,13 +124,15 @@ class PromptScorer:
         return len(t)
 
 
-def token_logprobs(model: GAM, ids: Tensor, top_n: int = 0, batch_size: int = 256) -> TokenLogprobs:
+def token_logprobs(
+    model: GAM, ids: Tensor, top_n: int = 0, batch_size: int = 256, head_chunk: int | None = None
+) -> TokenLogprobs:
     """Every token's log-probability given the tokens before it (the served semantics), and the top_n alternatives.
 
     What a server returns as prompt logprobs (TGI `decoder_input_details`, OpenAI `echo` + `logprobs`): O(N) work,
     unlike the O(R) prefill. Log-softmax in float32 of the model's logits.
     """
-    scorer = PromptScorer(model, ids, top_n, batch_size)
+    scorer = PromptScorer(model, ids, top_n, batch_size, head_chunk)
     while not scorer.done:
         scorer.advance()
     return scorer.result

@@ -3,7 +3,7 @@
 Each iteration of the loop (between two decode steps):
   1. ends running sequences that were cancelled (client gone) or ran past their deadline, freeing their slots;
   2. admits waiting requests into free slots and prefills them all in one call (O(R) per prompt); a request
-     that asked for prompt logprobs is first scored, SCORE_BUDGET tokens per iteration, then prefilled;
+     that asked for prompt logprobs is first scored, about SCORE_BUDGET_S of work per iteration, then prefilled;
   3. steps every sequence that was already running in one call;
   4. samples the next token of all those rows in one batched call, detokenizes, checks stops, emits events.
 A failure in the prefill, step or sampling call fails only that call's requests (an ErrorEvent each); the loop
@@ -35,10 +35,14 @@ from gam_model.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 
-# Prompt logprobs: about this many prompt tokens are scored per engine iteration, in chunks of SCORE_WINDOWS
-# positions past block_size (the first block_size tokens are one forward, whatever the budget).
-SCORE_BUDGET = 256
-SCORE_WINDOWS = 64
+# Prompt logprobs: each engine iteration scores prompt chunks for about SCORE_BUDGET_S seconds (at least one chunk)
+# before its decode step, so running streams keep flowing. A chunk is SCORE_HEAD_CHUNK positions below block_size
+# (one forward each) or SCORE_WINDOWS R-token windows past it. (Bundled model on the 2-core dev CPU: 32 windows take
+# about 35 ms; scoring 256 windows, or the whole 1024-position head, per iteration left a concurrent stream 0.3 s
+# gaps between tokens.)
+SCORE_BUDGET_S = 0.03
+SCORE_WINDOWS = 32
+SCORE_HEAD_CHUNK = 128
 
 
 class QueueFull(RuntimeError):
@@ -433,24 +437,26 @@ class Engine:
         )
         if r.prompt_logprobs is not None:
             ids = torch.tensor(r.prompt_ids)
-            seq.scorer = PromptScorer(self.decoder.model, ids, r.prompt_logprobs, batch_size=SCORE_WINDOWS)
+            seq.scorer = PromptScorer(
+                self.decoder.model, ids, r.prompt_logprobs, batch_size=SCORE_WINDOWS, head_chunk=SCORE_HEAD_CHUNK
+            )
         self._running.append(seq)
         return seq
 
     def _score_prompts(self) -> list[_Sequence]:
-        """Advance prompt logprobs, oldest first, by about SCORE_BUDGET tokens in all; returns the sequences done.
+        """Advance prompt logprobs, oldest first, for about SCORE_BUDGET_S in all; returns the sequences done.
 
         A long prompt is scored over several iterations (O(prompt) work), so the running streams keep stepping.
         """
-        done, budget = [], SCORE_BUDGET
+        done: list[_Sequence] = []
+        start, chunks = time.monotonic(), 0
         for seq in [s for s in self._running if s.scorer is not None]:
-            if budget <= 0:
-                break
             scorer = seq.scorer
             try:
                 with torch.inference_mode():
-                    while budget > 0 and not scorer.done:
-                        budget -= scorer.advance()
+                    while not scorer.done and (chunks == 0 or time.monotonic() - start < SCORE_BUDGET_S):
+                        scorer.advance()  # ends in .tolist(): the chunk's time is measured even on a GPU
+                        chunks += 1
             except Exception as e:
                 log.exception("prompt logprobs failed")
                 self._end(seq, ErrorEvent(f"prompt logprobs failed: {e}"), "error")

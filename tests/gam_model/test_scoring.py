@@ -10,12 +10,13 @@ from gam_model.scoring import tail_window_logits, token_logprobs
 from tests.conftest import tiny_model
 
 
-@pytest.mark.parametrize("n", [1, 2, 17, 40])
-def test_token_logprobs_equal_the_served_next_token_distribution(n):
+@pytest.mark.parametrize(("n", "head_chunk"), [(1, None), (2, None), (17, None), (40, None), (17, 3), (40, 7)])
+def test_token_logprobs_equal_the_served_next_token_distribution(n, head_chunk):
     """Prompt logprobs (O(N) scoring) equal log-softmax of what the server's own prefill answers for each prefix."""
     model = tiny_model(seed=n, block_size=16, conv_kernel=3, n_layer=2)
     ids = torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(n))
-    out = token_logprobs(model, ids, top_n=3, batch_size=5)  # 40 tokens: the head chunk and several window chunks
+    # 40 tokens: the block_size head (whole, or in chunks of head_chunk < R = 5 positions) and window chunks
+    out = token_logprobs(model, ids, top_n=3, batch_size=5, head_chunk=head_chunk)
     assert len(out.logprobs) == len(out.top_ids) == len(out.top_logprobs) == n - 1
     dec = Decoder(model, num_slots=1)
     slot = dec.allocate()

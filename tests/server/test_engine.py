@@ -181,12 +181,13 @@ async def test_prompt_logprobs_are_scored_between_steps(make_settings, monkeypat
     from gam_model.sampling import SamplingParams
     from server.engine import GenerationRequest
 
-    monkeypatch.setattr(engine_mod, "SCORE_BUDGET", 16)
+    monkeypatch.setattr(engine_mod, "SCORE_BUDGET_S", 0.0)  # one chunk per iteration
     monkeypatch.setattr(engine_mod, "SCORE_WINDOWS", 8)
+    monkeypatch.setattr(engine_mod, "SCORE_HEAD_CHUNK", 16)
     async with app_client(make_settings(max_batch_size=2)) as (app, client):
         engine = app.state.engine
         ids = [t["id"] for t in (await client.post("/tokenize", json={"inputs": "The season . " * 40})).json()]
-        assert len(ids) > 150  # block_size 48: about (len - 48) / 16 iterations of scoring
+        assert len(ids) > 150  # block_size 48: about (len - 48) / 8 iterations of scoring
         order: list[str] = []
 
         async def consume(name: str, req: GenerationRequest) -> list:
