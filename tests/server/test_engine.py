@@ -207,3 +207,26 @@ async def test_prompt_logprobs_are_scored_between_steps(make_settings, monkeypat
         assert len(prompt.logprobs) == len(ids) - 1 and all(len(t) == 2 for t in prompt.top_ids)
         assert len(events) == 60 and all(ev.prompt is None for ev in events)
         assert engine.num_running == 0 and engine.decoder.state.free_slots == 2
+
+
+async def test_cancel_while_scoring_the_prompt_frees_the_slot(make_settings, monkeypatch) -> None:
+    import server.engine as engine_mod
+    from gam_model.sampling import SamplingParams
+    from server.engine import GenerationRequest
+
+    monkeypatch.setattr(engine_mod, "SCORE_BUDGET_S", 0.0)  # one chunk per iteration
+    monkeypatch.setattr(engine_mod, "SCORE_WINDOWS", 1)
+    async with app_client(make_settings(max_batch_size=1)) as (app, client):
+        engine = app.state.engine
+        ids = [t["id"] for t in (await client.post("/tokenize", json={"inputs": "The season . " * 40})).json()]
+        h = engine.submit(GenerationRequest(ids, SamplingParams(), 4, prompt_logprobs=0))
+        while engine.num_running == 0:
+            await asyncio.sleep(0.001)
+        h.cancel()  # a client gone while its prompt is being scored (about 150 iterations of one window each)
+        for _ in range(500):
+            if engine.num_running == 0:
+                break
+            await asyncio.sleep(0.002)
+        assert engine.num_running == 0 and engine.decoder.state.free_slots == 1
+        r = await client.post("/generate", json=tgi_body("The game", 3))  # the slot serves the next request
+        assert r.status_code == 200
