@@ -450,8 +450,10 @@ class Engine:
         """
         done: list[_Sequence] = []
         start, chunks = time.monotonic(), 0
-        for seq in [s for s in self._running if s.scorer is not None]:
+        for seq in list(self._running):
             scorer = seq.scorer
+            if scorer is None:
+                continue
             try:
                 with torch.inference_mode():
                     while not scorer.done and (chunks == 0 or time.monotonic() - start < SCORE_BUDGET_S):
