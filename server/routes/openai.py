@@ -87,7 +87,12 @@ def requests_of(
         )
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     stop = check_stop(ctx, stop)
-    max_new = check_max_new_tokens(ctx, body.max_tokens or 16, "max_tokens")
+    if body.max_tokens == 0 and not body.echo:
+        raise ApiError(
+            400, "max_tokens must be >= 1 (0 is only allowed with echo: score the prompt)", param="max_tokens"
+        )
+    # max_tokens 0 + echo: the engine still samples one token (it rides with the prompt logprobs); it is dropped
+    max_new = check_max_new_tokens(ctx, max(1, 16 if body.max_tokens is None else body.max_tokens), "max_tokens")
     prompts = prompts_of(ctx, body)
     bias = logit_bias(ctx, body.logit_bias)
     reqs = []
@@ -205,21 +210,23 @@ async def completions(request: Request, body: CompletionRequest, ctx: Ctx) -> An
     results: list[Collected] = await collect(request, handles)
     lp = LogprobsBuilder(ctx)
     choices = []
+    score_only = body.max_tokens == 0
     for k, res in enumerate(results):
         assert res.finish is not None
         ptext, pids = prompts[k // body.n]
         prefix = ptext if body.echo else ""
         prompt = res.tokens[0].prompt if res.tokens else None
-        logprobs = lp.build(res.tokens, 0, pids if body.echo else None, prompt) if body.logprobs is not None else None
+        tokens = [] if score_only else res.tokens
+        logprobs = lp.build(tokens, 0, pids if body.echo else None, prompt) if body.logprobs is not None else None
         choices.append(
             {
                 "index": k,
-                "text": prefix + res.emitted,
+                "text": prefix + ("" if score_only else res.emitted),
                 "logprobs": logprobs,
-                "finish_reason": _finish_reason(res.finish.reason),
+                "finish_reason": "length" if score_only else _finish_reason(res.finish.reason),
             }
         )
-    usage = _usage(prompts, sum(r.finish.generated_tokens for r in results if r.finish))
+    usage = _usage(prompts, 0 if score_only else sum(r.finish.generated_tokens for r in results if r.finish))
     return JSONResponse(
         {
             "id": cid,
@@ -300,6 +307,9 @@ async def _stream(
                 for h in handles:
                     h.cancel()
                 break
+            if body.max_tokens == 0:  # score only: the one sampled token is not part of the answer
+                yield chunk(k, "", None, "length")
+                continue
             finish = None if ev.finish is None else _finish_reason(ev.finish.reason)
             if not ev.emitted and finish is None and body.logprobs is None:
                 continue  # text held back (a possible stop string or an unfinished character)

@@ -74,7 +74,8 @@ BAD_JSON = [
     (OAI, oai(temperature=3), 400),
     (OAI, oai(top_p=0), 400),
     (OAI, oai(top_p=1.01), 400),
-    (OAI, oai(max_tokens=0), 400),
+    (OAI, oai(max_tokens=0), 400),  # without echo
+    (OAI, oai(max_tokens=-1, echo=True), 400),
     (OAI, oai(max_tokens=10**6), 400),
     (OAI, oai(n=0), 400),
     (OAI, oai(n=2, best_of=3), 400),

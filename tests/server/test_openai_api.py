@@ -154,3 +154,31 @@ async def test_logit_bias_bans_and_forces(client: httpx.AsyncClient, checkpoint_
     assert forced["logprobs"]["tokens"] == [tok.decode([5])] * 4
     # the reported logprobs are those of the biased distribution (token 5 is then all but certain)
     assert all(lp > -1e-3 for lp in forced["logprobs"]["token_logprobs"])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_max_tokens_zero_with_echo_scores_the_prompt_only(client: httpx.AsyncClient, stream: bool) -> None:
+    """OpenAI's legacy `echo` + `max_tokens: 0` (what older eval clients send): the prompt with its logprobs."""
+    body = {"model": MODEL, "prompt": ["The game was", "In the city"], "max_tokens": 0, "echo": True, "logprobs": 1}
+    one = {**body, "max_tokens": 1}
+    if stream:
+        r = await client.post(
+            "/v1/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}}
+        )
+        chunks = [json.loads(p) for p in sse_payloads(r.text)[:-1]]
+        usage = chunks[-1]["usage"]
+        by_choice: dict[int, list] = {0: [], 1: []}
+        for c in chunks[:-1]:
+            by_choice[c["choices"][0]["index"]].append(c["choices"][0])
+        choices = [{"text": "".join(c["text"] for c in cs), "logprobs": cs[0]["logprobs"],
+                    "finish_reason": cs[-1]["finish_reason"]} for cs in by_choice.values()]  # fmt: skip
+    else:
+        data = (await client.post("/v1/completions", json=body)).json()
+        choices, usage = data["choices"], data["usage"]
+    ref = (await client.post("/v1/completions", json=one)).json()["choices"]  # max_tokens 1: prompt part identical
+    assert usage["completion_tokens"] == 0
+    for c, r, prompt in zip(choices, ref, body["prompt"], strict=True):
+        assert c["text"] == prompt and c["finish_reason"] == "length"
+        n = len(c["logprobs"]["tokens"])
+        assert c["logprobs"]["token_logprobs"] == r["logprobs"]["token_logprobs"][:n]
+        assert len(r["logprobs"]["tokens"]) == n + 1  # the reference has the one generated token beyond them
