@@ -436,9 +436,20 @@ class Engine:
             handle=h, slot=self.decoder.allocate(), admitted=now, sampler=sampler, detok=detok, stopper=stopper
         )
         if r.prompt_logprobs is not None:
-            ids = torch.tensor(r.prompt_ids)
-            seq.scorer = PromptScorer(
-                self.decoder.model, ids, r.prompt_logprobs, batch_size=SCORE_WINDOWS, head_chunk=SCORE_HEAD_CHUNK
+            # choices of one request (OpenAI n > 1) share the prompt: score it once
+            same = (
+                s.scorer
+                for s in self._running
+                if s.scorer is not None
+                and s.scorer.top_n == r.prompt_logprobs
+                and s.handle.request.prompt_ids == r.prompt_ids
+            )
+            seq.scorer = next(same, None) or PromptScorer(
+                self.decoder.model,
+                torch.tensor(r.prompt_ids),
+                r.prompt_logprobs,
+                batch_size=SCORE_WINDOWS,
+                head_chunk=SCORE_HEAD_CHUNK,
             )
         self._running.append(seq)
         return seq

@@ -230,3 +230,28 @@ async def test_cancel_while_scoring_the_prompt_frees_the_slot(make_settings, mon
         assert engine.num_running == 0 and engine.decoder.state.free_slots == 1
         r = await client.post("/generate", json=tgi_body("The game", 3))  # the slot serves the next request
         assert r.status_code == 200
+
+
+async def test_choices_of_one_request_score_their_prompt_once(make_settings, monkeypatch) -> None:
+    import server.engine as engine_mod
+
+    made = []
+
+    class Counting(engine_mod.PromptScorer):
+        def __init__(self, *a, **kw) -> None:
+            made.append(1)
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(engine_mod, "PromptScorer", Counting)
+    async with app_client(make_settings(max_batch_size=4)) as (_, client):
+        body = {"model": "tiny-gam", "prompt": "The season . " * 10, "n": 3, "max_tokens": 2, "echo": True,
+                "logprobs": 1, "seed": 1}  # fmt: skip
+        choices = (await client.post("/v1/completions", json=body)).json()["choices"]
+        assert len(made) == 1  # one scorer for the three choices
+        n = len(choices[0]["logprobs"]["tokens"]) - 2
+        assert all(c["logprobs"]["token_logprobs"][:n] == choices[0]["logprobs"]["token_logprobs"][:n] for c in choices)
+        assert choices[0]["logprobs"]["token_logprobs"][1] is not None
+        body["prompt"] = ["The season .", "The game was"]  # different prompts: one scorer each
+        body["n"] = 1
+        assert (await client.post("/v1/completions", json=body)).status_code == 200
+        assert len(made) == 3
