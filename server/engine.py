@@ -115,6 +115,7 @@ class StepStats:
     prefilled: int
     duration_s: float
     generated_tokens: int
+    scored_tokens: int = 0  # prompt tokens scored for prompt logprobs in this iteration
 
 
 @dataclass
@@ -249,6 +250,7 @@ class Engine:
         self._waiting: collections.deque[RequestHandle] = collections.deque()
         self._running: list[_Sequence] = []
         self._steps = 0
+        self._scored_tokens = 0  # prompt tokens scored for prompt logprobs, in all
         self._busy_iterations = 0
         self._draining = False
         self._drain_deadline = float("inf")
@@ -387,8 +389,12 @@ class Engine:
                 elif (new := self._admit(h, t0)) is not None:
                     admitted.append(new)
         # 2b. requests that asked for prompt logprobs are scored first, a budget per iteration; then prefilled
+        scored_before = self._scored_tokens
         admitted = [s for s in admitted if s.scorer is None] + self._score_prompts()
+        scored = self._scored_tokens - scored_before
         if not stepping and not admitted:
+            if scored and self.on_step is not None:  # an iteration that only scored prompts: no step, no batch
+                self.on_step(StepStats(0, 0, time.monotonic() - t0, 0, scored))
             return
         # 3. forward: one step call for the running rows, one prefill call for the admitted ones
         parts: list[torch.Tensor] = []
@@ -419,7 +425,7 @@ class Engine:
                     self._end(seq, ErrorEvent(f"prefill failed: {e}"), "error")
         generated = self._sample(rows, torch.cat(parts) if len(parts) > 1 else parts[0]) if rows else 0
         if self.on_step is not None:
-            self.on_step(StepStats(len(rows), prefilled, time.monotonic() - t0, generated))
+            self.on_step(StepStats(len(rows), prefilled, time.monotonic() - t0, generated, scored))
 
     def _admit(self, h: RequestHandle, now: float) -> _Sequence | None:
         """Give a waiting request a slot and its per-sequence state; None (and an error event) if it cannot."""
@@ -468,7 +474,7 @@ class Engine:
             try:
                 with torch.inference_mode():
                     while not scorer.done and (chunks == 0 or time.monotonic() - start < SCORE_BUDGET_S):
-                        scorer.advance()  # ends in .tolist(): the chunk's time is measured even on a GPU
+                        self._scored_tokens += scorer.advance()  # ends in .tolist(): timed right even on a GPU
                         chunks += 1
             except Exception as e:
                 log.exception("prompt logprobs failed")

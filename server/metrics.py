@@ -79,6 +79,11 @@ class Metrics:
         )
         self.prompt_tokens_total = Counter("gam_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
         self.generated_tokens_total = Counter("gam_generated_tokens", "Generated tokens", registry=r)
+        self.scored_tokens_total = Counter(
+            "gam_prompt_logprob_tokens",
+            "Prompt tokens scored for prompt logprobs (decoder_input_details, echo + logprobs): O(prompt) work",
+            registry=r,
+        )
         self.running = Gauge("gam_requests_running", "Requests in the running batch", registry=r)
         self.waiting = Gauge("gam_requests_waiting", "Requests waiting for a slot", registry=r)
         self.tokens_per_second = Gauge(
@@ -105,8 +110,10 @@ class Metrics:
         self.model_info.labels(model=model, dtype=dtype, device=device, version=version).set(1)
 
     def observe_step(self, s: StepStats) -> None:
-        if s.batch_size:
-            self.batch_size.observe(s.batch_size)
+        self.scored_tokens_total.inc(s.scored_tokens)
+        if not s.batch_size:  # an iteration that only scored prompts is not a decode step
+            return
+        self.batch_size.observe(s.batch_size)
         self.step_duration.observe(s.duration_s)
         self.generated_tokens_total.inc(s.generated_tokens)
         with self._lock:

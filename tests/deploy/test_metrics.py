@@ -30,6 +30,7 @@ DOCUMENTED = {
     "gam_requests": "counter",
     "gam_prompt_tokens": "counter",
     "gam_generated_tokens": "counter",
+    "gam_prompt_logprob_tokens": "counter",
     "gam_requests_running": "gauge",
     "gam_requests_waiting": "gauge",
     "gam_generated_tokens_per_second": "gauge",

@@ -173,6 +173,15 @@ async def test_metrics_move(make_settings) -> None:
         assert values["gam_requests_running"] == 0 and values["gam_requests_waiting"] == 0
         assert values["gam_generated_tokens_per_second"] > 0
         assert values['gam_model_info{device="cpu",dtype="float32",model="tiny-gam",version="0.1.0"}'] == 1
+        assert values["gam_prompt_logprob_tokens_total"] == 0
+        steps = values["gam_step_duration_seconds_count"]
+        ids = [t["id"] for t in (await client.post("/tokenize", json={"inputs": "The season . " * 30})).json()]
+        body = {"model": "tiny-gam", "prompt": ids, "max_tokens": 1, "echo": True, "logprobs": 0}
+        assert (await client.post("/v1/completions", json=body)).status_code == 200
+        text = (await client.get("/metrics")).text
+        values = {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln[:1] != "#" and ln}
+        assert values["gam_prompt_logprob_tokens_total"] == len(ids) - 1
+        assert values["gam_step_duration_seconds_count"] == steps + 1  # scoring-only iterations are not steps
 
 
 async def test_prompt_logprobs_are_scored_between_steps(make_settings, monkeypatch) -> None:
