@@ -250,7 +250,6 @@ class Engine:
         self._waiting: collections.deque[RequestHandle] = collections.deque()
         self._running: list[_Sequence] = []
         self._steps = 0
-        self._scored_tokens = 0  # prompt tokens scored for prompt logprobs, in all
         self._busy_iterations = 0
         self._draining = False
         self._drain_deadline = float("inf")
@@ -389,9 +388,8 @@ class Engine:
                 elif (new := self._admit(h, t0)) is not None:
                     admitted.append(new)
         # 2b. requests that asked for prompt logprobs are scored first, a budget per iteration; then prefilled
-        scored_before = self._scored_tokens
-        admitted = [s for s in admitted if s.scorer is None] + self._score_prompts()
-        scored = self._scored_tokens - scored_before
+        ready, scored = self._score_prompts()
+        admitted = [s for s in admitted if s.scorer is None] + ready
         if not stepping and not admitted:
             if scored and self.on_step is not None:  # an iteration that only scored prompts: no step, no batch
                 self.on_step(StepStats(0, 0, time.monotonic() - t0, 0, scored))
@@ -460,13 +458,13 @@ class Engine:
         self._running.append(seq)
         return seq
 
-    def _score_prompts(self) -> list[_Sequence]:
-        """Advance prompt logprobs, oldest first, for about SCORE_BUDGET_S in all; returns the sequences done.
+    def _score_prompts(self) -> tuple[list[_Sequence], int]:
+        """Advance prompt logprobs, oldest first, for about SCORE_BUDGET_S in all: (sequences done, tokens scored).
 
         A long prompt is scored over several iterations (O(prompt) work), so the running streams keep stepping.
         """
         done: list[_Sequence] = []
-        start, chunks = time.monotonic(), 0
+        start, chunks, scored = time.monotonic(), 0, 0
         for seq in list(self._running):
             scorer = seq.scorer
             if scorer is None:
@@ -474,7 +472,7 @@ class Engine:
             try:
                 with torch.inference_mode():
                     while not scorer.done and (chunks == 0 or time.monotonic() - start < SCORE_BUDGET_S):
-                        self._scored_tokens += scorer.advance()  # ends in .tolist(): timed right even on a GPU
+                        scored += scorer.advance()  # ends in .tolist(): timed right even on a GPU
                         chunks += 1
             except Exception as e:
                 log.exception("prompt logprobs failed")
@@ -483,7 +481,7 @@ class Engine:
             if scorer.done:
                 seq.prompt, seq.scorer = scorer.result, None
                 done.append(seq)
-        return done
+        return done, scored
 
     def _sample(self, rows: list[_Sequence], logits: torch.Tensor) -> int:
         """Sample, detokenize, stop-check and emit one token per row; returns the tokens emitted."""
