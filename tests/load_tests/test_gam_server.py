@@ -3,46 +3,28 @@
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from gam_model.checkpoint import CheckpointMeta, save_checkpoint
-from gam_model.tokenizer import Tokenizer
+from gam_model.data import train_tokenizer
 from load_tests.metrics import summarize
 from load_tests.prompts import DEFAULT_PROMPTS
 from load_tests.runner import LoadConfig, run_load
-from server.app import create_app
-from server.settings import Settings
 from tests.conftest import tiny_model
+from tests.server.conftest import LiveServer, tiny_settings
 
 MAX_NEW = 8
 
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random GAM with a byte-level BPE trained on the prompt excerpt (every id decodes)."""
-    hf = HFTokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf.decoder = decoders.ByteLevel()
-    hf.train(
-        [str(DEFAULT_PROMPTS)],
-        trainers.BpeTrainer(
-            vocab_size=300,
-            special_tokens=["<|endoftext|>"],
-            show_progress=False,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        ),
-    )
-    tok = Tokenizer(hf, eos_token_id=hf.token_to_id("<|endoftext|>"))
+    """A tiny random GAM with the project's byte-level BPE trained on the prompt excerpt (every id decodes)."""
+    tok = train_tokenizer([DEFAULT_PROMPTS], "bytelevel", vocab_size=300)
     model = tiny_model(seed=5, vocab_size=tok.vocab_size, block_size=32)
     d = tmp_path_factory.mktemp("ckpt") / "tiny-load"
     return save_checkpoint(d, model, tok, CheckpointMeta(model_name="tiny-load", eos_token_id=tok.eos_token_id))
@@ -51,32 +33,11 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def gam_server(tiny_checkpoint: Path) -> Iterator[tuple[str, object]]:
     """(base URL, app) of gam-serve on a real uvicorn at a free 127.0.0.1 port."""
-    settings = Settings.model_validate(
-        dict(
-            model=tiny_checkpoint,
-            device="cpu",
-            dtype="float32",
-            max_batch_size=4,
-            max_queue=32,
-            max_new_tokens=100_000,
-            request_timeout=120.0,
-        )
+    settings = tiny_settings(
+        tiny_checkpoint, max_queue=32, max_new_tokens=100_000, max_input_tokens=8192, request_timeout=120.0
     )
-    app = create_app(settings)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "gam-serve did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", app
-    server.should_exit = True
-    thread.join(timeout=30)
-    sock.close()
+    with LiveServer(settings) as server:
+        yield server.url, server.app
 
 
 @pytest.mark.parametrize("api", ["tgi", "openai"])

@@ -16,9 +16,8 @@ import pytest
 import torch
 import uvicorn
 from fastapi import FastAPI
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from gam_model import data
 from gam_model.checkpoint import CheckpointMeta, save_checkpoint
 from gam_model.tokenizer import Tokenizer
 from server.app import create_app
@@ -26,23 +25,12 @@ from server.settings import Settings
 from tests.conftest import tiny_model
 
 FIXTURE_TEXT = Path(__file__).resolve().parent.parent / "fixtures" / "wikitext2_train_excerpt.txt"
-EOS = "<|endoftext|>"
 MODEL_ID = "tiny-gam"
 
 
 def train_tokenizer(vocab_size: int = 320) -> Tokenizer:
-    """Byte-level BPE (any Unicode input round-trips) trained on the WikiText-2 excerpt; id 0 is the eos token."""
-    tok = HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS],
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train([str(FIXTURE_TEXT)], trainer)
-    return Tokenizer(tok, eos_token_id=tok.token_to_id(EOS))
+    """The project's byte-level BPE (any Unicode input round-trips) trained on the WikiText-2 excerpt; id 0 is eos."""
+    return data.train_tokenizer([FIXTURE_TEXT], "bytelevel", vocab_size=vocab_size)
 
 
 def fit(model: torch.nn.Module, ids: list[int], block: int, steps: int = 120, seed: int = 0) -> None:
@@ -74,25 +62,25 @@ def checkpoint_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
+def tiny_settings(model: Path, **kw: Any) -> Settings:
+    """Settings the server tests share for a tiny checkpoint on CPU in fp32; keyword arguments override them."""
+    base: dict[str, Any] = dict(
+        model=model,
+        device="cpu",
+        dtype="float32",
+        max_batch_size=4,
+        max_queue=16,
+        max_new_tokens=64,
+        max_input_tokens=256,
+        request_timeout=60.0,
+    )
+    return Settings.model_validate(base | kw)
+
+
 @pytest.fixture
 def make_settings(checkpoint_dir: Path):
     """Settings for the tiny checkpoint on CPU, overridable per test."""
-
-    def make(**kw: Any) -> Settings:
-        base: dict[str, Any] = dict(
-            model=checkpoint_dir,
-            device="cpu",
-            dtype="float32",
-            max_batch_size=4,
-            max_queue=16,
-            max_new_tokens=64,
-            max_input_tokens=256,
-            request_timeout=60.0,
-        )
-        base.update(kw)
-        return Settings.model_validate(base)
-
-    return make
+    return lambda **kw: tiny_settings(checkpoint_dir, **kw)
 
 
 @contextlib.asynccontextmanager

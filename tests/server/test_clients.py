@@ -15,20 +15,9 @@ PROMPT = "The game was"
 
 @pytest.fixture(scope="module")
 def server(checkpoint_dir):
-    from server.settings import Settings
-    from tests.server.conftest import LiveServer
+    from tests.server.conftest import LiveServer, tiny_settings
 
-    settings = Settings.model_validate(
-        dict(
-            model=checkpoint_dir,
-            device="cpu",
-            dtype="float32",
-            max_batch_size=4,
-            max_new_tokens=64,
-            max_input_tokens=256,
-        )
-    )
-    with LiveServer(settings) as s:
+    with LiveServer(tiny_settings(checkpoint_dir)) as s:
         yield s
 
 

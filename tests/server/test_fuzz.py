@@ -12,24 +12,12 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.generation import GenerationMode
 
-from server.settings import Settings
-from tests.server.conftest import LiveServer
+from tests.server.conftest import LiveServer, tiny_settings
 
 
 @pytest.mark.slow
 def test_no_server_errors(checkpoint_dir) -> None:
-    s = Settings.model_validate(
-        dict(
-            model=checkpoint_dir,
-            device="cpu",
-            dtype="float32",
-            max_batch_size=4,
-            max_new_tokens=16,
-            max_input_tokens=256,
-            max_queue=64,
-        )
-    )
-    with LiveServer(s) as server:
+    with LiveServer(tiny_settings(checkpoint_dir, max_new_tokens=16, max_queue=64)) as server:
         schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
         operations = [op for op in (r.ok() for r in schema.get_all_operations()) if op.method.upper() == "POST"]
         assert {op.path for op in operations} == {

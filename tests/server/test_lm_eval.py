@@ -17,8 +17,7 @@ import torch
 
 from gam_model.checkpoint import load_checkpoint
 from gam_model.scoring import token_logprobs
-from server.settings import Settings
-from tests.server.conftest import MODEL_ID, LiveServer
+from tests.server.conftest import MODEL_ID, LiveServer, tiny_settings
 
 LM_EVAL_PYTHON = os.environ.get("GAM_LM_EVAL_PYTHON")
 CLIENT = Path(__file__).parent / "clients" / "lm_eval_client.py"
@@ -31,10 +30,7 @@ pytestmark = pytest.mark.skipif(not LM_EVAL_PYTHON, reason="needs lm-eval's venv
 
 @pytest.fixture(scope="module")
 def server(checkpoint_dir: Path):
-    settings = Settings.model_validate(
-        dict(model=checkpoint_dir, device="cpu", dtype="float32", max_batch_size=4, max_input_tokens=256)
-    )
-    with LiveServer(settings) as s:
+    with LiveServer(tiny_settings(checkpoint_dir)) as s:
         yield s
 
 

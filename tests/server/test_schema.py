@@ -24,7 +24,7 @@ from schemathesis.checks import (
 
 from server.app import create_app
 from server.settings import Settings
-from tests.server.conftest import LiveServer
+from tests.server.conftest import LiveServer, tiny_settings
 
 schema = schemathesis.openapi.from_dict(create_app(Settings()).openapi())
 
@@ -43,18 +43,8 @@ CHECKS = [
 
 @pytest.fixture(scope="module")
 def live_url(checkpoint_dir: Path) -> Iterator[str]:
-    s = Settings.model_validate(
-        dict(
-            model=checkpoint_dir,
-            device="cpu",
-            dtype="float32",
-            max_batch_size=4,
-            max_queue=64,
-            max_new_tokens=8,  # bounded work per generated example
-            max_input_tokens=256,
-            request_timeout=30.0,
-        )
-    )
+    # max_new_tokens 8: bounded work per generated example
+    s = tiny_settings(checkpoint_dir, max_queue=64, max_new_tokens=8, request_timeout=30.0)
     with LiveServer(s) as server:
         yield server.url
 
