@@ -41,6 +41,25 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+PROMPTS = Path(__file__).resolve().parent.parent / "load_tests" / "prompts.txt"  # WikiText-2 excerpt
+
+
+def prompt_corpus() -> str:
+    """The load generator's prompt file as one text (comment lines dropped)."""
+    return " ".join(ln for ln in PROMPTS.read_text().splitlines() if not ln.startswith("#"))
+
+
+def served_model(given: Path | None, tmp: Path) -> tuple[Path, str]:
+    """The checkpoint a benchmark serves and where it came from: --model, else the bundled model, else the paper
+    config with random weights written under tmp."""
+    if given is not None:
+        return given, "given (--model)"
+    bundled = bundled_model_dir()
+    if bundled is not None:
+        return bundled, "bundled"
+    return random_paper_checkpoint(tmp / "gam-random"), "paper config, random weights"
+
+
 def bundled_model_dir() -> Path | None:
     """The single model under weights/ (the bundled default), if it has landed."""
     found = sorted(p.parent for p in (Path(__file__).resolve().parent.parent / "weights").glob("*/config.json"))
@@ -50,21 +69,12 @@ def bundled_model_dir() -> Path | None:
 def random_paper_checkpoint(directory: Path) -> Path:
     """A checkpoint of the paper's GAM config with random weights and a byte-level BPE trained on the load_tests
     prompt excerpt (vocab_size = that tokenizer's size, so every sampled id decodes)."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
     from gam_model.checkpoint import CheckpointMeta, save_checkpoint
     from gam_model.config import GAMConfig
+    from gam_model.data import train_tokenizer
     from gam_model.model import GAM
-    from gam_model.tokenizer import Tokenizer
 
-    corpus = Path(__file__).resolve().parent.parent / "load_tests" / "prompts.txt"
-    hf = HFTokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf.decoder = decoders.ByteLevel()
-    hf.train([str(corpus)], trainers.BpeTrainer(vocab_size=10000, special_tokens=["<|endoftext|>"], show_progress=False,
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))  # fmt: skip
-    tok = Tokenizer(hf, eos_token_id=hf.token_to_id("<|endoftext|>"))
+    tok = train_tokenizer([PROMPTS], "bytelevel", vocab_size=10000)
     torch.manual_seed(0)
     model = GAM(GAMConfig(vocab_size=tok.vocab_size, dropout=0.0)).eval()
     meta = CheckpointMeta(model_name="gam-paper-config-random", eos_token_id=tok.eos_token_id)

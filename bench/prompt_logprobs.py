@@ -24,9 +24,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import RESULTS, ServerProcess, bundled_model_dir, machine, random_paper_checkpoint
+from bench.common import RESULTS, ServerProcess, machine, prompt_corpus, served_model
 from gam_model.tokenizer import Tokenizer
-from load_tests.prompts import DEFAULT_PROMPTS
 
 
 async def stream_gaps(client: httpx.AsyncClient, url: str, n: int) -> list[tuple[float, float]]:
@@ -77,12 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS / "prompt_logprobs.json")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.model or bundled_model_dir()
-        if model_dir is None:
-            model_dir = random_paper_checkpoint(Path(tmp) / "gam-random")
+        model_dir, _ = served_model(args.model, Path(tmp))
         tok = Tokenizer.from_file(model_dir / "tokenizer.json")
-        corpus = " ".join(ln for ln in DEFAULT_PROMPTS.read_text().splitlines() if not ln.startswith("#"))
-        ids = (tok.encode(corpus) * (args.tokens // 1000 + 1))[: args.tokens]
+        ids = (tok.encode(prompt_corpus()) * (args.tokens // 1000 + 1))[: args.tokens]
         max_new = max(args.stream_tokens, 16)
         with ServerProcess(
             model_dir, threads=args.threads, max_input_tokens=args.tokens + 64, max_new_tokens=max_new

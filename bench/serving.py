@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import RESULTS, ServerProcess, bundled_model_dir, machine, random_paper_checkpoint
+from bench.common import RESULTS, ServerProcess, machine, served_model
 from gam_model.sampling import SamplingParams
 from load_tests.metrics import summarize
 from load_tests.prompts import PromptSampler
@@ -121,10 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.model or bundled_model_dir()
-        source = "given (--model)" if args.model else "bundled"
-        if model_dir is None:
-            model_dir, source = random_paper_checkpoint(Path(tmp) / "gam-random"), "paper config, random weights"
+        model_dir, source = served_model(args.model, Path(tmp))
         result = asyncio.run(bench(args, model_dir))
     doc = {"benchmark": f"HTTP-served tokens/s at {args.streams} streams vs the engine alone at batch {args.streams}",
            "command": "python bench/serving.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -24,12 +24,11 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import RESULTS, ServerProcess, bundled_model_dir, machine, random_paper_checkpoint
+from bench.common import RESULTS, ServerProcess, machine, prompt_corpus, served_model
 from gam_model.tokenizer import Tokenizer
 from load_tests import protocols
 from load_tests.client import stream_request
 from load_tests.metrics import RequestRecord
-from load_tests.prompts import DEFAULT_PROMPTS
 
 
 def prompt_of(tok: Tokenizer, ids: list[int], n: int) -> str:
@@ -69,13 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     lengths = [int(x) for x in args.lengths.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.model or bundled_model_dir()
-        source = "given (--model)" if args.model else "bundled"
-        if model_dir is None:
-            model_dir, source = random_paper_checkpoint(Path(tmp) / "gam-random"), "paper config, random weights"
+        model_dir, source = served_model(args.model, Path(tmp))
         tok = Tokenizer.from_file(model_dir / "tokenizer.json")
-        corpus = " ".join(ln for ln in DEFAULT_PROMPTS.read_text().splitlines() if not ln.startswith("#"))
-        ids = tok.encode(corpus)
+        ids = tok.encode(prompt_corpus())
         prompts = {n: prompt_of(tok, ids, n) for n in lengths}
         tokenize_ms = {}
         for n, text in prompts.items():
