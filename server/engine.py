@@ -49,6 +49,10 @@ class QueueFull(RuntimeError):
     """The waiting queue is at --max-queue; the client should retry later (429)."""
 
 
+class TooManySequences(ValueError):
+    """A request with more sequences than the server can ever hold at once (slots + queue): retrying cannot help."""
+
+
 class EngineUnavailable(RuntimeError):
     """The engine is draining for shutdown or its loop has died (503)."""
 
@@ -65,8 +69,16 @@ class GenerationRequest:
     stop_token_ids: set[int] = field(default_factory=set)
     endpoint: str = "generate"  # metrics label
     # prompt logprobs (TGI decoder_input_details, OpenAI echo + logprobs): None = not asked, n = with top-n
-    # alternatives. O(prompt) work in the engine thread at admission, unlike the O(R) prefill.
+    # alternatives. O(prompt) work in the engine thread at admission, unlike the O(R) prefill. With
+    # max_new_tokens 0 the request only scores its prompt (OpenAI echo + max_tokens 0): no prefill, no token.
     prompt_logprobs: int | None = None
+
+    def validate(self) -> None:
+        """Raise ValueError for a request the engine cannot run."""
+        if not self.prompt_ids:
+            raise ValueError("empty prompt")
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
 
 
 @dataclass
@@ -95,6 +107,14 @@ class TokenEvent:
 
 
 @dataclass
+class ScoreEvent:
+    """The one event of a request with max_new_tokens 0: its prompt logprobs (if asked), and nothing generated."""
+
+    prompt: TokenLogprobs | None
+    finish: FinishEvent
+
+
+@dataclass
 class ErrorEvent:
     """The sequence ended by an error; status is the HTTP status a non-streaming answer would carry."""
 
@@ -103,7 +123,8 @@ class ErrorEvent:
     error_type: str = "generation"
 
 
-Event = TokenEvent | ErrorEvent  # a stream ends with a TokenEvent whose `finish` is set, or an ErrorEvent
+# a stream ends with a TokenEvent whose `finish` is set, or an ErrorEvent; a score-only request sends one ScoreEvent
+Event = TokenEvent | ScoreEvent | ErrorEvent
 
 
 # -- plain stats the metrics module maps onto Prometheus ---------------------------------------------------
@@ -141,34 +162,39 @@ class RequestHandle:
     """The handler's side of a submitted request: an async stream of events and a cancel switch."""
 
     def __init__(
-        self, request_id: int, request: GenerationRequest, loop: asyncio.AbstractEventLoop, deadline: float
+        self,
+        request_id: int,
+        request: GenerationRequest,
+        loop: asyncio.AbstractEventLoop,
+        deadline: float,
+        withdraw: Callable[[RequestHandle], None],
     ) -> None:
         self.id = request_id
         self.request = request
         self.arrival = time.monotonic()
         self.deadline = deadline
         self.cancelled = False
-        self.done = False
-        self._loop = loop
+        self.done = False  # its last event is on its way (set by the engine thread)
+        self.loop = loop
+        self._withdraw = withdraw  # the engine drops it from the waiting queue at once if it is still there
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
 
     def cancel(self) -> None:
-        """Ask the engine to drop this request (its slot is freed within one step)."""
-        if not self.done:
+        """Ask the engine to drop this request: a waiting one leaves the queue now, a running one's slot is freed
+        within one step."""
+        if not self.done and not self.cancelled:
             self.cancelled = True
+            self._withdraw(self)
 
     def abort(self, message: str) -> None:
         """Cancel from the handler's side and end its event stream now (call on the event loop's thread)."""
-        if not self.done:
-            self.cancelled = True
+        if not self.done and not self.cancelled:
             self._queue.put_nowait(ErrorEvent(message, 499, "cancelled"))
+            self.cancel()
 
-    def _push(self, ev: Event) -> None:
-        """Called from the engine thread."""
-        if is_last(ev):
-            self.done = True
-        with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody is listening any more
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, ev)
+    def _deliver(self, ev: Event) -> None:
+        """On the event loop's thread: the engine's events, in order."""
+        self._queue.put_nowait(ev)
 
     async def events(self) -> AsyncIterator[Event]:
         """Token events; the last one has `finish` set, or an ErrorEvent ends the stream instead."""
@@ -177,6 +203,11 @@ class RequestHandle:
             yield ev
             if is_last(ev):
                 return
+
+
+def _deliver_all(batch: list[tuple[RequestHandle, Event]]) -> None:
+    for h, ev in batch:
+        h._deliver(ev)
 
 
 # -- the engine ----------------------------------------------------------------------------------------------
@@ -256,6 +287,8 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
+        self._outbox: list[tuple[RequestHandle, Event]] = []  # events of the current iteration, sent by _flush
+        self._outbox_lock = threading.Lock()
         self.crashed: BaseException | None = None
 
     # -- lifetime ------------------------------------------------------------------------------------------
@@ -306,21 +339,45 @@ class Engine:
 
     # -- handler side --------------------------------------------------------------------------------------
     def submit(self, request: GenerationRequest, timeout: float | None = None) -> RequestHandle:
-        """Queue a request; raises QueueFull past --max-queue and EngineUnavailable while draining or dead."""
+        """Queue one request (see submit_all)."""
+        return self.submit_all([request], timeout)[0]
+
+    def submit_all(self, requests: list[GenerationRequest], timeout: float | None = None) -> list[RequestHandle]:
+        """Queue every request or none (the choices of one API call). Raises TooManySequences when they could never
+        fit (more than slots + queue), QueueFull when they do not fit now, EngineUnavailable while draining or
+        dead, ValueError for a request the engine cannot run."""
         if not self.alive or self._draining:
             raise EngineUnavailable("the server is shutting down" if self._draining else "the engine is not running")
-        if not request.prompt_ids:
-            raise ValueError("empty prompt")
+        for r in requests:
+            r.validate()
+        limit = self.max_batch_size + self.max_queue
+        if len(requests) > limit:
+            raise TooManySequences(
+                f"the request asks for {len(requests)} sequences (prompts x n); this server runs and queues at most "
+                f"{limit} at once (max batch size {self.max_batch_size} + max queue {self.max_queue})"
+            )
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + (self.request_timeout if timeout is None else timeout)
-        handle = RequestHandle(next(self._ids), request, loop, deadline)
         with self._cond:
             capacity = self.max_queue + self.decoder.state.free_slots
-            if len(self._waiting) >= capacity:
-                raise QueueFull(f"{len(self._waiting)} requests are waiting (max queue {self.max_queue})")
-            self._waiting.append(handle)
+            if len(self._waiting) + len(requests) > capacity:
+                raise QueueFull(
+                    f"{len(self._waiting)} requests are waiting (max queue {self.max_queue}); "
+                    f"{len(requests)} more do not fit now"
+                )
+            handles = [RequestHandle(next(self._ids), r, loop, deadline, self._withdraw) for r in requests]
+            self._waiting.extend(handles)
             self._cond.notify()
-        return handle
+        return handles
+
+    def _withdraw(self, h: RequestHandle) -> None:
+        """A cancelled request that is still waiting leaves the queue (and the waiting gauge) now."""
+        with self._cond:
+            try:
+                self._waiting.remove(h)
+            except ValueError:
+                return  # admitted already (the engine thread frees its slot) or ended
+            self._end_waiting(h, None, "cancelled")
 
     # -- engine thread -------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -339,7 +396,10 @@ class Engine:
                         self._cond.wait(timeout=0.5)
                     if self._stopping:
                         break
-                self._iteration()
+                try:
+                    self._iteration()
+                finally:
+                    self._flush()
         except BaseException as e:
             self.crashed = e
             log.exception("engine loop died")
@@ -352,6 +412,7 @@ class Engine:
                 waiting, self._waiting = list(self._waiting), collections.deque()
             for h in waiting:
                 self._end_waiting(h, ErrorEvent(reason, 503, "unhealthy"), "error")
+            self._flush()
             log.info("engine loop stopped")
 
     def _iteration(self) -> None:
@@ -387,9 +448,17 @@ class Engine:
                     )
                 elif (new := self._admit(h, t0)) is not None:
                     admitted.append(new)
-        # 2b. requests that asked for prompt logprobs are scored first, a budget per iteration; then prefilled
-        ready, scored = self._score_prompts()
-        admitted = [s for s in admitted if s.scorer is None] + ready
+        # 2b. requests that asked for prompt logprobs are scored first, a budget per iteration; then prefilled. Those
+        # admitted just now are scored in this same call and may finish in it: each sequence is prefilled once.
+        fresh = [s for s in admitted if s.scorer is None]  # nothing to score: prefill now
+        ready, scored = self._score_prompts()  # prompts scored in full, now or over earlier iterations
+        admitted = []
+        for seq in fresh + ready:
+            if seq.handle.request.max_new_tokens == 0:  # score only (or echo only): no prefill, no token
+                fin = FinishEvent("length", 0, None, len(seq.handle.request.prompt_ids))
+                self._end(seq, ScoreEvent(seq.prompt, fin), "length")
+            else:
+                admitted.append(seq)
         if not stepping and not admitted:
             if scored and self.on_step is not None:  # an iteration that only scored prompts: no step, no batch
                 self.on_step(StepStats(0, 0, time.monotonic() - t0, 0, scored))
@@ -431,7 +500,7 @@ class Engine:
         try:
             sampler = SequenceSampler(r.params, r.prompt_ids, self.vocab_size, self.device)
             detok = IncrementalDetokenizer(self.tokenizer, r.prompt_ids)
-            stopper = StopChecker(r.stop, self.tokenizer.eos_token_id, r.stop_token_ids, r.max_new_tokens)
+            stopper = StopChecker(r.stop, self.tokenizer.eos_token_id, r.stop_token_ids, max(1, r.max_new_tokens))
         except Exception as e:  # handlers validate first; this only guards the loop against what slipped through
             log.exception("admission failed")
             self._end_waiting(h, ErrorEvent(f"invalid request: {e}", 422, "validation"), "error")
@@ -532,7 +601,7 @@ class Engine:
         if fin is not None:
             self._end(seq, ev, fin.reason)
         else:
-            seq.handle._push(ev)
+            self._send(seq.handle, ev)
             seq.pending = tok
 
     def _end(self, seq: _Sequence, ev: Event | None, reason: str) -> None:
@@ -543,16 +612,35 @@ class Engine:
         # stats first: a client that got its last event may read /metrics at once
         self._report(seq.handle, reason, seq.generated, seq.admitted, seq.first_token, seq.inter_token)
         if ev is not None:
-            seq.handle._push(ev)
+            self._send(seq.handle, ev)
         else:
             seq.handle.done = True
 
     def _end_waiting(self, h: RequestHandle, ev: Event | None, reason: str) -> None:
         self._report(h, reason, 0, None, None, [])
         if ev is not None:
-            h._push(ev)
+            self._send(h, ev)
         else:
             h.done = True
+
+    def _send(self, h: RequestHandle, ev: Event) -> None:
+        """Queue an event for its handler; the iteration's events cross to asyncio together, after its stats."""
+        if is_last(ev):
+            h.done = True
+        with self._outbox_lock:
+            self._outbox.append((h, ev))
+
+    def _flush(self) -> None:
+        """Hand this iteration's events to their event loops: one wake-up per loop, after the iteration's stats were
+        reported, so a client that has its last event reads metrics that include it."""
+        with self._outbox_lock:
+            batch, self._outbox = self._outbox, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestHandle, Event]]] = {}
+        for h, ev in batch:
+            by_loop.setdefault(h.loop, []).append((h, ev))
+        for loop, events in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody is listening any more
+                loop.call_soon_threadsafe(_deliver_all, events)
 
     def _report(
         self,

@@ -102,5 +102,5 @@ class CompletionRequest(_Body):
     suffix: str | None = None
     user: str | None = None
     # extensions vLLM also accepts
-    top_k: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=-1, description="-1 or 0: no top-k (vLLM)")
     repetition_penalty: float | None = Field(None, gt=0.0, le=100.0)

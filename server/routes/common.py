@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import Request
 
 from gam_model.sampling import SamplingParams
+from gam_model.scoring import TokenLogprobs
 from server.context import ServerContext
 from server.engine import (
     EngineUnavailable,
@@ -21,6 +22,7 @@ from server.engine import (
     QueueFull,
     RequestHandle,
     TokenEvent,
+    TooManySequences,
 )
 from server.errors import ApiError
 
@@ -108,12 +110,16 @@ def check_params(params: SamplingParams) -> SamplingParams:
     return params
 
 
-def submit(ctx: ServerContext, req: GenerationRequest) -> RequestHandle:
-    """Hand a request to the engine; 429 with Retry-After when the queue is full, 503 when unavailable."""
+def submit(ctx: ServerContext, reqs: list[GenerationRequest]) -> list[RequestHandle]:
+    """Hand requests (the choices of one call) to the engine, all or none: 429 with Retry-After when they do not
+    fit now, 400 when they never could, 503 when the engine is unavailable."""
+    endpoint = reqs[0].endpoint
     try:
-        return ctx.engine.submit(req)
+        return ctx.engine.submit_all(reqs)
+    except TooManySequences as e:
+        raise ApiError(400, str(e), param="n") from e
     except QueueFull as e:
-        ctx.metrics.count_rejected(req.endpoint)
+        ctx.metrics.count_rejected(endpoint)
         raise ApiError(
             429,
             f"Model is overloaded: {e}",
@@ -122,7 +128,7 @@ def submit(ctx: ServerContext, req: GenerationRequest) -> RequestHandle:
             headers={"Retry-After": str(RETRY_AFTER_S)},
         ) from e
     except EngineUnavailable as e:
-        ctx.metrics.count_rejected(req.endpoint)
+        ctx.metrics.count_rejected(endpoint)
         raise ApiError(503, str(e), error_type="unhealthy", headers={"Retry-After": str(RETRY_AFTER_S)}) from e
 
 
@@ -141,6 +147,7 @@ class Collected:
 
     tokens: list[TokenEvent] = field(default_factory=list)
     finish: FinishEvent | None = None
+    prompt: TokenLogprobs | None = None  # prompt logprobs, when asked
 
     @property
     def text(self) -> str:
@@ -168,7 +175,10 @@ async def _gather(handle: RequestHandle) -> Collected:
     async for ev in handle.events():
         if isinstance(ev, ErrorEvent):
             raise ApiError(ev.status, ev.message, error_type=ev.error_type)
-        out.tokens.append(ev)
+        if ev.prompt is not None:
+            out.prompt = ev.prompt
+        if isinstance(ev, TokenEvent):
+            out.tokens.append(ev)
         if ev.finish is not None:
             out.finish = ev.finish
     return out

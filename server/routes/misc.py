@@ -18,7 +18,7 @@ router = APIRouter(tags=["Server"])
 Ctx = Annotated[ServerContext, Depends(get_context)]
 
 
-@router.get("/health", summary="Liveness and readiness", response_class=Response)
+@router.api_route("/health", methods=["GET", "HEAD"], summary="Liveness and readiness", response_class=Response)
 async def health(request: Request) -> Response:
     """200 when the model is loaded and the engine loop is alive, else 503 (TGI's shape)."""
     ctx: ServerContext | None = getattr(request.app.state, "ctx", None)

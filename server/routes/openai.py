@@ -12,10 +12,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from gam_model.detokenize import IncrementalDetokenizer
 from gam_model.sampling import SamplingParams
 from gam_model.scoring import TokenLogprobs
 from server.context import ServerContext, get_context
-from server.engine import ErrorEvent, Event, GenerationRequest, RequestHandle, TokenEvent
+from server.engine import ErrorEvent, Event, GenerationRequest, RequestHandle, ScoreEvent, TokenEvent
 from server.errors import ApiError, error_body
 from server.routes.common import (
     Collected,
@@ -91,8 +92,8 @@ def requests_of(
         raise ApiError(
             400, "max_tokens must be >= 1 (0 is only allowed with echo: score the prompt)", param="max_tokens"
         )
-    # max_tokens 0 + echo: the engine still samples one token (it rides with the prompt logprobs); it is dropped
-    max_new = check_max_new_tokens(ctx, max(1, 16 if body.max_tokens is None else body.max_tokens), "max_tokens")
+    # max_tokens 0 + echo: the engine scores the prompt if logprobs are asked, and generates nothing
+    max_new = check_max_new_tokens(ctx, 16 if body.max_tokens is None else body.max_tokens, "max_tokens")
     prompts = prompts_of(ctx, body)
     bias = logit_bias(ctx, body.logit_bias)
     reqs = []
@@ -102,7 +103,7 @@ def requests_of(
                 SamplingParams(
                     temperature=1.0 if body.temperature is None else body.temperature,
                     top_p=1.0 if body.top_p is None else body.top_p,
-                    top_k=body.top_k or 0,
+                    top_k=max(body.top_k or 0, 0),  # vLLM: -1 (or 0) disables top-k
                     repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
                     frequency_penalty=body.frequency_penalty or 0.0,
                     presence_penalty=body.presence_penalty or 0.0,
@@ -139,38 +140,25 @@ def logit_bias(ctx: ServerContext, raw: dict[str, float] | None) -> dict[int, fl
     return out
 
 
-def submit_all(ctx: ServerContext, reqs: list[GenerationRequest]) -> list[RequestHandle]:
-    """Submit every choice, or none: a refusal part-way cancels those already queued."""
-    handles: list[RequestHandle] = []
-    try:
-        for r in reqs:
-            handles.append(submit(ctx, r))
-    except ApiError:
-        for h in handles:
-            h.cancel()
-        raise
-    return handles
-
-
 class LogprobsBuilder:
-    """The legacy completions `logprobs` object: tokens, token_logprobs, top_logprobs, text_offset."""
+    """The legacy completions `logprobs` object: tokens, token_logprobs, top_logprobs, text_offset.
+
+    text_offset is each token's character offset in the choice's text (the echoed prompt, then the completion), as
+    OpenAI defines it: where the token's own text starts. A generated token's offset advances by its own text, not by
+    what the stop checks let out so far, so streamed and whole answers agree; bytes of an unfinished character count
+    once the character is complete.
+    """
 
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
 
-    def build(
-        self,
-        tokens: list[TokenEvent],
-        offset: int,
-        echo_ids: list[int] | None = None,
-        prompt: TokenLogprobs | None = None,
-    ) -> dict[str, Any]:
-        """tokens: generated; echo_ids: the echoed prompt, with `prompt` its logprobs (the first token has none)."""
+    def prompt(self, ids: list[int], prompt: TokenLogprobs | None) -> dict[str, Any]:
+        """The echoed prompt's entries (the first token has no logprob), offsets from 0."""
         tok = self.ctx.tokenizer
-        out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for j, i in enumerate(echo_ids or []):
-            t = tok.decode([i])
-            out["tokens"].append(t)
+        out = self._empty()
+        detok = IncrementalDetokenizer(tok)
+        for j, i in enumerate(ids):
+            out["tokens"].append(tok.decode([i]))
             if prompt is None or j == 0:
                 out["token_logprobs"].append(None)
                 out["top_logprobs"].append(None)
@@ -178,15 +166,29 @@ class LogprobsBuilder:
                 out["token_logprobs"].append(json_float(prompt.logprobs[j - 1]))
                 alts = zip(prompt.top_ids[j - 1], prompt.top_logprobs[j - 1], strict=True)
                 out["top_logprobs"].append({tok.decode([a]): json_float(lp) for a, lp in alts})
-            out["text_offset"].append(offset)
-            offset += len(t)
+            out["text_offset"].append(len(detok.text))
+            detok.add(i)
+        return out
+
+    def generated(self, tokens: list[TokenEvent], offset: int) -> dict[str, Any]:
+        """Generated tokens' entries, the first at character `offset` (after the echoed prompt, or 0)."""
+        tok = self.ctx.tokenizer
+        out = self._empty()
         for ev in tokens:
             out["tokens"].append(ev.text)
             out["token_logprobs"].append(json_float(ev.logprob))
             out["top_logprobs"].append({tok.decode([i]): json_float(lp) for i, lp in ev.top})
             out["text_offset"].append(offset)
-            offset += len(ev.emitted)
+            offset += len(ev.text)
         return out
+
+    @staticmethod
+    def _empty() -> dict[str, Any]:
+        return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+
+    @staticmethod
+    def concat(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+        return {k: a[k] + b[k] for k in a}
 
 
 def _usage(prompts: list[tuple[str, list[int]]], completion_tokens: int) -> dict[str, int]:
@@ -199,7 +201,7 @@ def _usage(prompts: list[tuple[str, list[int]]], completion_tokens: int) -> dict
 async def completions(request: Request, body: CompletionRequest, ctx: Ctx) -> Any:
     """OpenAI legacy completions; `stream` answers Server-Sent Events ending in `data: [DONE]`."""
     prompts, reqs = requests_of(ctx, body)
-    handles = submit_all(ctx, reqs)
+    handles = submit(ctx, reqs)
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         return StreamingResponse(
@@ -210,23 +212,23 @@ async def completions(request: Request, body: CompletionRequest, ctx: Ctx) -> An
     results: list[Collected] = await collect(request, handles)
     lp = LogprobsBuilder(ctx)
     choices = []
-    score_only = body.max_tokens == 0
     for k, res in enumerate(results):
         assert res.finish is not None
         ptext, pids = prompts[k // body.n]
-        prefix = ptext if body.echo else ""
-        prompt = res.tokens[0].prompt if res.tokens else None
-        tokens = [] if score_only else res.tokens
-        logprobs = lp.build(tokens, 0, pids if body.echo else None, prompt) if body.logprobs is not None else None
+        logprobs = None
+        if body.logprobs is not None:
+            logprobs = lp.generated(res.tokens, len(ptext) if body.echo else 0)
+            if body.echo:
+                logprobs = lp.concat(lp.prompt(pids, res.prompt), logprobs)
         choices.append(
             {
                 "index": k,
-                "text": prefix + ("" if score_only else res.emitted),
+                "text": (ptext if body.echo else "") + res.emitted,
                 "logprobs": logprobs,
-                "finish_reason": "length" if score_only else _finish_reason(res.finish.reason),
+                "finish_reason": _finish_reason(res.finish.reason),
             }
         )
-    usage = _usage(prompts, 0 if score_only else sum(r.finish.generated_tokens for r in results if r.finish))
+    usage = _usage(prompts, sum(r.finish.generated_tokens for r in results if r.finish))
     return JSONResponse(
         {
             "id": cid,
@@ -290,7 +292,7 @@ async def _stream(
     def echo(k: int, prompt: TokenLogprobs | None) -> bytes:
         ptext, pids = prompts[k // body.n]
         offsets[k] = len(ptext)
-        return chunk(k, ptext, lp.build([], 0, pids, prompt) if body.logprobs is not None else None, None)
+        return chunk(k, ptext, lp.prompt(pids, prompt) if body.logprobs is not None else None, None)
 
     # with logprobs, a choice's echo waits for its first event, which carries the prompt logprobs
     echo_pending = set(range(len(handles))) if body.echo and body.logprobs is not None else set()
@@ -299,7 +301,7 @@ async def _stream(
             for k in range(len(handles)):
                 yield echo(k, None)
         async for k, ev in _merge(handles):
-            if k in echo_pending and isinstance(ev, TokenEvent):
+            if k in echo_pending and not isinstance(ev, ErrorEvent):
                 echo_pending.discard(k)
                 yield echo(k, ev.prompt)
             if isinstance(ev, ErrorEvent):
@@ -307,14 +309,14 @@ async def _stream(
                 for h in handles:
                     h.cancel()
                 break
-            if body.max_tokens == 0:  # score only: the one sampled token is not part of the answer
+            if isinstance(ev, ScoreEvent):  # max_tokens 0: the echoed prompt is the whole answer
                 yield chunk(k, "", None, "length")
                 continue
             finish = None if ev.finish is None else _finish_reason(ev.finish.reason)
             if not ev.emitted and finish is None and body.logprobs is None:
                 continue  # text held back (a possible stop string or an unfinished character)
-            logprobs = lp.build([ev], offsets[k]) if body.logprobs is not None else None
-            offsets[k] += len(ev.emitted)
+            logprobs = lp.generated([ev], offsets[k]) if body.logprobs is not None else None
+            offsets[k] += len(ev.text)
             if ev.finish is not None:
                 generated += ev.finish.generated_tokens
             yield chunk(k, ev.emitted, logprobs, finish)

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from gam_model.sampling import SamplingParams
+from gam_model.scoring import TokenLogprobs
 from server.context import ServerContext, get_context
 from server.engine import ErrorEvent, FinishEvent, GenerationRequest, TokenEvent
 from server.errors import ApiError
@@ -88,13 +89,18 @@ def top_json(ctx: ServerContext, ev: TokenEvent) -> list[dict[str, Any]]:
 
 
 def details_json(
-    ctx: ServerContext, req: GenerationRequest, p: TGIParameters, tokens: list[TokenEvent], fin: FinishEvent
+    ctx: ServerContext,
+    req: GenerationRequest,
+    p: TGIParameters,
+    tokens: list[TokenEvent],
+    fin: FinishEvent,
+    prompt: TokenLogprobs | None,
 ) -> dict[str, Any]:
     """TGI `details` of a non-streamed answer; `prefill` has the prompt tokens' logprobs (the first has none)."""
     tok = ctx.tokenizer
     prefill = []
-    if p.decoder_input_details and tokens and tokens[0].prompt is not None:
-        lps = [None, *tokens[0].prompt.logprobs]
+    if p.decoder_input_details and prompt is not None:
+        lps = [None, *prompt.logprobs]
         prefill = [
             {"id": i, "text": tok.decode([i]), "logprob": json_float(lp)}
             for i, lp in zip(req.prompt_ids, lps, strict=True)
@@ -113,18 +119,18 @@ def details_json(
 
 async def generate_json(request: Request, ctx: ServerContext, body: TGIRequest, endpoint: str) -> dict[str, Any]:
     req, p = tgi_request(ctx, body, endpoint)
-    (out,) = await collect(request, [submit(ctx, req)])
+    (out,) = await collect(request, submit(ctx, [req]))
     assert out.finish is not None
     text = (body.inputs if p.return_full_text else "") + out.text
     res: dict[str, Any] = {"generated_text": text}
     if p.details:
-        res["details"] = details_json(ctx, req, p, out.tokens, out.finish)
+        res["details"] = details_json(ctx, req, p, out.tokens, out.finish, out.prompt)
     return res
 
 
 def generate_sse(ctx: ServerContext, body: TGIRequest, endpoint: str) -> StreamingResponse:
     req, p = tgi_request(ctx, body, endpoint, stream=True)
-    handle = submit(ctx, req)
+    (handle,) = submit(ctx, [req])
 
     async def events() -> AsyncIterator[bytes]:
         parts = [body.inputs] if p.return_full_text else []
@@ -132,6 +138,7 @@ def generate_sse(ctx: ServerContext, body: TGIRequest, endpoint: str) -> Streami
             if isinstance(ev, ErrorEvent):
                 yield sse(json.dumps({"error": ev.message, "error_type": ev.error_type}))
                 return
+            assert isinstance(ev, TokenEvent)  # TGI requests generate at least one token
             if not ev.special:
                 parts.append(ev.text)
             data: dict[str, Any] = {"index": ev.index, "token": token_json(ctx, ev.id, ev.text, ev.logprob, ev.special)}

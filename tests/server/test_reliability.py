@@ -71,7 +71,7 @@ CASES: list[tuple[str, str, str, bytes, dict[str, str], int]] = [
     ("tgi 1e400", "POST", "/generate", b'{"inputs":"x","parameters":{"max_new_tokens":1e400}}', JSON, 422),
     ("oai max_tokens -1", "POST", "/v1/completions", raw({"model": MODEL, "prompt": "x", "max_tokens": -1}), JSON, 400),
     ("oai n 1000", "POST", "/v1/completions", raw({"model": MODEL, "prompt": "x", "n": 1000}), JSON, 400),
-    ("oai top_k -1", "POST", "/v1/completions", raw({"model": MODEL, "prompt": "x", "top_k": -1}), JSON, 400),
+    ("oai top_k -2", "POST", "/v1/completions", raw({"model": MODEL, "prompt": "x", "top_k": -2}), JSON, 400),
     ("oai logprobs -1", "POST", "/v1/completions", raw({"model": MODEL, "prompt": "x", "logprobs": -1}), JSON, 400),
     ("oai seed 2^64", "POST", "/v1/completions", raw({"model": MODEL, "prompt": "x", "seed": 2**64}), JSON, 400),
     (
