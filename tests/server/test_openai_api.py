@@ -182,3 +182,28 @@ async def test_max_tokens_zero_with_echo_scores_the_prompt_only(client: httpx.As
         n = len(c["logprobs"]["tokens"])
         assert c["logprobs"]["token_logprobs"] == r["logprobs"]["token_logprobs"][:n]
         assert len(r["logprobs"]["tokens"]) == n + 1  # the reference has the one generated token beyond them
+
+
+async def test_text_offset_is_where_each_token_starts(client: httpx.AsyncClient) -> None:
+    """text_offset follows OpenAI's definition (each token's start in the choice's text: echoed prompt, then
+    completion) and agrees between streamed and whole answers, with multi-byte characters spread over byte tokens
+    and a stop string that holds text back without ever matching."""
+    for prompt in ("Party 🎉 time , naïve café", "The game was", "日本"):
+        for echo in (True, False):
+            body = {"model": MODEL, "prompt": prompt, "max_tokens": 12, "temperature": 0.9, "seed": 3}
+            body |= {"echo": echo, "logprobs": 1, "stop": ["e~", "a~", "s~", "t~"]}  # held back, never matched
+            whole = (await client.post("/v1/completions", json=body)).json()["choices"][0]
+            r = await client.post("/v1/completions", json={**body, "stream": True})
+            chunks = [json.loads(p)["choices"][0] for p in sse_payloads(r.text)[:-1]]
+            streamed = [o for c in chunks for o in c["logprobs"]["text_offset"]]
+            lp = whole["logprobs"]
+            assert streamed == lp["text_offset"]
+            assert "".join(c["text"] for c in chunks) == whole["text"]
+            offsets, tokens, text = lp["text_offset"], lp["tokens"], whole["text"]
+            assert offsets == sorted(offsets) and offsets[0] == 0
+            n_prompt = len((await client.post("/tokenize", json={"inputs": prompt})).json()) if echo else 0
+            if echo:
+                assert offsets[n_prompt] == len(prompt)  # the first generated token starts after the prompt
+            for off, tok in zip(offsets, tokens, strict=True):
+                if "\ufffd" not in tok:  # a byte piece of a character has no text of its own
+                    assert text[off : off + len(tok)] == tok, (prompt, echo, off, tok)
