@@ -5,12 +5,16 @@ from __future__ import annotations
 import logging
 import sys
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import uvicorn
 from pydantic import ValidationError
 from pydantic_settings import CliApp, SettingsConfigDict
 
 from server.settings import Settings
+
+if TYPE_CHECKING:
+    from server.engine import Engine
 
 
 class CliSettings(Settings):
@@ -27,13 +31,33 @@ class CliSettings(Settings):
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn.Server that tells the engine to stop admitting the moment SIGTERM/SIGINT arrives."""
+    """uvicorn.Server that drains before it stops listening.
+
+    On the first SIGTERM/SIGINT the engine stops admitting (new requests and /health answer 503, so probes and load
+    balancers see the server leave) while the socket stays open and running streams finish, up to --shutdown-grace
+    (then the engine ends the rest with a final error event). Only when the engine is idle does uvicorn's own shutdown
+    start: close the listeners, wait for connections. A second signal skips the rest of the drain.
+    """
+
+    _draining = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        engine = getattr(getattr(self.config.app, "state", None), "engine", None)
-        if engine is not None:
-            engine.drain()
-        super().handle_exit(sig, frame)
+        engine = self._engine()
+        if engine is None or self._draining or self.should_exit:
+            super().handle_exit(sig, frame)
+            return
+        self._draining = True
+        self._exit_signal = (sig, frame)
+        engine.drain()
+
+    async def on_tick(self, counter: int) -> bool:
+        engine = self._engine()
+        if self._draining and not self.should_exit and (engine is None or engine.idle):
+            super().handle_exit(*self._exit_signal)
+        return await super().on_tick(counter)
+
+    def _engine(self) -> Engine | None:
+        return getattr(getattr(self.config.app, "state", None), "engine", None)
 
 
 def parse(argv: list[str] | None = None) -> Settings:

@@ -310,6 +310,11 @@ class Engine:
         return self._draining
 
     @property
+    def idle(self) -> bool:
+        """No request running or waiting (or the loop is gone): a draining server may stop listening."""
+        return not (self._running or self._waiting) or not self.alive
+
+    @property
     def num_running(self) -> int:
         return len(self._running)
 

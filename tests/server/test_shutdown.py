@@ -101,11 +101,16 @@ async def test_sigterm_with_32_open_streams(checkpoint_dir: Path) -> None:
                 if metric(m, "gam_requests_running") == 16 and metric(m, "gam_requests_waiting") == 16:
                     break
                 await asyncio.sleep(0.05)
-            t0 = time.monotonic()
             proc.send_signal(signal.SIGTERM)
-            results = await asyncio.wait_for(asyncio.gather(*tasks), GRACE_S + 20)
-            exit_code = await asyncio.to_thread(proc.wait, GRACE_S + 20)
-            elapsed = time.monotonic() - t0
+            # while it drains, the socket stays open: probes get 503 (not "connection refused") and new work 503
+            async with httpx.AsyncClient(base_url=url, timeout=30) as probe:
+                while (await probe.get("/health")).status_code == 200:
+                    await asyncio.sleep(0.02)
+                assert (await probe.get("/health")).status_code == 503
+                r = await probe.post("/generate", json={"inputs": "The game", "parameters": {"max_new_tokens": 2}})
+                assert r.status_code == 503 and r.json()["error_type"] == "unhealthy"
+            results = await asyncio.wait_for(asyncio.gather(*tasks), GRACE_S + 60)
+            exit_code = await asyncio.to_thread(proc.wait, GRACE_S + 60)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -117,6 +122,7 @@ async def test_sigterm_with_32_open_streams(checkpoint_dir: Path) -> None:
     assert all(ended_properly_openai(ev) for ev in oai), [ev[-2:] for ev in oai]
     assert sum(len(ev) > 1 for ev in tgi) >= 4  # decoding streams had tokens before their final event
     assert exit_code in (0, -signal.SIGTERM), log[-2000:]  # uvicorn re-raises the signal it handled
-    assert elapsed < GRACE_S + 8, elapsed  # grace + uvicorn's own shutdown, under this machine's load
+    # the streams still open at the end of the grace period ended with the drain's error event
+    assert any("shutting down" in ev[-1].get("error", "") for ev in tgi)
     assert "draining" in log  # debug logs were on ...
     assert SECRET not in log  # ... and still no prompt text
