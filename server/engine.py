@@ -323,12 +323,14 @@ class Engine:
         return len(self._waiting)
 
     def drain(self, grace: float | None = None) -> None:
-        """Stop admitting new requests; requests still running after `grace` seconds are ended."""
+        """Stop admitting new requests; requests still running after `grace` seconds are ended (calling it again
+        can shorten the grace, never extend it)."""
         with self._cond:
+            deadline = time.monotonic() + (self.shutdown_grace if grace is None else grace)
             if not self._draining:
                 self._draining = True
-                self._drain_deadline = time.monotonic() + (self.shutdown_grace if grace is None else grace)
                 log.info("draining: %d running, %d waiting", len(self._running), len(self._waiting))
+            self._drain_deadline = min(self._drain_deadline, deadline)  # a second call can only shorten the grace
             self._cond.notify()
 
     async def shutdown(self, grace: float | None = None) -> None:

@@ -132,7 +132,7 @@ def scripted() -> Iterator[tuple[str, Script]]:
     server = uvicorn.Server(uvicorn.Config(scripted_app(script), log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while not server.started:
         assert time.monotonic() < deadline, "scripted server did not start"
         time.sleep(0.01)

@@ -86,7 +86,7 @@ async def test_disconnects_free_the_servers_slots(gam_server) -> None:
     assert sum(r.disconnected for r in res.records) + sum(r.success for r in res.records) == 8  # eos may come first
     assert sum(r.disconnected for r in res.records) >= 4
     engine = app.state.engine
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60  # bounded wait for a state that must come, not a timing claim
     while engine.num_running or engine.num_waiting:
         assert time.monotonic() < deadline, "cancelled requests still hold slots"
         await asyncio.sleep(0.05)

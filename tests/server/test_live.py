@@ -19,7 +19,7 @@ from tests.server.conftest import LiveServer, app_client
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def wait_for(cond, timeout: float = 10.0) -> bool:
+def wait_for(cond, timeout: float = 60.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if cond():
@@ -38,13 +38,13 @@ def metric(url: str, name: str) -> float:
 @pytest.mark.parametrize(
     ("path", "body"),
     [
-        ("/generate_stream", {"inputs": "The game", "parameters": {"max_new_tokens": 4000}}),
-        ("/v1/completions", {"model": "tiny-gam", "prompt": "The game", "max_tokens": 4000, "stream": True}),
-        ("/generate", {"inputs": "The game", "parameters": {"max_new_tokens": 4000}}),
+        ("/generate_stream", {"inputs": "The game", "parameters": {"max_new_tokens": 10**6}}),
+        ("/v1/completions", {"model": "tiny-gam", "prompt": "The game", "max_tokens": 10**6, "stream": True}),
+        ("/generate", {"inputs": "The game", "parameters": {"max_new_tokens": 10**6}}),
     ],
 )
 def test_disconnect_frees_slot(make_settings, path: str, body: dict) -> None:
-    with LiveServer(make_settings(max_new_tokens=4000)) as s:
+    with LiveServer(make_settings(max_new_tokens=10**6)) as s:
         endpoint = {"/generate_stream": "generate_stream", "/v1/completions": "completions"}.get(path, "generate")
         with httpx.Client(base_url=s.url, timeout=30) as client:
             if body.get("stream") or path == "/generate_stream":
@@ -56,7 +56,7 @@ def test_disconnect_frees_slot(make_settings, path: str, body: dict) -> None:
                 with pytest.raises(httpx.ReadTimeout):
                     client.post(path, json=body, timeout=0.5)
         # the slot is freed within a step or two of the disconnect being seen
-        assert wait_for(lambda: s.engine.num_running == 0, 10.0)
+        assert wait_for(lambda: s.engine.num_running == 0)
         assert s.engine.decoder.state.free_slots == 4
         assert wait_for(lambda: metric(s.url, "gam_requests_running") == 0)
         cancelled = f'gam_requests_total{{endpoint="{endpoint}",finish_reason="cancelled"}}'

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import time
 
 import httpx
 import pytest
@@ -239,37 +238,23 @@ async def test_failed_step_mid_openai_stream_sends_error_then_done(make_settings
 
 
 # -- overload --------------------------------------------------------------------------------------------------
-async def _timed(client: httpx.AsyncClient, path: str, body: dict) -> tuple[httpx.Response, float]:
-    t0 = time.perf_counter()
-    r = await client.post(path, json=body)
-    return r, time.perf_counter() - t0
-
-
 @pytest.mark.parametrize("path", ["/generate", "/v1/completions"])
-async def test_burst_of_4x_capacity_gets_200_or_429_and_bounded_latency(make_settings, path: str) -> None:
-    """Capacity = 4 slots + 4 queued; 32 at once: only 200/429 (+ Retry-After); admitted p99 stays within a few
-    full-batch times (the bounded queue), where an unbounded one would serve the last after 8 of them."""
-    n_tok = 32  # generation, not HTTP overhead, dominates the latency
+async def test_burst_of_4x_capacity_gets_200_or_429(make_settings, path: str) -> None:
+    """Capacity = 4 slots + 4 queued; 32 at once: only 200 or 429 (+ Retry-After), at least a full capacity served,
+    and the server is idle and healthy afterwards. (The latency the queue bound buys is measured by `python -m
+    load_tests.overload`, a command: wall-clock bounds are no test on a shared CPU.)"""
     body = (
-        {"inputs": "The game", "parameters": {"max_new_tokens": n_tok}}
+        {"inputs": "The game", "parameters": {"max_new_tokens": 32}}
         if path == "/generate"
-        else {"model": MODEL, "prompt": "The game", "max_tokens": n_tok, "temperature": 0}
+        else {"model": MODEL, "prompt": "The game", "max_tokens": 32, "temperature": 0}
     )
     async with app_client(make_settings(max_batch_size=4, max_queue=4)) as (app, client):
-        batch_times = []
-        for _ in range(3):  # one full batch alone, side by side with the burst below
-            rs = await asyncio.gather(*(_timed(client, path, body) for _ in range(4)))
-            assert all(r.status_code == 200 for r, _ in rs)
-            batch_times.append(max(t for _, t in rs))
-        rs = await asyncio.gather(*(_timed(client, path, body) for _ in range(32)))
-        codes = [r.status_code for r, _ in rs]
+        rs = await asyncio.gather(*(client.post(path, json=body) for _ in range(32)))
+        codes = [r.status_code for r in rs]
         assert set(codes) <= {200, 429} and codes.count(200) >= 8, codes
-        assert all(r.headers.get("Retry-After") == "1" for r, _ in rs if r.status_code == 429)
-        admitted = sorted(t for r, t in rs if r.status_code == 200)
-        p99 = admitted[min(len(admitted) - 1, math.ceil(0.99 * len(admitted)) - 1)]
-        # the slowest of the three full batches as the unit: one fast outlier on this shared CPU must not fail it
-        assert p99 < 5 * max(batch_times), (p99, batch_times)
-        assert app.state.engine.num_running == 0 and (await client.get("/health")).status_code == 200
+        assert all(r.headers.get("Retry-After") == "1" for r in rs if r.status_code == 429)
+        assert app.state.engine.num_running == 0 and app.state.engine.num_waiting == 0
+        assert (await client.get("/health")).status_code == 200
 
 
 # -- soak (short; the 10,000-request run is `python -m load_tests.soak`) --------------------------------------
