@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tokenizers import Encoding
 from tokenizers import Tokenizer as HFTokenizer
 
 
@@ -14,6 +15,17 @@ class Tokenizer:
         self.tok = tok
         self.eos_token_id = eos_token_id
         self.bos_token_id = bos_token_id
+        self._max_token_bytes = self._bytes_bound(tok)
+
+    @staticmethod
+    def _bytes_bound(tok: HFTokenizer) -> int | None:
+        """Most UTF-8 bytes of input one token can stand for, where that is bounded: a byte-level BPE without a
+        normalizer turns every input byte into part of exactly one vocabulary piece (or added token). None otherwise
+        (a Whitespace pre-tokenizer drops bytes, a WordLevel [UNK] swallows a whole word)."""
+        pre = getattr(tok.pre_tokenizer, "__class__", type(None)).__name__
+        if tok.normalizer is not None or pre != "ByteLevel" or type(tok.model).__name__ != "BPE":
+            return None
+        return max(len(piece.encode("utf-8")) for piece in tok.get_vocab())
 
     @classmethod
     def from_file(cls, path: str | Path, eos_token_id: int | None = None, bos_token_id: int | None = None) -> Tokenizer:
@@ -25,6 +37,18 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_releasing_gil(self, text: str, add_special_tokens: bool = False) -> Encoding:
+        """Encode one text without holding the GIL (`encode_batch` releases it, `encode` does not), for a worker
+        thread: other Python threads (an event loop, the engine) keep running meanwhile."""
+        return self.tok.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on len(encode(text)) computed without tokenizing (0 when the tokenizer gives none): lets
+        a server refuse a far too long prompt at once instead of spending seconds tokenizing it."""
+        if self._max_token_bytes is None:
+            return 0
+        return -(-len(text.encode("utf-8")) // self._max_token_bytes)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
+from tokenizers import Encoding
 
 from gam_model.sampling import SamplingParams
 from gam_model.scoring import TokenLogprobs
@@ -55,10 +56,31 @@ def check_text(text: str, param: str) -> None:
         raise ApiError(422, f"{param} is not valid UTF-8 text: {e.reason} at position {e.start}", param=param) from e
 
 
-def encode_prompt(ctx: ServerContext, text: str, param: str, truncate: int | None = None) -> list[int]:
-    """Tokenize a prompt; apply TGI `truncate` (keep the last N tokens) and the --max-input-tokens limit."""
+# texts longer than this are tokenized in a worker thread that releases the GIL, so a large prompt never stalls the
+# event loop (streams, /health); shorter ones cost less than the thread hop
+INLINE_TOKENIZE_CHARS = 16_384
+
+
+async def encode_text(ctx: ServerContext, text: str, add_special_tokens: bool = False) -> Encoding:
+    """Tokenize text off the event loop when it is long (a 1 MiB prompt takes seconds)."""
+    if len(text) <= INLINE_TOKENIZE_CHARS:
+        return ctx.tokenizer.tok.encode(text, add_special_tokens=add_special_tokens)
+    return await asyncio.to_thread(ctx.tokenizer.encode_releasing_gil, text, add_special_tokens)
+
+
+async def encode_prompt(ctx: ServerContext, text: str, param: str, truncate: int | None = None) -> list[int]:
+    """Tokenize a prompt; apply TGI `truncate` (keep the last N tokens) and the --max-input-tokens limit. A prompt
+    that is certainly too long (by a bound on bytes per token) is refused before it is tokenized."""
     check_text(text, param)
-    ids = ctx.tokenizer.encode(text)
+    limit = ctx.settings.max_input_tokens
+    if truncate is None and (at_least := ctx.tokenizer.min_tokens(text)) > limit:
+        raise ApiError(
+            422,
+            f"{param} has at least {at_least} tokens, more than the limit of {limit} (max input tokens)"
+            " - shorten it or set truncate",
+            param=param,
+        )
+    ids = (await encode_text(ctx, text)).ids
     if not ids:
         raise ApiError(422, f"{param} has no tokens after tokenization", param=param)
     return check_ids(ctx, ids, param, truncate)

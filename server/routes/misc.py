@@ -10,7 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.context import ServerContext, get_context
 from server.errors import ApiError
-from server.routes.common import check_text
+from server.routes.common import check_text, encode_text
 from server.types import DetokenizeRequest, TokenizeRequest, VLLMTokenizeRequest
 from server.version import VERSION
 
@@ -68,10 +68,10 @@ async def tokenize(body: TokenizeRequest | VLLMTokenizeRequest, ctx: Ctx) -> Any
     vLLM form `{"prompt", "add_special_tokens"}`: `{"count", "max_model_len", "tokens"}`."""
     if isinstance(body, VLLMTokenizeRequest):
         check_text(body.prompt, "prompt")
-        ids = ctx.tokenizer.tok.encode(body.prompt, add_special_tokens=body.add_special_tokens).ids
+        ids = (await encode_text(ctx, body.prompt, body.add_special_tokens)).ids
         return {"count": len(ids), "max_model_len": ctx.settings.max_input_tokens, "tokens": ids}
     check_text(body.inputs, "inputs")
-    enc = ctx.tokenizer.tok.encode(body.inputs, add_special_tokens=False)
+    enc = await encode_text(ctx, body.inputs)
     return [
         {"id": i, "text": body.inputs[a:b], "start": a, "stop": b}
         for i, (a, b) in zip(enc.ids, enc.offsets, strict=True)

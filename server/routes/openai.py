@@ -41,7 +41,7 @@ def _finish_reason(reason: str) -> str:
     return "length" if reason == "length" else "stop"
 
 
-def prompts_of(ctx: ServerContext, body: CompletionRequest) -> list[tuple[str, list[int]]]:
+async def prompts_of(ctx: ServerContext, body: CompletionRequest) -> list[tuple[str, list[int]]]:
     """(text, ids) per prompt: a string, a list of strings, a list of ids, or a list of id lists."""
     p = body.prompt
     if isinstance(p, str):
@@ -58,14 +58,14 @@ def prompts_of(ctx: ServerContext, body: CompletionRequest) -> list[tuple[str, l
         if isinstance(t, str):
             if not t:
                 raise ApiError(400, f"{param} must not be empty", param="prompt")
-            out.append((t, encode_prompt(ctx, t, param)))
+            out.append((t, await encode_prompt(ctx, t, param)))
         else:
             ids = check_ids(ctx, list(t), param)
             out.append((ctx.tokenizer.decode(ids), ids))
     return out
 
 
-def requests_of(
+async def requests_of(
     ctx: ServerContext, body: CompletionRequest
 ) -> tuple[list[tuple[str, list[int]]], list[GenerationRequest]]:
     """Validate a completion body into one engine request per (prompt, n) choice (400 on bad values)."""
@@ -94,7 +94,7 @@ def requests_of(
         )
     # max_tokens 0 + echo: the engine scores the prompt if logprobs are asked, and generates nothing
     max_new = check_max_new_tokens(ctx, 16 if body.max_tokens is None else body.max_tokens, "max_tokens")
-    prompts = prompts_of(ctx, body)
+    prompts = await prompts_of(ctx, body)
     bias = logit_bias(ctx, body.logit_bias)
     reqs = []
     for _, ids in prompts:
@@ -200,7 +200,7 @@ def _usage(prompts: list[tuple[str, list[int]]], completion_tokens: int) -> dict
 @router.post("/completions", summary="Create a completion", responses=sse_response())
 async def completions(request: Request, body: CompletionRequest, ctx: Ctx) -> Any:
     """OpenAI legacy completions; `stream` answers Server-Sent Events ending in `data: [DONE]`."""
-    prompts, reqs = requests_of(ctx, body)
+    prompts, reqs = await requests_of(ctx, body)
     handles = submit(ctx, reqs)
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:

@@ -32,7 +32,7 @@ router = APIRouter(tags=["Text Generation Inference"])
 DEFAULT_MAX_NEW_TOKENS = 100  # TGI's default
 
 
-def tgi_request(
+async def tgi_request(
     ctx: ServerContext, body: TGIRequest, endpoint: str, stream: bool = False
 ) -> tuple[GenerationRequest, TGIParameters]:
     """Validate a TGI body into an engine request (422 in TGI's shape on any bad value)."""
@@ -55,7 +55,7 @@ def tgi_request(
         raise ApiError(
             422, f"top_n_tokens must be <= {ctx.settings.max_top_n_tokens}, got {top_n}", param="top_n_tokens"
         )
-    ids = encode_prompt(ctx, body.inputs, "inputs", p.truncate)
+    ids = await encode_prompt(ctx, body.inputs, "inputs", p.truncate)
     max_new = check_max_new_tokens(
         ctx, p.max_new_tokens or min(DEFAULT_MAX_NEW_TOKENS, ctx.settings.max_new_tokens), "max_new_tokens"
     )
@@ -118,7 +118,7 @@ def details_json(
 
 
 async def generate_json(request: Request, ctx: ServerContext, body: TGIRequest, endpoint: str) -> dict[str, Any]:
-    req, p = tgi_request(ctx, body, endpoint)
+    req, p = await tgi_request(ctx, body, endpoint)
     (out,) = await collect(request, submit(ctx, [req]))
     assert out.finish is not None
     text = (body.inputs if p.return_full_text else "") + out.text
@@ -128,8 +128,8 @@ async def generate_json(request: Request, ctx: ServerContext, body: TGIRequest, 
     return res
 
 
-def generate_sse(ctx: ServerContext, body: TGIRequest, endpoint: str) -> StreamingResponse:
-    req, p = tgi_request(ctx, body, endpoint, stream=True)
+async def generate_sse(ctx: ServerContext, body: TGIRequest, endpoint: str) -> StreamingResponse:
+    req, p = await tgi_request(ctx, body, endpoint, stream=True)
     (handle,) = submit(ctx, [req])
 
     async def events() -> AsyncIterator[bytes]:
@@ -212,12 +212,12 @@ async def generate(request: Request, body: TGIRequest, ctx: Ctx) -> JSONResponse
 )
 async def generate_stream(body: TGIRequest, ctx: Ctx) -> StreamingResponse:
     """TGI /generate_stream: one `data:` event per token; the last has generated_text and details."""
-    return generate_sse(ctx, body, "generate_stream")
+    return await generate_sse(ctx, body, "generate_stream")
 
 
 @router.post("/", summary="TGI compat route: JSON list or SSE by `stream`", responses=SSE_EVENTS)
 async def compat_generate(request: Request, body: TGIRequest, ctx: Ctx) -> Any:
     """POST / as TGI answers it (huggingface_hub and text-generation post here): a one-element list or a stream."""
     if body.stream:
-        return generate_sse(ctx, body, "generate_stream")
+        return await generate_sse(ctx, body, "generate_stream")
     return JSONResponse([await generate_json(request, ctx, body, "generate")])
