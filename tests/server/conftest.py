@@ -62,6 +62,11 @@ def checkpoint_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
+def metric_values(text: str) -> dict[str, float]:
+    """Prometheus text exposition -> {"name{labels}": value}."""
+    return {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln and ln[0] != "#"}
+
+
 def tiny_settings(model: Path, **kw: Any) -> Settings:
     """Settings the server tests share for a tiny checkpoint on CPU in fp32; keyword arguments override them."""
     base: dict[str, Any] = dict(

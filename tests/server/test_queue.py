@@ -9,13 +9,9 @@ import time
 
 import httpx
 
-from tests.server.conftest import LiveServer, app_client, tiny_settings
+from tests.server.conftest import LiveServer, app_client, metric_values, tiny_settings
 
 MODEL = "tiny-gam"
-
-
-def metric_values(text: str) -> dict[str, float]:
-    return {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln and ln[0] != "#"}
 
 
 async def metrics(client: httpx.AsyncClient) -> dict[str, float]:

@@ -8,7 +8,7 @@ import json
 import httpx
 import pytest
 
-from tests.server.conftest import app_client
+from tests.server.conftest import app_client, metric_values
 
 MODEL = "tiny-gam"
 PROMPTS = [
@@ -22,10 +22,6 @@ PROMPTS = [
 
 def sse_data(text: str) -> list[str]:
     return [b[len("data: ") :] for b in text.split("\n\n") if b.startswith("data: ")]
-
-
-def metric_values(text: str) -> dict[str, float]:
-    return {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln and ln[0] != "#"}
 
 
 async def generated_tokens(client: httpx.AsyncClient, form: str, prompt: str, n: int) -> list[str]:
