@@ -26,7 +26,7 @@ class Decoder:
 
     Logits are returned as float32 (B, V). Rows at positions < block_size take the cached step; rows past it
     take the sliding-window step (DESIGN 1.3). Batches are padded to power-of-two buckets with the scratch
-    slot, so every shape the step sees is one of a few static ones.
+    slot, so every shape the step sees is one of a few static ones (deterministic mode: exactly one).
 
     Options (keyword-only):
     - cuda_graphs: replay one captured graph per bucket (default: on when the device is CUDA). On CPU, True
@@ -46,7 +46,8 @@ class Decoder:
       row's result depends neither on its place in the chunk nor on the padding rows is what
       tests/gam_model/test_deterministic.py checks. Costs throughput (README, bench/deterministic.py).
     - fixed_rows: the row count M0 of deterministic mode. Default: the whole pool on CUDA (one captured graph
-      per regime; a GPU step costs about the same at any small batch), min(pool, CPU_FIXED_ROWS) on CPU.
+      per regime; a GPU step costs about the same at any small batch), min(pool, CPU_FIXED_ROWS) on CPU. On
+      the development CPU MKL keeps a row's bits independent of its place only at multiples of 4 rows.
     """
 
     def __init__(

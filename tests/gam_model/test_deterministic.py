@@ -8,6 +8,7 @@ a test could not be relied on to fail or to pass (the measured differences are i
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from tests.conftest import tiny_model
 from tests.gam_model.test_decode import TOL, teacher_force
 
 ROOT = Path(__file__).resolve().parent.parent.parent
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 BUNDLED = ROOT / "weights" / "gam-wikitext2"
 TEXT = ROOT / "tests" / "fixtures" / "wikitext2_train_excerpt.txt"
 
@@ -69,7 +71,9 @@ def generate(dec: Decoder, prompts: Sequence[Sequence[int]], params: Sequence[in
     times; one Trace per prompt."""
     V = dec.config.vocab_size
     slots = [dec.allocate() for _ in prompts]
-    rows = [SequenceSampler(PARAMS[k % len(PARAMS)], list(p), V) for k, p in zip(params, prompts, strict=True)]
+    rows = [
+        SequenceSampler(PARAMS[k % len(PARAMS)], list(p), V, dec.device) for k, p in zip(params, prompts, strict=True)
+    ]
     logits = dec.prefill(slots, prompts)  # (B, V)
     seen: list[list] = [[] for _ in prompts]
     for t in range(steps + 1):
@@ -110,9 +114,16 @@ def check_invariance(dec: Decoder, prompts: list[list[int]], makeups: list[list[
 
 
 @pytest.fixture(scope="module")
-def bundled() -> tuple[GAM, list[int]]:
+def bundled_once() -> tuple[GAM, list[int]]:
     model, tok, _ = load_checkpoint(BUNDLED)
     return model, tok.encode(TEXT.read_text())
+
+
+@pytest.fixture
+def bundled(bundled_once: tuple[GAM, list[int]]) -> tuple[GAM, list[int]]:
+    """A fresh copy of the bundled model per test: Decoder moves its model to its device and dtype in place."""
+    model, ids = bundled_once
+    return copy.deepcopy(model), ids
 
 
 def bundled_prompts(ids: list[int], block_size: int) -> list[list[int]]:
@@ -136,6 +147,21 @@ def test_bundled_model_rows_are_bit_identical_whatever_the_batch(bundled, dtype:
         [2, 6, 0, 3, 1, 4, 5, 1, 0, 2, 3],  # two chunks: places shift, some prompts twice, across the boundary
         [5, 0],
     ]
+    check_invariance(dec, prompts, makeups, steps=3)
+
+
+@pytest.mark.cuda
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_rows_are_bit_identical_whatever_the_batch(bundled, dtype: torch.dtype) -> None:
+    """CUDA: fixed_rows is the whole pool (one captured graph per regime, Triton kernels when importable). A pool
+    of 256 spans several GEMM tiles, and the 256-row make-up puts every prompt at places all over it."""
+    model, ids = bundled
+    dec = Decoder(model, num_slots=256, device="cuda", dtype=dtype, deterministic=True)
+    assert dec.fixed_rows == 256 and dec.buckets == [256] and dec.cuda_graphs
+    prompts = bundled_prompts(ids, dec.config.block_size)
+    n = len(prompts)
+    makeups = [list(range(n)), [(5 * j + j // n) % n for j in range(256)], [4, 1]]
     check_invariance(dec, prompts, makeups, steps=3)
 
 
@@ -223,15 +249,22 @@ def test_options() -> None:
 # -- the sampler ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("vocab", "threads"), [(8192, 1), (50_000, 2)], indirect=["threads"])
-def test_sampler_rows_are_bit_identical_whatever_the_batch(vocab: int, threads: int) -> None:
+SAMPLER_CASES = [
+    (8192, 1, "cpu"),
+    (50_000, 2, "cpu"),
+    pytest.param(50_000, 1, "cuda", marks=[pytest.mark.cuda, cuda_only]),
+]
+
+
+@pytest.mark.parametrize(("vocab", "threads", "device"), SAMPLER_CASES, indirect=["threads"])
+def test_sampler_rows_are_bit_identical_whatever_the_batch(vocab: int, threads: int, device: str) -> None:
     """Tokens, logprobs and alternatives of a row alone == in batches of other sizes and neighbours. With a large
     vocabulary and 2 threads torch.logsumexp / sum of a lone row split it across threads: the sampler avoids them."""
     g = torch.Generator().manual_seed(vocab)
-    logits = torch.randn(9, vocab, generator=g) * 4  # (B, V)
+    logits = (torch.randn(9, vocab, generator=g) * 4).to(device)  # (B, V)
 
     def rows(ks: list[int]) -> list[SequenceSampler]:
-        return [SequenceSampler(PARAMS[k], [1, 2, 3], vocab) for k in ks]
+        return [SequenceSampler(PARAMS[k], [1, 2, 3], vocab, device) for k in ks]
 
     for target in range(len(PARAMS)):
         alone = sample(logits[target : target + 1], rows([target]))
@@ -246,12 +279,15 @@ def test_sampler_rows_are_bit_identical_whatever_the_batch(vocab: int, threads: 
             assert torch.equal(out.top_logprobs[1, :n], alone.top_logprobs[0])
 
 
-@pytest.mark.parametrize(("vocab", "threads"), [(8192, 1), (50_000, 2)], indirect=["threads"])
-def test_row_reductions_are_row_invariant_and_equal_torch_within_rounding(vocab: int, threads: int) -> None:
+@pytest.mark.parametrize(("vocab", "threads", "device"), SAMPLER_CASES, indirect=["threads"])
+def test_row_reductions_are_row_invariant_and_equal_torch_within_rounding(
+    vocab: int, threads: int, device: str
+) -> None:
     """The sampler's sums, prefix sums and normalisers of a row alone == in a batch, bit for bit. (With 2 threads
-    torch's own sum and logsumexp of a lone 50,000-wide row split it across threads, here: not these.)"""
+    torch's own sum and logsumexp of a lone 50,000-wide row split it across threads, here; on CUDA the reduce
+    kernel's block shape follows the number of rows, and a lone row is scanned by another algorithm.)"""
     g = torch.Generator().manual_seed(vocab)
-    x = torch.randn(6, vocab, generator=g) * 5  # (B, V)
+    x = (torch.randn(6, vocab, generator=g) * 5).to(device)  # (B, V)
     for f in (sampling.row_sum, sampling.row_logsumexp, sampling.row_cumsum, lambda t: sampling.row_cumsum(t.double())):
         batch = f(x)
         for i in range(6):
