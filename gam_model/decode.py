@@ -45,9 +45,10 @@ class Decoder:
       BLAS picks its kernel and blocking by shape, so only a fixed shape fixes each row's arithmetic; that a
       row's result depends neither on its place in the chunk nor on the padding rows is what
       tests/gam_model/test_deterministic.py checks. Costs throughput (README, bench/deterministic.py).
-    - fixed_rows: the row count M0 of deterministic mode. Default: the whole pool on CUDA (one captured graph
-      per regime; a GPU step costs about the same at any small batch), min(pool, CPU_FIXED_ROWS) on CPU. On
-      the development CPU MKL keeps a row's bits independent of its place only at multiples of 4 rows.
+    - fixed_rows: the row count M0 of deterministic mode; rows past the batch (and past the pool, if M0 is
+      larger) are the scratch slot. Default: the whole pool on CUDA (one captured graph per regime; a GPU step
+      costs about the same at any small batch), CPU_FIXED_ROWS on CPU, whatever the pool: on the development
+      CPU MKL keeps a row's bits independent of its place only at multiples of 4 rows.
     """
 
     def __init__(
@@ -76,9 +77,10 @@ class Decoder:
         if fixed_rows is not None and not deterministic:
             raise ValueError("fixed_rows is the row count of deterministic mode: pass deterministic=True")
         if deterministic:
-            fixed_rows = fixed_rows or (num_slots if on_cuda else min(num_slots, CPU_FIXED_ROWS))
-            if not 1 <= fixed_rows <= num_slots:
-                raise ValueError(f"fixed_rows must be in [1, num_slots={num_slots}], got {fixed_rows}")
+            if fixed_rows is None:
+                fixed_rows = num_slots if on_cuda else CPU_FIXED_ROWS
+            if fixed_rows < 1:
+                raise ValueError(f"fixed_rows must be >= 1, got {fixed_rows}")
         self.deterministic = deterministic
         self.fixed_rows = fixed_rows  # None unless deterministic
         self.buckets = [fixed_rows] if fixed_rows else bucket_sizes(num_slots)

@@ -237,13 +237,17 @@ def test_deterministic_mode_stays_exact() -> None:
 
 def test_options() -> None:
     model = tiny_model()
-    assert Decoder(model, num_slots=32, deterministic=True).fixed_rows == CPU_FIXED_ROWS
-    assert Decoder(model, num_slots=3, deterministic=True).buckets == [3]
+    assert Decoder(model, num_slots=32, deterministic=True).buckets == [CPU_FIXED_ROWS]
+    small = Decoder(model, num_slots=3, deterministic=True)  # rows past the pool: the scratch slot
+    assert small.fixed_rows == CPU_FIXED_ROWS
+    slots = [small.allocate() for _ in range(3)]
+    assert small.prefill(slots, [[1], [2, 3], [4] * 9]).shape == (3, 97)
+    assert small.step(slots, torch.tensor([5, 6, 7])).shape == (3, 97)
     assert Decoder(model, num_slots=32).fixed_rows is None and not Decoder(model, num_slots=32).deterministic
     with pytest.raises(ValueError, match="deterministic=True"):
         Decoder(model, num_slots=4, fixed_rows=2)
     with pytest.raises(ValueError, match="fixed_rows must be"):
-        Decoder(model, num_slots=4, deterministic=True, fixed_rows=5)
+        Decoder(model, num_slots=4, deterministic=True, fixed_rows=0)
 
 
 # -- the sampler ---------------------------------------------------------------------------------------------------

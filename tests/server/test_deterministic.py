@@ -34,7 +34,7 @@ def one_thread() -> Iterator[None]:
 
 
 def body(prompt: str, **params: object) -> dict:
-    return {"inputs": prompt, "parameters": {"max_new_tokens": 20, "details": True, **params}}
+    return {"inputs": prompt, "parameters": {"max_new_tokens": 16, "details": True, **params}}
 
 
 def generation(r) -> tuple:
@@ -59,7 +59,7 @@ async def test_text_alone_equals_text_beside_others(one_thread, target: dict) ->
         alone = generation(await client.post("/generate", json=target))
         assert alone[1], "generated nothing"
         others = [body(p, **kw) for p, kw in OTHERS]
-        for place in (0, 3, 5):  # 6 requests on 4 slots: admitted together or later, at different rows
+        for place in (0, 4):  # 6 requests on 4 slots: admitted together or later, at different rows
             batch = [*others[:place], target, *others[place:]]
             rs = await asyncio.gather(*(client.post("/generate", json=b) for b in batch))
             assert generation(rs[place]) == alone, f"target at place {place}"
