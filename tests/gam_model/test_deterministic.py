@@ -29,7 +29,7 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 BUNDLED = ROOT / "weights" / "gam-wikitext2"
 TEXT = ROOT / "tests" / "fixtures" / "wikitext2_train_excerpt.txt"
 
-# greedy rows and seeded sampling rows with every warper; row i of a run gets PARAMS[i % len(PARAMS)]
+# greedy rows and seeded sampling rows with every warper; prompt i samples with PARAMS[i % len(PARAMS)]
 PARAMS = [
     SamplingParams(temperature=0),
     SamplingParams(temperature=1.0, seed=11),
