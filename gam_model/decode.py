@@ -16,7 +16,9 @@ from gam_model.model import GAM
 from gam_model.state import DecodeState
 from gam_model.step import StepWeights, step
 
-__all__ = ["Decoder", "bucket_sizes", "pad_to"]
+__all__ = ["CPU_FIXED_ROWS", "Decoder", "bucket_sizes", "pad_to"]
+
+CPU_FIXED_ROWS = 8  # deterministic mode's default row count on CPU (bench/deterministic.py --rows)
 
 
 class Decoder:
@@ -24,7 +26,7 @@ class Decoder:
 
     Logits are returned as float32 (B, V). Rows at positions < block_size take the cached step; rows past it
     take the sliding-window step (DESIGN 1.3). Batches are padded to power-of-two buckets with the scratch
-    slot, so every shape the step sees is one of a few static ones.
+    slot, so every shape the step sees is one of a few static ones (deterministic mode: exactly one).
 
     Options (keyword-only):
     - cuda_graphs: replay one captured graph per bucket (default: on when the device is CUDA). On CPU, True
@@ -37,6 +39,16 @@ class Decoder:
     - compile: wrap the cached step's math in torch.compile (static shapes, one compile per bucket). Off by
       default: on the development CPU it gained nothing (bench/decode.py --only compile); on CUDA the GPU
       check (bench/gpu_check.sh) measures it.
+    - deterministic: batch-invariant mode. A row's logits (prefill, cached and sliding step) are bit-identical
+      whatever else is in the batch: every step and prefill runs at one fixed shape, `fixed_rows` rows (one
+      bucket; larger batches run in chunks of it, the last padded) and, for prefill, the full R-token window.
+      BLAS picks its kernel and blocking by shape, so only a fixed shape fixes each row's arithmetic; that a
+      row's result depends neither on its place in the chunk nor on the padding rows is what
+      tests/gam_model/test_deterministic.py checks. Costs throughput (README, bench/deterministic.py).
+    - fixed_rows: the row count M0 of deterministic mode; rows past the batch (and past the pool, if M0 is
+      larger) are the scratch slot. Default: the whole pool on CUDA (one captured graph per regime; a GPU step
+      costs about the same at any small batch), CPU_FIXED_ROWS on CPU, whatever the pool: on the development
+      CPU MKL keeps a row's bits independent of its place only at multiples of 4 rows.
     """
 
     def __init__(
@@ -50,6 +62,8 @@ class Decoder:
         kernels: str | ModuleType = "auto",
         compile: bool = False,
         weight_layout: str = "auto",
+        deterministic: bool = False,
+        fixed_rows: int | None = None,
     ) -> None:
         p = next(model.parameters())
         self.device = torch.device(device) if device is not None else p.device
@@ -57,10 +71,19 @@ class Decoder:
         self.model = model.to(self.device, self.dtype).eval()
         self.config = model.config
         self.state = DecodeState(self.config, num_slots, self.device, self.dtype)
-        self.buckets = bucket_sizes(num_slots)
-        self.tokens_prefilled = 0  # tokens pushed through the model by prefill (work, not prompt length)
+        self.tokens_prefilled = 0  # tokens pushed through the model by prefill (work, padding included)
 
         on_cuda = self.device.type == "cuda"
+        if fixed_rows is not None and not deterministic:
+            raise ValueError("fixed_rows is the row count of deterministic mode: pass deterministic=True")
+        if deterministic:
+            if fixed_rows is None:
+                fixed_rows = num_slots if on_cuda else CPU_FIXED_ROWS
+            if fixed_rows < 1:
+                raise ValueError(f"fixed_rows must be >= 1, got {fixed_rows}")
+        self.deterministic = deterministic
+        self.fixed_rows = fixed_rows  # None unless deterministic
+        self.buckets = [fixed_rows] if fixed_rows else bucket_sizes(num_slots)
         if kernels == "auto":
             kernels = "triton" if on_cuda and kernel_modules.usable_on(self.device, self.dtype) else "torch"
         ops = kernels if isinstance(kernels, ModuleType) else kernel_modules.load(kernels)
@@ -100,35 +123,40 @@ class Decoder:
     @torch.inference_mode()
     def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> Tensor:
         """Reset `slots` and feed each its prompt; returns next-token logits (B, V). O(R) work per prompt."""
-        cfg, st = self.config, self.state
-        R, bs = cfg.receptive_field, cfg.block_size
         if len(slots) != len(prompts) or not slots:
             raise ValueError("prefill needs one non-empty prompt per slot")
-        W = min(R, max(len(p) for p in prompts))
-        idx = torch.zeros(len(slots), W, dtype=torch.long)
-        win = torch.zeros(len(slots), R, dtype=torch.long)
-        last_pos, valid = [], []
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("empty prompt")
+        R, m = self.config.receptive_field, self.fixed_rows
+        if m is None:  # one window batch, as wide as the longest prompt needs
+            return self._prefill(slots, prompts, min(R, max(len(p) for p in prompts)), len(slots))
+        # deterministic: every window batch is (fixed_rows, R), whatever prompts share it
+        return torch.cat([self._prefill(slots[i : i + m], prompts[i : i + m], R, m) for i in range(0, len(slots), m)])
+
+    def _prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]], W: int, rows: int) -> Tensor:
+        """Prefill n <= rows prompts as one (rows, W) window batch, rows past n all padding; logits (n, V)."""
+        cfg, st, dev = self.config, self.state, self.device
+        R, bs, n = cfg.receptive_field, cfg.block_size, len(prompts)
+        idx = torch.zeros(rows, W, dtype=torch.long)  # (rows, W) left-padded last W tokens
+        win = torch.zeros(n, R, dtype=torch.long)  # (n, R) last R tokens, for the sliding regime
+        last_pos = torch.zeros(rows, dtype=torch.long)  # (rows,)
+        valid = torch.zeros(rows, dtype=torch.long)  # (rows,) 0 on padding rows: fully masked
         for i, p in enumerate(prompts):
-            if len(p) == 0:
-                raise ValueError("empty prompt")
             tail = list(p[-W:])
             idx[i, W - len(tail) :] = torch.tensor(tail)
             tail_r = list(p[-R:])
             win[i, R - len(tail_r) :] = torch.tensor(tail_r)
-            last_pos.append(min(len(p), bs) - 1)
-            valid.append(len(tail))
-        dev = self.device
+            last_pos[i] = min(len(p), bs) - 1
+            valid[i] = len(tail)
         self.tokens_prefilled += idx.numel()
-        logits, hist = self.model.window_forward(
-            idx.to(dev), torch.tensor(last_pos, device=dev), torch.tensor(valid, device=dev)
-        )
+        logits, hist = self.model.window_forward(idx.to(dev), last_pos.to(dev), valid.to(dev))  # (rows, V)
         s = st.index(list(slots))
-        st.conv.index_copy_(1, s, hist.to(st.conv.dtype))
+        st.conv.index_copy_(1, s, hist[:, :n].to(st.conv.dtype))
         st.window.index_copy_(0, s, win.to(dev))
         st.pos.index_copy_(0, s, torch.tensor([len(p) for p in prompts], device=dev))
         for slot, p in zip(slots, prompts, strict=True):
             st.lengths[slot] = len(p)
-        return logits.float()
+        return logits[:n].float()
 
     # -- decode ------------------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -162,8 +162,13 @@ class BucketedStep:
                 self.bucket(b)
 
     def __call__(self, slots: Sequence[int] | np.ndarray, tokens: Tensor) -> Tensor:
-        """Step `slots` (n distinct real slots) with tokens (n,) -> logits (n, V) float32."""
-        n = len(slots)
+        """Step `slots` (n distinct real slots) with tokens (n,) -> logits (n, V) float32.
+
+        A batch larger than the largest bucket runs in chunks of that bucket (the last one padded).
+        """
+        n, top = len(slots), self.buckets[-1]
+        if n > top:
+            return torch.cat([self(slots[i : i + top], tokens[i : i + top]) for i in range(0, n, top)])
         b = pad_to(n, self.buckets)
         padded = np.full(b, self.scratch, dtype=np.int64)  # (b,) host
         padded[:n] = slots

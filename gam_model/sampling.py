@@ -16,8 +16,13 @@ alternative outside the nucleus still gets a finite logprob; this is the distrib
 
 Batch invariance: every operation is row-wise (per-row thresholds, row-local prefix sums and reductions) and
 each row's randomness comes only from its own stream, so a seeded row draws the same tokens whatever its
-neighbours are. (On CUDA the model's own logits may differ in the last bits between batch-size buckets; that is
-the decode path's business, not the sampler's.)
+neighbours are. Row-wise is not enough for bit-identical results: a generic reduction's order within a row may
+depend on how many rows there are (CUDA's reduce kernel sizes its thread blocks by the number of rows; CPU
+reductions split a lone long row across threads; CUDA scans a single row with another algorithm than a batch).
+So the float sums here are prefix sums of one row-wise kind (`row_cumsum`) and the normaliser comes from
+log_softmax (one fixed per-row kernel), and a row's tokens and logprobs are bit-identical whatever its
+neighbours (tests/gam_model/test_deterministic.py). Whether the logits themselves are is the decode path's
+business (`Decoder(deterministic=True)`).
 """
 
 from __future__ import annotations
@@ -207,6 +212,33 @@ def truncation_mask(scaled: Tensor, rows: list[SequenceSampler]) -> Tensor:
 TOP_P_HEAD = 256  # top-p first looks at this many best tokens per row; a row whose head holds < p sorts fully
 
 
+def row_cumsum(x: Tensor) -> Tensor:
+    """Prefix sums along the last dim of x (R, V), each row's bits the same whatever R.
+
+    CUDA scans a tensor that is a single row with another algorithm (cub) than rows of a batch, so one row is
+    scanned as two.
+    """
+    if x.shape[0] == 1:
+        return x.expand(2, -1).cumsum(dim=-1)[:1]
+    return x.cumsum(dim=-1)
+
+
+def row_sum(x: Tensor) -> Tensor:
+    """Sum along the last dim of x (R, V) -> (R, 1), each row's bits the same whatever R: the last prefix sum.
+
+    x.sum(-1) is the generic reduction, whose order within a row depends on the number of rows (see above).
+    """
+    return row_cumsum(x)[:, -1:]
+
+
+def row_logsumexp(x: Tensor) -> Tensor:
+    """log(sum(exp(x))) per row (R, 1) from log_softmax's per-row kernel: max(x) - max(log_softmax(x)).
+
+    torch.logsumexp sums with the generic reduction too.
+    """
+    return x.amax(dim=-1, keepdim=True) - x.log_softmax(dim=-1).amax(dim=-1, keepdim=True)
+
+
 def top_p_threshold(logits: Tensor, top_p: Tensor) -> Tensor:
     """Per-row logit threshold (R, 1) of the smallest prefix of tokens, best first, whose mass reaches top_p (R, 1).
 
@@ -214,7 +246,7 @@ def top_p_threshold(logits: Tensor, top_p: Tensor) -> Tensor:
     does not depend on which path its neighbours need.
     """
     R, V = logits.shape
-    lse = logits.logsumexp(dim=-1, keepdim=True)  # (R, 1) normaliser of the (masked) row
+    lse = row_logsumexp(logits)  # (R, 1) normaliser of the (masked) row
     out = torch.empty(R, 1, dtype=logits.dtype, device=logits.device)
     head = logits.topk(min(TOP_P_HEAD, V), dim=-1).values  # (R, H) sorted descending
     thr, covered = _prefix_threshold(head, lse, top_p)
@@ -229,7 +261,7 @@ def top_p_threshold(logits: Tensor, top_p: Tensor) -> Tensor:
 def _prefix_threshold(sorted_logits: Tensor, lse: Tensor, top_p: Tensor) -> tuple[Tensor, Tensor]:
     """Threshold (R, 1) from logits sorted descending (R, H); covered (R,) = whether those H tokens reach top_p."""
     probs = (sorted_logits - lse).exp()  # (R, H)
-    cum = probs.cumsum(dim=-1)
+    cum = row_cumsum(probs)
     n = ((cum - probs) < top_p).sum(dim=-1, keepdim=True).clamp(min=1)  # tokens kept: mass before each < p
     return sorted_logits.gather(1, n - 1), cum[:, -1] >= top_p.squeeze(1)
 
@@ -239,11 +271,11 @@ def typical_mask(logits: Tensor, mass: Tensor) -> Tensor:
     closest to the entropy until their mass reaches `mass` (B, 1)."""
     logp = logits.log_softmax(dim=-1)  # (B, V)
     p = logp.exp()
-    ent = -(p * logp).nan_to_num().sum(dim=-1, keepdim=True)  # (B, 1); 0 * -inf -> 0
+    ent = -row_sum((p * logp).nan_to_num())  # (B, 1) entropy; 0 * -inf -> 0
     shifted = (-logp - ent).abs()  # (B, V); masked tokens -> +inf, sorted last
     order = shifted.argsort(dim=-1, stable=True)  # (B, V)
     sp = p.gather(1, order)
-    before = sp.cumsum(dim=-1) - sp
+    before = row_cumsum(sp) - sp
     rank = torch.arange(logits.shape[-1], device=logits.device).unsqueeze(0)
     keep_sorted = (before < mass) | (rank == 0)
     return torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted)
@@ -256,7 +288,7 @@ def draw(probs: Tensor, rows: list[SequenceSampler]) -> Tensor:
     CDF is a row-wise float64 prefix sum, so a row's draw depends only on its own seed and probabilities.
     """
     u = torch.tensor([r.generator.random() for r in rows], dtype=torch.float64)  # type: ignore[union-attr]
-    cdf = probs.double().cumsum(dim=-1)  # (B, V)
+    cdf = row_cumsum(probs.double())  # (B, V)
     total = cdf[:, -1:]
     target = torch.minimum(u.to(probs.device).unsqueeze(1) * total, torch.nextafter(total, torch.zeros_like(total)))
     # right=True: the first index whose cdf exceeds the target, which always has probability > 0

@@ -78,6 +78,7 @@ def load_context(settings: Settings) -> ServerContext:
         shutdown_grace=settings.shutdown_grace,
         fault_injection=settings.fault_injection,
         cuda_graphs=settings.cuda_graphs,
+        deterministic=settings.deterministic,
     )
     model_id = settings.model_id or meta.model_name
     dtype_name = str(dtype).removeprefix("torch.")

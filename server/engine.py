@@ -262,9 +262,11 @@ class Engine:
         shutdown_grace: float = 10.0,
         fault_injection: str | None = None,
         cuda_graphs: bool = False,
+        deterministic: bool = False,
     ) -> None:
         # CUDA graphs only on CUDA: on CPU the decoder's replay stand-in is a test aid with no speed-up
-        self.decoder = Decoder(model, max_batch_size, device, dtype, cuda_graphs=cuda_graphs and device.type == "cuda")
+        graphs = cuda_graphs and device.type == "cuda"
+        self.decoder = Decoder(model, max_batch_size, device, dtype, cuda_graphs=graphs, deterministic=deterministic)
         self.tokenizer = tokenizer
         self.vocab_size = model.config.vocab_size
         self.device = self.decoder.device

@@ -40,6 +40,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest accepted request body; past it: 413")
     api_key: SecretStr | None = Field(None, description="bearer token required on all but /health and /metrics")
     cuda_graphs: bool = Field(True, description="capture the decode step in CUDA graphs (cuda only)")
+    deterministic: bool = Field(
+        False,
+        description="batch-invariant mode: a request's logits, and so its greedy or seeded text, are bit-identical "
+        "whatever else is in the batch, at a throughput cost (README)",
+    )
     shutdown_grace: float = Field(10.0, ge=0, description="seconds in-flight requests get to finish on SIGTERM")
     # uvicorn's default (5 s) equals httpx's pool expiry (openai, huggingface_hub clients): a client reusing a
     # connection the server is closing gets a reset (ReadError), seen 17 times in a 10,000-request soak. Longer than
