@@ -207,20 +207,20 @@ def test_page_loads_with_model_info_and_labelled_controls(page: Page, server: Li
 
 
 def test_phone_width_has_no_horizontal_scroll(page: Page, driver: WebDriver, server: LiveServer) -> None:
-    size = driver.get_window_size()
-    driver.set_window_size(390, 844)
+    phone = {"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": True}  # a phone's viewport, emulated
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", phone)
     try:
         page.open().wait_loaded("tiny-gam")
-        page.wait(lambda: page.js("return window.innerWidth") <= 390, "the narrow window")
-        assert page.js("return document.documentElement.scrollWidth <= window.innerWidth")
-        for id_ in ("prompt", "generate", "stop-button", "copy-curl", "output", "stats"):
-            right = page.js(f"return document.getElementById('{id_}').getBoundingClientRect().right")
-            assert right <= page.js("return window.innerWidth"), id_
+        width = page.js("return window.innerWidth")
+        assert width == 390
+        assert page.js("return document.documentElement.scrollWidth") <= width
+        for id_ in ("prompt", "generate", "stop-button", "copy-curl", "output", "stats", "memory"):
+            assert page.js(f"return document.getElementById('{id_}').getBoundingClientRect().right") <= width, id_
         # one column: the output comes below the form
         form_bottom = page.js("return document.getElementById('request-form').getBoundingClientRect().bottom")
         assert page.js("return document.getElementById('output-section').getBoundingClientRect().top") >= form_bottom
     finally:
-        driver.set_window_size(size["width"], size["height"])
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
     assert page.console_errors() == []
 
 
