@@ -9,7 +9,11 @@ PORT   ?= 8000
 LM_EVAL_VENV := .venv-lm-eval
 LM_EVAL      := lm-eval[api]==0.4.13
 
-.PHONY: serve test lint format bench venv clean
+# Debian packages the browser tests (playground) and the live Prometheus tests drive. Installed only when one of
+# their commands is missing from PATH; apt-get needs root, which we are on the development machines and CI.
+SYSTEM_TOOLS := chromium chromedriver prometheus promtool
+
+.PHONY: serve test lint format bench venv clean system-tools
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +38,14 @@ venv: $(VENV)/.dev
 serve: $(VENV)/.serve
 	$(VENV)/bin/gam-serve --host $(HOST) --port $(PORT)
 
-test: $(VENV)/.dev $(LM_EVAL_VENV)/.installed
+system-tools:
+	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "missing:$$missing -> apt-get install chromium chromium-driver prometheus"; \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver prometheus; \
+	fi
+
+test: $(VENV)/.dev $(LM_EVAL_VENV)/.installed system-tools
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	GAM_LM_EVAL_PYTHON=$(CURDIR)/$(LM_EVAL_VENV)/bin/python $(PY) -m pytest -q

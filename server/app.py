@@ -24,7 +24,7 @@ from server.errors import (
     install_error_handlers,
 )
 from server.metrics import Metrics
-from server.routes import misc, openai, tgi
+from server.routes import misc, openai, playground, tgi
 from server.settings import Settings
 from server.version import VERSION
 
@@ -124,6 +124,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(tgi.router, responses=TGI_ERROR_RESPONSES)
     app.include_router(openai.router, responses=OPENAI_ERROR_RESPONSES)
     app.include_router(misc.router, responses=TGI_ERROR_RESPONSES)
+    app.include_router(playground.router)
+    playground.mount_static(app)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     if settings.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value())

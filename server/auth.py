@@ -1,4 +1,5 @@
-"""Optional bearer-token auth (--api-key) on every path but /health and /metrics, compared in constant time."""
+"""Optional bearer-token auth (--api-key) on every path but /health, /metrics and the playground page (GET / and
+/static/), compared in constant time."""
 
 from __future__ import annotations
 
@@ -9,6 +10,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from server.errors import ApiError, error_response
 
 OPEN_PATHS = frozenset({"/health", "/metrics"})
+
+
+def is_open(scope: Scope) -> bool:
+    """Paths served without the key; the playground loads without it and asks for it (POST / stays TGI's, keyed)."""
+    path = scope["path"]
+    page = scope["method"] in ("GET", "HEAD") and (path == "/" or path.startswith("/static/"))
+    return page or path in OPEN_PATHS
 
 
 class ApiKeyMiddleware:
@@ -26,7 +34,7 @@ class ApiKeyMiddleware:
         return False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or self.authorized(scope):
+        if scope["type"] != "http" or is_open(scope) or self.authorized(scope):
             await self.app(scope, receive, send)
             return
         err = ApiError(

@@ -60,6 +60,13 @@ async def info(ctx: Ctx) -> dict[str, Any]:
         "block_size": cfg.block_size,
         "receptive_field": cfg.receptive_field,
         "vocab_size": cfg.vocab_size,
+        "max_top_n_tokens": s.max_top_n_tokens,
+        # what the playground needs to set GAM's constant state beside a same-size Transformer's KV cache
+        # (2 * n_layer * n_embd * dtype_bytes per token)
+        "n_layer": cfg.n_layer,
+        "n_embd": cfg.n_embd,
+        "dtype_bytes": ctx.engine.decoder.dtype.itemsize,
+        "state_bytes_per_sequence": ctx.engine.decoder.state.bytes_per_sequence(),
     }
 
 

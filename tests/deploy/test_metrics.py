@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import models, pre_tokenizers
 
-from gam_model.checkpoint import CheckpointMeta, save_checkpoint
-from gam_model.tokenizer import Tokenizer
 from server.app import create_app
 from server.settings import Settings
-from tests.conftest import tiny_model
 from tests.deploy.manifests import ROOT, all_queries, dashboard_queries, promql_selectors
 
 # DESIGN.md 2.3 / issue #8: the metric names (and types) the server promises
@@ -79,19 +73,6 @@ def test_dashboard_shows_what_operators_need():
         assert g["x"] >= 0 and g["x"] + g["w"] <= 24, p["title"]
     quantile_exprs = [e for _, e in dashboard_queries(DASHBOARD) if "histogram_quantile" in e]
     assert all("by (le)" in e and "_bucket" in e for e in quantile_exprs)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random GAM with a word-level tokenizer, saved as a real checkpoint directory."""
-    words = ["<eos>", "<unk>", "the", "a", "of", "and", "to", "in", "is", "was", "it", "that", "on", "for", "as"]
-    hf = HFTokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    hf.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = Tokenizer(hf, eos_token_id=0)
-    model = tiny_model(seed=1, vocab_size=len(words))
-    d = tmp_path_factory.mktemp("ckpt") / "tiny-deploy"
-    save_checkpoint(d, model, tok, CheckpointMeta(model_name="tiny-deploy", eos_token_id=0))
-    return d
 
 
 async def test_every_queried_metric_is_exported_by_the_server(checkpoint):
