@@ -57,8 +57,8 @@ def quality(b: Bench, model_dir: Path, chars: int) -> None:
         bpb[name] = r.bits_per_byte
         b.add(f"bundled model, valid bits per byte, {name}", r.bits_per_byte, tokens=r.tokens,
               perplexity=r.perplexity, seconds=time.perf_counter() - t0)  # fmt: skip
-    b.add("  int8 - bf16 bits per byte", bpb["int8"] - bpb["bf16"], 0.01, higher=False)
-    b.add("  bf16 - fp32 bits per byte (for scale)", bpb["bf16"] - bpb["fp32"])
+    b.add("  int8 - bf16 bits per byte (x1000)", 1000 * (bpb["int8"] - bpb["bf16"]), 10, higher=False)
+    b.add("  bf16 - fp32 bits per byte (x1000, for scale)", 1000 * (bpb["bf16"] - bpb["fp32"]))
     # KL on real text: logits of the first block_size positions of a few valid-text windows
     ids = torch.from_numpy(encode_stream(tok, text))
     bf16, _, _ = load_checkpoint(model_dir, CPU, torch.bfloat16, "none")
@@ -67,7 +67,7 @@ def quality(b: Bench, model_dir: Path, chars: int) -> None:
     windows = ids[: (len(ids) // bs) * bs].view(-1, bs)[:4]  # (4, block_size)
     with torch.inference_mode():
         kl = kl_per_token(bf16(windows).flatten(0, 1), int8(windows).flatten(0, 1))
-    b.add(f"bundled model, KL(bf16 || int8) per token, {windows.numel()} valid tokens (nats)", kl)
+    b.add(f"bundled model, KL(bf16 || int8) per token, {windows.numel()} valid tokens (millinats)", 1000 * kl)
 
 
 def paper_kl(b: Bench) -> None:
@@ -76,7 +76,7 @@ def paper_kl(b: Bench) -> None:
     idx = torch.tensor(random_prompts(4, PAPER["block_size"], PAPER["vocab_size"], seed=0))  # (4, 256)
     with torch.inference_mode():
         kl = kl_per_token(bf16(idx).flatten(0, 1), int8(idx).flatten(0, 1))
-    b.add(f"paper config, random weights, KL(bf16 || int8) per token, {idx.numel()} tokens (nats)", kl)
+    b.add(f"paper config, random weights, KL(bf16 || int8) per token, {idx.numel()} tokens (millinats)", 1000 * kl)
 
 
 def speed(b: Bench, reps: int, batches: list[int]) -> None:

@@ -209,6 +209,15 @@ def quantization_of(model: nn.Module) -> str:
     return NAME[head.qweight.dtype] if isinstance(head, QuantLinear) else "none"
 
 
+def kernel_of(method: str, device: torch.device) -> str:
+    """How `qmm` runs `method` on `device` (for the start-up log)."""
+    if method == "fp8":
+        return "torch._scaled_mm, e4m3 weights and per-row e4m3 activations"
+    if device.type == "cpu":
+        return "aten._weight_int8pack_mm"
+    return "int8 weights cast to the activation dtype inside the matmul (fused by torch.compile, else per call)"
+
+
 def default_dtype(device: torch.device, method: str) -> torch.dtype:
     """The activation dtype of `--dtype auto`: bf16 on CUDA or with quantized weights (the int8 CPU kernel's fast
     path), float32 on CPU otherwise (exact reference logits)."""
