@@ -232,3 +232,32 @@ def test_auto_dtype() -> None:
     assert quant.resolve("int8", None, torch.float32, cpu) == ("int8", torch.float32)
     stored = quant.describe("int8", torch.float16)
     assert quant.resolve("auto", stored, None, cpu) == ("int8", torch.float16)
+
+
+# -- CUDA (skipped without a GPU; bench/gpu_check.sh runs them) ---------------------------------------------------
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("method", ["int8", "fp8"])
+@pytest.mark.parametrize("graphs", [False, True])
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_cuda_quantized_step_equals_forward(method: str, graphs: bool, kernels: str) -> None:
+    """On CUDA (bf16): the quantized decoder with/without graphs and Triton against the quantized forward."""
+    if method == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs compute capability 8.9+")
+    if kernels == "triton":
+        pytest.importorskip("triton")
+    model = quantize_model_(tiny_model(n_embd=64, n_layer=3, vocab_size=128, n_slots=32).cuda().bfloat16(), method)
+    seq = torch.randint(0, 128, (model.config.block_size + 8,), generator=torch.Generator().manual_seed(9)).tolist()
+    dec = Decoder(model, num_slots=4, cuda_graphs=graphs, kernels=kernels)
+    bs = model.config.block_size
+    for plen in (1, 20, bs + 2):
+        slot = dec.allocate()
+        got = [dec.prefill([slot], [seq[:plen]])[0]]
+        got += [dec.step([slot], torch.tensor([seq[n]]))[0] for n in range(plen, len(seq))]
+        with torch.no_grad():
+            ref = [model(torch.tensor([seq[: n + 1][-bs:]], device="cuda"))[0, -1] for n in range(plen - 1, len(seq))]
+        assert max((a - b.float()).abs().max().item() for a, b in zip(got, ref, strict=True)) <= TOL[torch.bfloat16]
+        dec.free(slot)
