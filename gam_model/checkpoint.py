@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from gam_model import quant
 from gam_model.config import ConfigError, GAMConfig
 from gam_model.model import GAM
 from gam_model.tokenizer import Tokenizer
@@ -33,6 +34,7 @@ class CheckpointMeta:
     eos_token_id: int | None = None
     bos_token_id: int | None = None
     special_tokens: dict[str, str] = field(default_factory=dict)
+    quantization: dict[str, str] | None = None  # set by gam-quantize: method and dtype (gam_model.quant.describe)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -40,7 +42,8 @@ def save_checkpoint(directory: str | Path, model: GAM, tokenizer: Tokenizer | No
     """Write model + config (+ tokenizer) to `directory` (created if needed)."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != TIED}
+    # clone: a quantized model's gate and memory-bank rows are views of one fused tensor (safetensors wants no sharing)
+    sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k != TIED}
     save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt", "gam_format_version": str(FORMAT_VERSION)})
     cfg = {
         "architecture": "GAM",
@@ -51,6 +54,7 @@ def save_checkpoint(directory: str | Path, model: GAM, tokenizer: Tokenizer | No
         "bos_token_id": meta.bos_token_id,
         "special_tokens": meta.special_tokens,
         "torch_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        **({"quantization": meta.quantization} if meta.quantization else {}),
         **meta.extra,
     }
     (d / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
@@ -86,6 +90,7 @@ def read_config(directory: str | Path) -> tuple[GAMConfig, CheckpointMeta]:
         "bos_token_id",
         "special_tokens",
         "torch_dtype",
+        "quantization",
         *cfg.to_dict(),
     }
     meta = CheckpointMeta(
@@ -93,32 +98,47 @@ def read_config(directory: str | Path) -> tuple[GAMConfig, CheckpointMeta]:
         eos_token_id=raw.get("eos_token_id"),
         bos_token_id=raw.get("bos_token_id"),
         special_tokens=raw.get("special_tokens") or {},
+        quantization=raw.get("quantization"),
         extra={k: v for k, v in raw.items() if k not in known},
     )
     return cfg, meta
 
 
-def load_state_dict_into(model: GAM, sd: dict[str, torch.Tensor], source: str) -> None:
-    """Copy sd into model, with a clear error for every missing, unexpected or mis-shaped tensor."""
-    expected = {k: v.shape for k, v in model.state_dict().items() if k != TIED}
+def load_state_dict_into(model: GAM, sd: dict[str, torch.Tensor], source: str, assign: bool = False) -> None:
+    """Copy sd into model (or, with assign, take its tensors), with a clear error for every missing, unexpected,
+    mis-shaped or (for quantized weights) mis-typed tensor."""
+    state = {k: v for k, v in model.state_dict().items() if k != TIED}
+    expected = {k: v.shape for k, v in state.items()}
     problems = []
     for k, shape in expected.items():
         if k not in sd:
             problems.append(f"missing tensor {k} {tuple(shape)}")
         elif tuple(sd[k].shape) != tuple(shape):
             problems.append(f"{k} has shape {tuple(sd[k].shape)}, config expects {tuple(shape)}")
+        elif not state[k].is_floating_point() and sd[k].dtype != state[k].dtype:
+            problems.append(f"{k} is {sd[k].dtype}, the quantization needs {state[k].dtype}")
     problems += [f"unexpected tensor {k}" for k in sd if k not in expected and k != TIED]
     if TIED in sd and "token_embedding.weight" in sd and not torch.equal(sd[TIED], sd["token_embedding.weight"]):
         problems.append("head.weight differs from token_embedding.weight (GAM ties them)")
     if problems:
         raise CheckpointError(f"{source} does not match its config:\n  " + "\n  ".join(problems[:20]))
-    model.load_state_dict({k: v for k, v in sd.items() if k != TIED}, strict=False)
+    if assign:  # into a meta-device skeleton: the file's tensors become the model's, cast to its dtype
+        sd = {k: v if not v.is_floating_point() else v.to(state[k].dtype) for k, v in sd.items()}
+    model.load_state_dict({k: v for k, v in sd.items() if k != TIED}, strict=False, assign=assign)
 
 
 def load_checkpoint(
-    directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    directory: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    quantize: str = "auto",
 ) -> tuple[GAM, Tokenizer, CheckpointMeta]:
-    """Load a checkpoint directory into an eval-mode model; safetensors only (no pickle)."""
+    """Load a checkpoint directory into an eval-mode model; safetensors only (no pickle).
+
+    dtype None = auto (gam_model.quant.default_dtype; a pre-quantized checkpoint's own dtype). quantize: "auto" (as the
+    checkpoint is), "none", "int8" or "fp8" (quantized at load); a combination that cannot be served raises a
+    CheckpointError before any weight is read (gam_model.quant.resolve).
+    """
     d = Path(directory)
     if not d.is_dir():
         raise CheckpointError(f"{directory}: not a directory")
@@ -130,10 +150,23 @@ def load_checkpoint(
         raise CheckpointError(f"{directory}: no model.safetensors{hint}")
     if not tpath.is_file():
         raise CheckpointError(f"{directory}: no tokenizer.json")
-    model = GAM(cfg)
-    load_state_dict_into(model, load_file(str(wpath)), str(wpath))
+    device = torch.device(device)
+    try:
+        method, dtype = quant.resolve(quantize, meta.quantization, dtype, device)
+    except quant.QuantizationError as e:
+        raise CheckpointError(f"{directory}: {e}") from e
+    if meta.quantization is not None:  # pre-quantized: no random init, no full-precision projections
+        with torch.device("meta"):
+            model = quant.quantized_skeleton_(GAM(cfg).to(dtype), method)
+        load_state_dict_into(model, load_file(str(wpath)), str(wpath), assign=True)
+        model = model.to(device).eval()
+    else:
+        model = GAM(cfg)
+        load_state_dict_into(model, load_file(str(wpath)), str(wpath))
+        model = model.to(device=device, dtype=dtype).eval()
+        if method != "none":
+            quant.quantize_model_(model, method)
     tok = Tokenizer.from_file(tpath, meta.eos_token_id, meta.bos_token_id)
     if tok.vocab_size > cfg.vocab_size:
         raise CheckpointError(f"{tpath}: tokenizer has {tok.vocab_size} tokens, model vocab_size is {cfg.vocab_size}")
-    model = model.to(device=device, dtype=dtype or torch.float32).eval()
     return model, tok, meta

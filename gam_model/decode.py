@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from functools import partial
 from types import ModuleType
@@ -13,10 +14,12 @@ from torch import Tensor
 from gam_model import kernels as kernel_modules
 from gam_model.graphs import BucketedStep, bucket_sizes, pad_to
 from gam_model.model import GAM
+from gam_model.quant import kernel_of, quantization_of
 from gam_model.state import DecodeState
 from gam_model.step import StepWeights, step
 
 __all__ = ["CPU_FIXED_ROWS", "Decoder", "bucket_sizes", "pad_to"]
+log = logging.getLogger(__name__)
 
 CPU_FIXED_ROWS = 8  # deterministic mode's default row count on CPU (bench/deterministic.py --rows)
 
@@ -94,6 +97,15 @@ class Decoder:
             raise ValueError(f"weight_layout must be 'auto', 'view' or 'contiguous', got {weight_layout!r}")
         self.weight_layout = weight_layout
         self.weights = StepWeights.from_model(self.model, contiguous=weight_layout == "contiguous")
+        # quantized weights (gam_model.quant) run in every path: graphs capture and Triton fuses around them
+        self.quantization = quantization_of(self.model)
+        if self.quantization != "none":
+            log.info(
+                "%s weights, %s activations: %s",
+                self.quantization,
+                self.dtype,
+                kernel_of(self.quantization, self.device),
+            )
         math = partial(step, self.weights, ops=ops)
         self._math = torch.compile(math, dynamic=False) if compile else math
         self.compiled = compile

@@ -29,6 +29,8 @@ class GAMBlock(nn.Module):
 
     def memory_read(self, h: Tensor) -> Tensor:
         """Per-token softmax read of the memory bank: softmax(h M^T) M."""
+        if isinstance(self.memory_bank, nn.Module):  # quantized in place (gam_model.quant.QuantMemory)
+            return self.memory_bank(h)  # (..., C)
         scores = h @ self.memory_bank.t()  # (..., S)
         return scores.softmax(dim=-1) @ self.memory_bank  # (..., C)
 

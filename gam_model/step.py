@@ -9,10 +9,14 @@ Every projection is applied as `addmm(bias, h, W_right)` with W_right the (in, o
 it is a transposed view of the (out, in) parameter, which is exactly what F.linear computes. With
 `contiguous=True` it is a contiguous (in, out) copy instead: on CPU in fp32 the small-batch GEMMs read it
 about 1.3x faster (bench/decode.py --only layout), for a second copy of the weights in memory.
+
+A quantized model (gam_model.quant) gives int8 or fp8 rows with per-row scales instead: each projection is a `Proj`
+that runs the same kernel as the model's own QuantLinear, so the step, the window forward and scoring agree.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -21,6 +25,34 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gam_model.model import GAM
+from gam_model.quant import QuantLinear, qmm
+
+
+@dataclass(frozen=True)
+class Proj:
+    """A decode-ready projection x -> x @ W^T (+ b).
+
+    W is either a full-precision right operand `wt` (in, out), or quantized rows `q` (out, in) with per-row `scale`
+    (gam_model.quant: the same kernel as the model's QuantLinear, so the step and the forward read the same weights).
+    """
+
+    wt: Tensor | None
+    b: Tensor | None = None
+    q: Tensor | None = None
+    scale: Tensor | None = None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """x (B, in) -> (B, out)."""
+        if self.q is not None:
+            y = qmm(x, self.q, self.scale)  # (B, out)
+            return y if self.b is None else y.add_(self.b)
+        return x @ self.wt if self.b is None else torch.addmm(self.b, x, self.wt)
+
+    def add_to(self, out: Tensor, x: Tensor) -> Tensor:
+        """out (B, out) += x (B, in) @ W^T, in place."""
+        if self.q is not None:
+            return out.add_(qmm(x, self.q, self.scale))
+        return out.addmm_(x, self.wt)
 
 
 @dataclass(frozen=True)
@@ -32,15 +64,13 @@ class LayerWeights:
     ln1_eps: float
     conv_w: Tensor  # (K, C) copy: causal_conv.weight (C, 1, K) transposed
     conv_b: Tensor  # (C,)
-    gm_wt: Tensor  # (C, 2C+S) right operand of [gate.weight; memory_bank] (a copy either way)
-    gm_b: Tensor  # (2C+S,) copy: [gate.bias; 0]
-    memory: Tensor  # (S, C)
+    gm: Proj  # C -> 2C+S: [gate.weight; memory_bank] stacked (a copy), bias [gate.bias; 0]
+    read: Callable[[Tensor], Tensor]  # (B, S) softmax weights -> (B, C) memory read, p @ M
     ln2_w: Tensor
     ln2_b: Tensor
     ln2_eps: float
-    ffn1_wt: Tensor  # (C, 4C) right operand of ffn.0.weight
-    ffn1_b: Tensor
-    ffn2_wt: Tensor  # (4C, C) right operand of ffn.2.weight, for the in-place addmm
+    ffn1: Proj  # C -> 4C
+    ffn2: Proj  # 4C -> C, its bias applied by the gate_fuse_ln kernel (for the in-place accumulate)
     ffn2_b: Tensor
 
 
@@ -48,8 +78,8 @@ class LayerWeights:
 class StepWeights:
     """Decode-ready weights of a GAM model. Build after the model has its final weights, device and dtype."""
 
-    tok: Tensor  # (V, C) token embedding
-    head_t: Tensor  # (C, V) right operand of the head (tied to tok)
+    tok: Tensor  # (V, C) token embedding (full precision: the lookup stays exact when the head is quantized)
+    head: Proj  # C -> V, tied to tok (or its quantized copy)
     pos: Tensor  # (block_size, C)
     layers: tuple[LayerWeights, ...]
     lnf_w: Tensor
@@ -58,26 +88,45 @@ class StepWeights:
 
     @classmethod
     def from_model(cls, model: GAM, contiguous: bool = False) -> StepWeights:
-        """contiguous: right operands as contiguous (in, out) copies instead of transposed views (see above)."""
+        """contiguous: right operands as contiguous (in, out) copies instead of transposed views (see above).
+
+        A quantized model (gam_model.quant) gives Projs of its int8/fp8 rows and scales; `contiguous` does not apply.
+        Its gate and memory-bank rows are concatenated into the fused matrix (exact: one scale per row), and the
+        model's modules are re-pointed at views of it, so the fused copy is the only copy.
+        """
 
         def right(w: Tensor) -> Tensor:  # (out, in) -> (in, out)
             return w.t().contiguous() if contiguous else w.t()
 
         with torch.no_grad():
             layers = []
+            C, S = model.config.n_embd, model.config.n_slots
             for blk in model.blocks:
-                gm_w = torch.cat([blk.gate.weight, blk.memory_bank])  # (2C+S, C)
-                gm_b = torch.cat([blk.gate.bias, blk.gate.bias.new_zeros(blk.memory_bank.shape[0])])  # (2C+S,)
+                gm_b = torch.cat([blk.gate.bias, blk.gate.bias.new_zeros(S)])  # (2C+S,)
+                if isinstance(blk.gate, QuantLinear):
+                    mem = blk.memory_bank
+                    gm_q = torch.cat([blk.gate.qweight, mem.qweight])  # (2C+S, C) int8 rows
+                    gm_s = torch.cat([blk.gate.scale, mem.scale])  # (2C+S,)
+                    blk.gate.qweight, mem.qweight = gm_q[: 2 * C], gm_q[2 * C :]  # views: one copy in memory
+                    blk.gate.scale, mem.scale = gm_s[: 2 * C], gm_s[2 * C :]
+                    gm, read = Proj(None, gm_b, gm_q, gm_s), mem.read
+                    ffn1, ffn2 = (Proj(None, f.bias, f.qweight, f.scale) for f in (blk.ffn[0], blk.ffn[2]))
+                else:
+                    gm_w = torch.cat([blk.gate.weight, blk.memory_bank])  # (2C+S, C)
+                    gm, read = Proj(right(gm_w), gm_b), Proj(blk.memory_bank)
+                    ffn1, ffn2 = Proj(right(blk.ffn[0].weight), blk.ffn[0].bias), Proj(right(blk.ffn[2].weight))
                 layers.append(LayerWeights(
                     blk.ln1.weight, blk.ln1.bias, blk.ln1.eps,
                     blk.causal_conv.weight.squeeze(1).t().contiguous(), blk.causal_conv.bias,
-                    right(gm_w), gm_b, blk.memory_bank,
+                    gm, read,
                     blk.ln2.weight, blk.ln2.bias, blk.ln2.eps,
-                    right(blk.ffn[0].weight), blk.ffn[0].bias, right(blk.ffn[2].weight), blk.ffn[2].bias,
+                    ffn1, ffn2, blk.ffn[2].bias,
                 ))  # fmt: skip
+            h = model.head
+            head = Proj(None, None, h.qweight, h.scale) if isinstance(h, QuantLinear) else Proj(right(h.weight))
             return cls(
                 model.token_embedding.weight,
-                right(model.token_embedding.weight),
+                head,
                 model.pos_embedding.weight,
                 tuple(layers),
                 model.ln_f.weight,
@@ -95,8 +144,8 @@ def step(w: StepWeights, idx: Tensor, pos: Tensor, hist: Tensor, ops: ModuleType
     C = x.shape[-1]
     for i, lw in enumerate(w.layers):
         h, local = ops.ln_conv(x, hist[i], lw.ln1_w, lw.ln1_b, lw.ln1_eps, lw.conv_w, lw.conv_b)  # (B, C) x2
-        gs = torch.addmm(lw.gm_b, h, lw.gm_wt)  # (B, 2C+S): gate pre-activations, then memory scores
-        mem = gs[:, 2 * C :].softmax(dim=-1) @ lw.memory  # (B, C)
+        gs = lw.gm(h)  # (B, 2C+S): gate pre-activations, then memory scores
+        mem = lw.read(gs[:, 2 * C :].softmax(dim=-1))  # (B, C)
         x, h2 = ops.gate_fuse_ln(x, gs, mem, local, lw.ln2_w, lw.ln2_b, lw.ln2_eps, lw.ffn2_b)  # x = x' + b2
-        x.addmm_(F.gelu(torch.addmm(lw.ffn1_b, h2, lw.ffn1_wt)), lw.ffn2_wt)  # (B, C): x' + FFN(ln2(x'))
-    return F.layer_norm(x, (C,), w.lnf_w, w.lnf_b, w.lnf_eps) @ w.head_t  # (B, V)
+        lw.ffn2.add_to(x, F.gelu(lw.ffn1(h2)))  # (B, C): x' + FFN(ln2(x'))
+    return w.head(F.layer_norm(x, (C,), w.lnf_w, w.lnf_b, w.lnf_eps))  # (B, V)

@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gam_model.checkpoint import load_checkpoint
+from gam_model.quant import quantization_of
 from server.auth import ApiKeyMiddleware
 from server.context import ServerContext
 from server.engine import Engine
@@ -65,8 +66,9 @@ class BodyLimitMiddleware:
 def load_context(settings: Settings) -> ServerContext:
     """Load the checkpoint and build the (not yet started) engine and metrics."""
     model_dir = settings.resolved_model_dir()
-    device, dtype = settings.resolved_device(), settings.resolved_dtype()
-    model, tokenizer, meta = load_checkpoint(model_dir, device, dtype)
+    device = settings.resolved_device()
+    model, tokenizer, meta = load_checkpoint(model_dir, device, settings.requested_dtype(), settings.quantize)
+    dtype, quantization = model.token_embedding.weight.dtype, quantization_of(model)
     engine = Engine(
         model,
         tokenizer,
@@ -83,9 +85,17 @@ def load_context(settings: Settings) -> ServerContext:
     model_id = settings.model_id or meta.model_name
     dtype_name = str(dtype).removeprefix("torch.")
     metrics = Metrics()
-    metrics.bind(engine, model=model_id, dtype=dtype_name, device=device.type, version=VERSION)
+    metrics.bind(
+        engine, model=model_id, dtype=dtype_name, device=device.type, version=VERSION, quantization=quantization
+    )
     log.info(
-        "loaded %s from %s: %d parameters, %s on %s", model_id, model_dir, model.config.num_params(), dtype_name, device
+        "loaded %s from %s: %d parameters, %s on %s, weights quantized: %s",
+        model_id,
+        model_dir,
+        model.config.num_params(),
+        dtype_name,
+        device,
+        quantization,
     )
     return ServerContext(
         settings=settings,
@@ -95,6 +105,7 @@ def load_context(settings: Settings) -> ServerContext:
         model_id=model_id,
         model_config=model.config,
         dtype=dtype_name,
+        quantization=quantization,
         device=device.type,
         created=int(time.time()),
     )

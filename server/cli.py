@@ -11,6 +11,8 @@ import uvicorn
 from pydantic import ValidationError
 from pydantic_settings import CliApp, SettingsConfigDict
 
+from gam_model.checkpoint import CheckpointError, read_config
+from gam_model.quant import QuantizationError, resolve
 from server.settings import Settings
 
 if TYPE_CHECKING:
@@ -70,7 +72,15 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of `gam-serve`."""
     try:
         settings = parse(argv)
-    except ValidationError as e:
+        model_dir = settings.resolved_model_dir()
+        # bad combinations (fp8 on a CPU, a pre-quantized checkpoint with another dtype) fail here, before uvicorn
+        resolve(
+            settings.quantize,
+            read_config(model_dir)[1].quantization,
+            settings.requested_dtype(),
+            settings.resolved_device(),
+        )
+    except (ValidationError, CheckpointError, QuantizationError) as e:
         print(f"gam-serve: {e}", file=sys.stderr)
         raise SystemExit(2) from e
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -26,6 +26,7 @@ class ServerContext:
     dtype: str
     device: str
     created: int  # unix time the model was loaded (OpenAI `created`)
+    quantization: str = "none"  # weights: none, int8 or fp8 (gam_model.quant)
 
 
 def get_context(request: Request) -> ServerContext:

@@ -92,7 +92,10 @@ class Metrics:
             registry=r,
         )
         self.model_info = Gauge(
-            "gam_model_info", "The served model", ["model", "dtype", "device", "version"], registry=r
+            "gam_model_info",
+            "The served model",
+            ["model", "dtype", "device", "version", "quantization"],
+            registry=r,
         )
         # process_resident_memory_bytes, process_cpu_seconds_total, ... (Linux /proc; nothing elsewhere): soak runs
         # read RSS growth from here, as operators do from any Prometheus client
@@ -101,13 +104,17 @@ class Metrics:
         self._lock = threading.Lock()
         self.tokens_per_second.set_function(self._tokens_per_second)
 
-    def bind(self, engine: Engine, model: str, dtype: str, device: str, version: str) -> None:
+    def bind(
+        self, engine: Engine, model: str, dtype: str, device: str, version: str, quantization: str = "none"
+    ) -> None:
         """Hook the engine's stats callbacks and live gauges to these metrics."""
         engine.on_step = self.observe_step
         engine.on_request = self.observe_request
         self.running.set_function(lambda: engine.num_running)
         self.waiting.set_function(lambda: engine.num_waiting)
-        self.model_info.labels(model=model, dtype=dtype, device=device, version=version).set(1)
+        self.model_info.labels(model=model, dtype=dtype, device=device, version=version, quantization=quantization).set(
+            1
+        )
 
     def observe_step(self, s: StepStats) -> None:
         self.scored_tokens_total.inc(s.scored_tokens)

@@ -10,6 +10,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gam_model.checkpoint import find_single_checkpoint
+from gam_model.quant import default_dtype
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
@@ -27,8 +28,13 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
-        description="auto = bfloat16 on cuda, float32 on cpu (exact reference logits; small models are "
-        "overhead-bound on CPU, so bf16 buys little there)",
+        description="auto = bfloat16 on cuda or with quantized weights, float32 on cpu (exact reference logits; "
+        "small models are overhead-bound on CPU, so bf16 buys little there)",
+    )
+    quantize: Literal["auto", "none", "int8", "fp8"] = Field(
+        "auto",
+        description="weight quantization: int8 (per-channel weight-only, CPU and CUDA), fp8 (e4m3, CUDA sm_89+), "
+        "none; auto = as the checkpoint is (gam-quantize writes pre-quantized ones)",
     )
     max_batch_size: int = Field(32, ge=1, le=4096, description="sequences decoded together (slot pool size)")
     max_queue: int = Field(128, ge=0, description="waiting requests beyond the running batch; past it: 429")
@@ -74,10 +80,13 @@ class Settings(BaseSettings):
         return torch.device(self.device)
 
     def resolved_dtype(self) -> torch.dtype:
-        """The model dtype (auto = bf16 on cuda, fp32 on cpu)."""
-        if self.dtype == "auto":
-            return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32
-        return DTYPES[self.dtype]
+        """The model dtype (auto = bf16 on cuda or when quantizing, fp32 on cpu; a pre-quantized checkpoint's
+        auto is its own dtype: the loader decides with `requested_dtype`)."""
+        return self.requested_dtype() or default_dtype(self.resolved_device(), self.quantize)
+
+    def requested_dtype(self) -> torch.dtype | None:
+        """--dtype as given; None for auto."""
+        return None if self.dtype == "auto" else DTYPES[self.dtype]
 
     def resolved_model_dir(self) -> Path:
         """--model, or else the single subdirectory of weights/ holding a config.json."""

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import torch
 
-from gam_model.checkpoint import load_checkpoint
+from gam_model.checkpoint import CheckpointError, load_checkpoint
 from gam_model.data import read_text
 from gam_model.evaluate import MODES, evaluate_text
+from gam_model.quant import CHOICES, quantization_of
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,7 +28,15 @@ def main(argv: list[str] | None = None) -> None:
         default="sliding",
         help="sliding: exact for the served semantics (default); chunked: non-overlapping block_size chunks",
     )
-    p.add_argument("--dtype", choices=DTYPES, default="fp32")
+    p.add_argument(
+        "--dtype", choices=DTYPES, default="auto", help="auto: as gam-serve (fp32 on CPU, bf16 on CUDA or quantized)"
+    )
+    p.add_argument(
+        "--quantize",
+        choices=CHOICES,
+        default="auto",
+        help="weights as gam-serve --quantize loads them (auto: as stored)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=256, help="windows per forward past block_size")
     p.add_argument("--threads", type=int, default=None)
@@ -35,7 +44,11 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok, meta = load_checkpoint(args.model, device=args.device, dtype=DTYPES[args.dtype])
+    try:
+        model, tok, meta = load_checkpoint(args.model, args.device, DTYPES[args.dtype], args.quantize)
+    except CheckpointError as e:
+        raise SystemExit(f"gam-eval: {e}") from e
+    dtype = str(model.token_embedding.weight.dtype).removeprefix("torch.")
     results = {}
     for path in args.texts:
         r = evaluate_text(model, tok, read_text(path), batch_size=args.batch_size, progress=True, mode=args.mode)
@@ -48,7 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     out = {
         "model": str(Path(args.model)),
         "model_name": meta.model_name,
-        "dtype": args.dtype,
+        "dtype": dtype,
+        "quantization": quantization_of(model),
         "mode": args.mode,
         "results": results,
     }

@@ -39,6 +39,7 @@ async def info(ctx: Ctx) -> dict[str, Any]:
         "model_id": ctx.model_id,
         "model_sha": None,
         "model_dtype": f"torch.{ctx.dtype}",
+        "quantization": ctx.quantization,
         "model_device_type": ctx.device,
         "model_pipeline_tag": "text-generation",
         "max_concurrent_requests": s.max_batch_size + s.max_queue,

@@ -346,7 +346,17 @@ async def models(ctx: Ctx) -> dict[str, Any]:
     """OpenAI model list: the one model this server serves."""
     return {
         "object": "list",
-        "data": [{"id": ctx.model_id, "object": "model", "created": ctx.created, "owned_by": "gam-serve"}],
+        "data": [
+            {
+                "id": ctx.model_id,
+                "object": "model",
+                "created": ctx.created,
+                "owned_by": "gam-serve",
+                "max_model_len": ctx.settings.max_input_tokens,
+                "dtype": ctx.dtype,
+                "quantization": ctx.quantization,
+            }
+        ],
     }
 
 
