@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "The game was played"
 KEY = "s3cret-playground"
 WAIT_S = 30  # bound on every browser wait (a shared 2-core machine); the conditions themselves are DOM state
-MAX_NEW = 20_000  # the server's limit here: a greedy stream this long outlives any Stop click by minutes
+MAX_NEW = 20_000  # the server's limit here: greedy, the tiny model falls into a loop without eos, so a stream
+# this long runs until its deadline (60 s) unless stopped
 
 
 @pytest.fixture(scope="module")
