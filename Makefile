@@ -48,6 +48,7 @@ system-tools:
 test: $(VENV)/.dev $(LM_EVAL_VENV)/.installed system-tools
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 	GAM_LM_EVAL_PYTHON=$(CURDIR)/$(LM_EVAL_VENV)/bin/python $(PY) -m pytest -q
 
 lint: $(VENV)/.dev

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 
@@ -82,7 +83,13 @@ def generate(
     n = len(prompts)
     plist = _per_prompt(params, n, "params")
     mlist = _per_prompt(max_new_tokens, n, "max_new_tokens")
-    slist = [[]] * n if stop is None else (stop if stop and isinstance(stop[0], list) else [stop] * n)
+    slist: list[list[str]]  # one stop list per prompt (an isinstance on stop[0] does not narrow stop's type)
+    if stop is None:
+        slist = [[]] * n
+    elif stop and isinstance(stop[0], list):
+        slist = cast("list[list[str]]", stop)
+    else:
+        slist = [cast("list[str]", stop)] * n
     if len(slist) != n:
         raise ValueError(f"stop: {len(slist)} lists for {n} prompts")
     for p in plist:

@@ -11,11 +11,14 @@ bookkeeping that CUDA runs is the code path the CPU tests cover.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:  # torch.cuda.graph_pool_handle()'s type; torch imports it the same way
+    from torch.cuda import _POOL_HANDLE
 
 StepFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -49,7 +52,7 @@ class Graph(Protocol):
 class CudaGraph:
     """torch.cuda.CUDAGraph: warm up on a side stream, then capture into a memory pool shared by all buckets."""
 
-    def __init__(self, pool: tuple[int, int] | None, warmup: int = 3) -> None:
+    def __init__(self, pool: _POOL_HANDLE | None, warmup: int = 3) -> None:
         self.pool = pool
         self.warmup = warmup
         self.graph = torch.cuda.CUDAGraph()
@@ -135,7 +138,7 @@ class BucketedStep:
         scratch: int,
         device: torch.device,
         graphs: str | None = None,
-        pool: tuple[int, int] | None = None,
+        pool: _POOL_HANDLE | None = None,
     ) -> None:
         if graphs not in (None, "cuda", "replay"):
             raise ValueError(f"graphs must be None, 'cuda' or 'replay', got {graphs!r}")

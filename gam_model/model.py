@@ -6,15 +6,28 @@ Shapes: B batch, T time, C = n_embd, S = memory slots, K = conv kernel, L = laye
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gam_model.config import GAMConfig
 
+if TYPE_CHECKING:  # for annotations only: the model module stays free of gam_model.quant at runtime
+    from gam_model.quant import QuantLinear, QuantMemory
+
 
 class GAMBlock(nn.Module):
     """Local causal depthwise conv + global memory read, fused by sigmoid gates; then an FFN."""
+
+    # gam_model.quant swaps gate and ffn's Linears for QuantLinear and the memory bank for a QuantMemory, in place
+    ln1: nn.LayerNorm
+    causal_conv: nn.Conv1d
+    memory_bank: nn.Parameter | QuantMemory  # (S, C)
+    gate: nn.Linear | QuantLinear
+    ln2: nn.LayerNorm
+    ffn: nn.Sequential  # Linear | QuantLinear, GELU, Linear | QuantLinear, Dropout
 
     def __init__(self, cfg: GAMConfig) -> None:
         super().__init__()
@@ -26,6 +39,10 @@ class GAMBlock(nn.Module):
         self.gate = nn.Linear(d, 2 * d)
         self.ln2 = nn.LayerNorm(d)
         self.ffn = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d), nn.Dropout(cfg.dropout))
+
+    def ffn_linears(self) -> tuple[nn.Linear | QuantLinear, nn.Linear | QuantLinear]:
+        """ffn's two projections (ffn[0], ffn[2]), typed (indexing nn.Sequential gives nn.Module)."""
+        return cast("nn.Linear | QuantLinear", self.ffn[0]), cast("nn.Linear | QuantLinear", self.ffn[2])
 
     def memory_read(self, h: Tensor) -> Tensor:
         """Per-token softmax read of the memory bank: softmax(h M^T) M."""
@@ -59,12 +76,18 @@ class GAMBlock(nn.Module):
         h = self.ln1(x)  # (B, C)
         win = torch.cat([hist, h.unsqueeze(1)], dim=1)  # (B, K, C)
         w = self.causal_conv.weight.squeeze(1).t()  # (K, C)
+        assert self.causal_conv.bias is not None  # built with a bias
         local = (win * w).sum(dim=1) + self.causal_conv.bias  # (B, C)
         return self.fuse(x, h, local), win[:, 1:]
 
 
 class GAM(nn.Module):
     """GAM language model; the head is tied to the token embedding."""
+
+    token_embedding: nn.Embedding
+    pos_embedding: nn.Embedding
+    ln_f: nn.LayerNorm
+    head: nn.Linear | QuantLinear  # untied QuantLinear once quantized (gam_model.quant)
 
     def __init__(self, cfg: GAMConfig) -> None:
         super().__init__()
@@ -87,6 +110,10 @@ class GAM(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=0.02)
 
+    def block_list(self) -> list[GAMBlock]:
+        """The blocks, typed (iterating the nn.ModuleList itself gives nn.Module)."""
+        return cast("list[GAMBlock]", list(self.blocks))
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -97,7 +124,7 @@ class GAM(nn.Module):
             raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.token_embedding(idx) + self.pos_embedding(pos))  # (B, T, C)
-        for blk in self.blocks:
+        for blk in self.block_list():
             x, _ = blk(x)
         return self.head(self.ln_f(x))  # (B, T, V)
 
@@ -116,7 +143,7 @@ class GAM(nn.Module):
         x = self.token_embedding(idx) + self.pos_embedding(pos)  # (B, W, C)
         hists = []
         k1, L = self.config.history, self.config.n_layer
-        for i, blk in enumerate(self.blocks):
+        for i, blk in enumerate(self.block_list()):
             # only the last (L-1-i)(K-1)+1 outputs of block i reach the last logits (a pyramid, not W per layer)
             x, h = blk(x, mask[:, -x.shape[1] :], keep=(L - 1 - i) * k1 + 1)
             hists.append(F.pad(h, (0, 0, max(k1 - h.shape[1], 0), 0))[:, -k1:] if k1 > 0 else h[:, :0])
@@ -127,7 +154,7 @@ class GAM(nn.Module):
         """Cached decode step: idx (B,), pos (B,) < block_size, hist (L, B, K-1, C) -> logits (B, V), new hist."""
         x = self.token_embedding(idx) + self.pos_embedding(pos)  # (B, C)
         new = []
-        for i, blk in enumerate(self.blocks):
+        for i, blk in enumerate(self.block_list()):
             x, hi = blk.step(x, hist[i])
             new.append(hi)
         return self.head(self.ln_f(x)), torch.stack(new)  # (B, V), (L, B, K-1, C)

@@ -29,10 +29,13 @@ needs, and symmetric per-channel quantization is a few lines here.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:  # imported at call time below: the model module stays free of this one
+    from gam_model.model import GAM
 
 METHODS = ("int8", "fp8")
 CHOICES = ("auto", "none", *METHODS)  # what --quantize accepts: auto = what the checkpoint says (none if nothing)
@@ -98,6 +101,10 @@ def qmm(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
 class QuantLinear(nn.Module):
     """A Linear whose weight is quantized per output channel: y = x @ (scale * q)^T + bias."""
 
+    qweight: Tensor
+    scale: Tensor
+    bias: nn.Parameter | None
+
     def __init__(self, qweight: Tensor, scale: Tensor, bias: Tensor | None) -> None:
         super().__init__()
         self.register_buffer("qweight", qweight)  # (out, in) int8, or fp8 bits (uint8)
@@ -126,6 +133,11 @@ class QuantMemory(nn.Module):
     q^T (C, S), a transposed int8 copy made at load (the kernel wants its weight as contiguous (N, K) rows). It pays:
     at batch 1 the read streams S*C bytes instead of 2*S*C (bf16), and it keeps one quantized M for both matmuls.
     """
+
+    qweight: Tensor
+    scale: Tensor
+    qweight_t: Tensor
+    ones: Tensor
 
     def __init__(self, qweight: Tensor, scale: Tensor) -> None:
         super().__init__()
@@ -160,7 +172,13 @@ class QuantMemory(nn.Module):
         return f"slots={s}, width={c}, weight={NAME[self.qweight.dtype]}"
 
 
-def quantize_model_(model: nn.Module, method: str) -> nn.Module:
+def _full_precision(lin: nn.Linear | QuantLinear) -> nn.Linear:
+    """A projection of a model that is not quantized yet."""
+    assert isinstance(lin, nn.Linear), lin
+    return lin
+
+
+def quantize_model_(model: GAM, method: str) -> GAM:
     """Quantize a GAM model's projections, memory banks and head in place (in the model's current dtype)."""
     from gam_model.model import GAM  # the model module stays free of this one
 
@@ -171,31 +189,36 @@ def quantize_model_(model: nn.Module, method: str) -> nn.Module:
         raise QuantizationError(f"the model is already quantized ({quantization_of(model)})")
     dtype = model.token_embedding.weight.dtype
     with torch.no_grad():
-        for blk in model.blocks:
-            blk.gate = QuantLinear.of(blk.gate.weight, blk.gate.bias, method, dtype)
-            blk.ffn[0] = QuantLinear.of(blk.ffn[0].weight, blk.ffn[0].bias, method, dtype)
-            blk.ffn[2] = QuantLinear.of(blk.ffn[2].weight, blk.ffn[2].bias, method, dtype)
+        for blk in model.block_list():
+            gate, (f1, f2) = _full_precision(blk.gate), map(_full_precision, blk.ffn_linears())
+            blk.gate = QuantLinear.of(gate.weight, gate.bias, method, dtype)
+            blk.ffn[0] = QuantLinear.of(f1.weight, f1.bias, method, dtype)
+            blk.ffn[2] = QuantLinear.of(f2.weight, f2.bias, method, dtype)
             memory = blk.memory_bank
+            assert not isinstance(memory, QuantMemory)
             del blk.memory_bank  # the Parameter goes; a module of the same name takes its place
             blk.memory_bank = QuantMemory.of(memory, method, dtype)
         model.head = QuantLinear.of(model.token_embedding.weight, None, method, dtype)  # untied: the lookup stays exact
     return model
 
 
-def quantized_skeleton_(model: nn.Module, method: str) -> nn.Module:
+def quantized_skeleton_(model: GAM, method: str) -> GAM:
     """Swap in empty quantized modules of the right shapes, for loading a pre-quantized state dict into."""
     from gam_model.model import GAM
 
     assert isinstance(model, GAM)
     dtype, store = model.token_embedding.weight.dtype, STORAGE[method]
 
-    def linear(lin: nn.Linear) -> QuantLinear:
+    def linear(proj: nn.Linear | QuantLinear) -> QuantLinear:
+        lin = _full_precision(proj)
         n, k = lin.weight.shape
         bias = None if lin.bias is None else torch.empty(n, dtype=dtype)
         return QuantLinear(torch.empty(n, k, dtype=store), torch.empty(n, dtype=dtype), bias)
 
-    for blk in model.blocks:
-        blk.gate, blk.ffn[0], blk.ffn[2] = linear(blk.gate), linear(blk.ffn[0]), linear(blk.ffn[2])
+    for blk in model.block_list():
+        f1, f2 = blk.ffn_linears()
+        blk.gate, blk.ffn[0], blk.ffn[2] = linear(blk.gate), linear(f1), linear(f2)
+        assert not isinstance(blk.memory_bank, QuantMemory)
         s, c = blk.memory_bank.shape
         del blk.memory_bank
         blk.memory_bank = QuantMemory(torch.empty(s, c, dtype=store), torch.empty(s, dtype=dtype))

@@ -22,10 +22,10 @@ from types import ModuleType
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from gam_model.model import GAM
-from gam_model.quant import QuantLinear, qmm
+from gam_model.quant import QuantLinear, QuantMemory, qmm
 
 
 @dataclass(frozen=True)
@@ -44,14 +44,18 @@ class Proj:
     def __call__(self, x: Tensor) -> Tensor:
         """x (B, in) -> (B, out)."""
         if self.q is not None:
+            assert self.scale is not None  # quantized rows come with their scales
             y = qmm(x, self.q, self.scale)  # (B, out)
             return y if self.b is None else y.add_(self.b)
+        assert self.wt is not None  # not quantized: the full-precision right operand
         return x @ self.wt if self.b is None else torch.addmm(self.b, x, self.wt)
 
     def add_to(self, out: Tensor, x: Tensor) -> Tensor:
         """out (B, out) += x (B, in) @ W^T, in place."""
         if self.q is not None:
+            assert self.scale is not None  # quantized rows come with their scales
             return out.add_(qmm(x, self.q, self.scale))
+        assert self.wt is not None  # not quantized: the full-precision right operand
         return out.addmm_(x, self.wt)
 
 
@@ -101,26 +105,32 @@ class StepWeights:
         with torch.no_grad():
             layers = []
             C, S = model.config.n_embd, model.config.n_slots
-            for blk in model.blocks:
-                gm_b = torch.cat([blk.gate.bias, blk.gate.bias.new_zeros(S)])  # (2C+S,)
-                if isinstance(blk.gate, QuantLinear):
-                    mem = blk.memory_bank
-                    gm_q = torch.cat([blk.gate.qweight, mem.qweight])  # (2C+S, C) int8 rows
-                    gm_s = torch.cat([blk.gate.scale, mem.scale])  # (2C+S,)
-                    blk.gate.qweight, mem.qweight = gm_q[: 2 * C], gm_q[2 * C :]  # views: one copy in memory
-                    blk.gate.scale, mem.scale = gm_s[: 2 * C], gm_s[2 * C :]
+            for blk in model.block_list():
+                gate, mem, (f1, f2) = blk.gate, blk.memory_bank, blk.ffn_linears()
+                conv_b = blk.causal_conv.bias
+                # built with these biases
+                assert gate.bias is not None and f2.bias is not None and conv_b is not None
+                gm_b = torch.cat([gate.bias, gate.bias.new_zeros(S)])  # (2C+S,)
+                read: Callable[[Tensor], Tensor]
+                if isinstance(gate, QuantLinear):
+                    assert isinstance(mem, QuantMemory) and isinstance(f1, QuantLinear) and isinstance(f2, QuantLinear)
+                    gm_q = torch.cat([gate.qweight, mem.qweight])  # (2C+S, C) int8 rows
+                    gm_s = torch.cat([gate.scale, mem.scale])  # (2C+S,)
+                    gate.qweight, mem.qweight = gm_q[: 2 * C], gm_q[2 * C :]  # views: one copy in memory
+                    gate.scale, mem.scale = gm_s[: 2 * C], gm_s[2 * C :]
                     gm, read = Proj(None, gm_b, gm_q, gm_s), mem.read
-                    ffn1, ffn2 = (Proj(None, f.bias, f.qweight, f.scale) for f in (blk.ffn[0], blk.ffn[2]))
+                    ffn1, ffn2 = (Proj(None, f.bias, f.qweight, f.scale) for f in (f1, f2))
                 else:
-                    gm_w = torch.cat([blk.gate.weight, blk.memory_bank])  # (2C+S, C)
-                    gm, read = Proj(right(gm_w), gm_b), Proj(blk.memory_bank)
-                    ffn1, ffn2 = Proj(right(blk.ffn[0].weight), blk.ffn[0].bias), Proj(right(blk.ffn[2].weight))
+                    assert not isinstance(mem, QuantMemory) and isinstance(f1, nn.Linear) and isinstance(f2, nn.Linear)
+                    gm_w = torch.cat([gate.weight, mem])  # (2C+S, C)
+                    gm, read = Proj(right(gm_w), gm_b), Proj(mem)
+                    ffn1, ffn2 = Proj(right(f1.weight), f1.bias), Proj(right(f2.weight))
                 layers.append(LayerWeights(
                     blk.ln1.weight, blk.ln1.bias, blk.ln1.eps,
-                    blk.causal_conv.weight.squeeze(1).t().contiguous(), blk.causal_conv.bias,
+                    blk.causal_conv.weight.squeeze(1).t().contiguous(), conv_b,
                     gm, read,
                     blk.ln2.weight, blk.ln2.bias, blk.ln2.eps,
-                    ffn1, ffn2, blk.ffn[2].bias,
+                    ffn1, ffn2, f2.bias,
                 ))  # fmt: skip
             h = model.head
             head = Proj(None, None, h.qweight, h.scale) if isinstance(h, QuantLinear) else Proj(right(h.weight))

@@ -289,6 +289,7 @@ class Trainer:
         Fixed once after calibration; later shortened when the run falls behind (the CPU is shared), or lengthened
         while still in the first 60% of the schedule when it runs >10% ahead. The budget's hard stop still holds.
         """
+        assert self.cfg.time_budget_min is not None  # plan() runs only under a time budget
         budget = self.cfg.time_budget_min * 60.0
         fit = self.step + int(max(0.0, budget - self.elapsed) / sec_per_step)
         target = max(self.cfg.warmup_steps + 1, int(fit * 0.92))  # 8% margin for noise
