@@ -18,7 +18,8 @@ router = APIRouter(tags=["Server"])
 Ctx = Annotated[ServerContext, Depends(get_context)]
 
 
-@router.api_route("/health", methods=["GET", "HEAD"], summary="Liveness and readiness", response_class=Response)
+@router.get("/health", summary="Liveness and readiness", response_class=Response)
+@router.head("/health", include_in_schema=False)  # probes that send HEAD; one operation in the OpenAPI schema
 async def health(request: Request) -> Response:
     """200 when the model is loaded and the engine loop is alive, else 503 (TGI's shape)."""
     ctx: ServerContext | None = getattr(request.app.state, "ctx", None)

@@ -148,6 +148,8 @@ async def test_info_and_health(client: httpx.AsyncClient) -> None:
     ):
         assert key in info
     assert info["model_id"] == "tiny-gam" and info["model_dtype"] == "torch.float32"
+    head = await client.head("/health")  # probes and load balancers that send HEAD
+    assert head.status_code == 200 and head.content == b""
     assert (await client.get("/health")).status_code == 200
     assert (await client.get("/openapi.json")).json()["paths"]["/generate"]
 
