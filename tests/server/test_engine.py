@@ -172,7 +172,10 @@ async def test_metrics_move(make_settings) -> None:
         assert values["gam_batch_size_count"] >= 5
         assert values["gam_requests_running"] == 0 and values["gam_requests_waiting"] == 0
         assert values["gam_generated_tokens_per_second"] > 0
-        assert values['gam_model_info{device="cpu",dtype="float32",model="tiny-gam",quantization="none",version="0.1.0"}'] == 1
+        assert (
+            values['gam_model_info{device="cpu",dtype="float32",model="tiny-gam",quantization="none",version="0.1.0"}']
+            == 1
+        )
         assert values["gam_prompt_logprob_tokens_total"] == 0
         steps = values["gam_step_duration_seconds_count"]
         ids = [t["id"] for t in (await client.post("/tokenize", json={"inputs": "The season . " * 30})).json()]
