@@ -182,6 +182,19 @@ def checkpoint(b: Bench, model_dir: Path, reps: int) -> None:
         b.add("  load time, quantize-at-load / pre-quantized (x)", t_load / t_stored)
 
 
+class SavedBench(Bench):
+    """Bench that rewrites its JSON after every result, so a long run that is stopped keeps what it measured."""
+
+    def __init__(self, out: Path, header: dict) -> None:
+        super().__init__()
+        self.out, self.header = out, header
+
+    def add(self, *args, **kwargs) -> None:
+        super().add(*args, **kwargs)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.out.write_text(json.dumps(dict(**self.header, results=self.results), indent=2) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -196,28 +209,23 @@ def main() -> None:
     reps, chars = (3, 20_000) if args.quick else (args.reps, args.chars)
     info = machine()
     print(f"machine: {info}", flush=True)
-    b, only = Bench(), set(args.only or ["quality", "speed", "memory", "checkpoint"])
+    header = dict(machine=info, command=" ".join(sys.argv), reps=reps, chars=chars)
+    b, only = SavedBench(Path(args.out), header), set(args.only or ["quality", "speed", "memory", "checkpoint"])
     bundled = bundled_model_dir()
     if "memory" in only:
         memory(b)
     if "speed" in only:
         speed(b, reps, args.batches)
         fp32_speed(b, reps)
+    if "checkpoint" in only and bundled is not None:
+        checkpoint(b, bundled, reps)
     if "quality" in only:
         paper_kl(b)
         if bundled is not None and VALID.is_file():
             quality(b, bundled, chars)
         else:
             print(f"no bundled model or no {VALID}: bundled-model quality skipped", flush=True)
-    if "checkpoint" in only and bundled is not None:
-        checkpoint(b, bundled, reps)
-    cmd = " ".join(sys.argv)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(dict(machine=info, command=cmd, reps=reps, chars=chars, results=b.results), indent=2) + "\n"
-    )
-    print(f"wrote {out}", flush=True)
+    print(f"wrote {args.out}", flush=True)
 
 
 if __name__ == "__main__":

@@ -56,3 +56,14 @@ def test_pre_quantized_checkpoint_with_float32_exits_at_start_up(
     with pytest.raises(SystemExit) as e:
         main(["--model", str(tmp_path / "q"), "--device", "cpu", "--dtype", "float32"])
     assert e.value.code == 2 and "pre-quantized for bfloat16 activations" in capsys.readouterr().err
+
+
+def test_flag_and_env_var(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from server.cli import parse
+
+    assert parse(["--quantize", "int8", "--device", "cpu"]).resolved_dtype() == torch.bfloat16
+    monkeypatch.setenv("GAM_QUANTIZE", "fp8")
+    assert parse([]).quantize == "fp8"
+    assert parse(["--quantize", "none", "--device", "cpu"]).resolved_dtype() == torch.float32
