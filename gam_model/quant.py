@@ -130,8 +130,9 @@ class QuantMemory(nn.Module):
     """A quantized memory bank M = scale * q (S, C), one quantization for both uses: scores h M^T and the read p M.
 
     The read folds the per-slot scales into the probabilities, (p * scale) @ q, and runs the same int8 kernel on
-    q^T (C, S), a transposed int8 copy made at load (the kernel wants its weight as contiguous (N, K) rows). It pays:
-    at batch 1 the read streams S*C bytes instead of 2*S*C (bf16), and it keeps one quantized M for both matmuls.
+    q^T (C, S), a transposed int8 copy made at load (the kernel wants its weight as contiguous (N, K) rows). Why int8
+    here too: the read then streams S*C bytes instead of 2*S*C (bf16) and holds S*C instead of 2*S*C, and one
+    quantized M serves both matmuls (the read's own time was not measured apart from the whole step).
     """
 
     qweight: Tensor
