@@ -54,6 +54,9 @@ class DrainingServer(uvicorn.Server):
 
     async def on_tick(self, counter: int) -> bool:
         engine = self._engine()
+        if engine is not None and engine.crashed and not self.should_exit:
+            logging.getLogger(__name__).error("%s: stopping the server (exit status 1)", engine.crashed)
+            self.engine_crashed = self.should_exit = True
         if self._draining and not self.should_exit and (engine is None or engine.idle):
             super().handle_exit(*self._exit_signal)
         return await super().on_tick(counter)
@@ -95,7 +98,10 @@ def main(argv: list[str] | None = None) -> None:
         timeout_graceful_shutdown=int(settings.shutdown_grace) + 5,
         timeout_keep_alive=settings.timeout_keep_alive,
     )
-    DrainingServer(config).run()
+    server = DrainingServer(config)
+    server.run()
+    if server.engine_crashed:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

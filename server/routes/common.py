@@ -132,16 +132,14 @@ def check_params(params: SamplingParams) -> SamplingParams:
     return params
 
 
-def submit(ctx: ServerContext, reqs: list[GenerationRequest]) -> list[RequestHandle]:
+async def submit(ctx: ServerContext, reqs: list[GenerationRequest]) -> list[RequestHandle]:
     """Hand requests (the choices of one call) to the engine, all or none: 429 with Retry-After when they do not
     fit now, 400 when they never could, 503 when the engine is unavailable."""
-    endpoint = reqs[0].endpoint
     try:
-        return ctx.engine.submit_all(reqs)
+        return await ctx.engine.submit_all(reqs)
     except TooManySequences as e:
         raise ApiError(400, str(e), param="n") from e
-    except QueueFull as e:
-        ctx.metrics.count_rejected(endpoint)
+    except QueueFull as e:  # counted as rejected by the core
         raise ApiError(
             429,
             f"Model is overloaded: {e}",
@@ -150,7 +148,6 @@ def submit(ctx: ServerContext, reqs: list[GenerationRequest]) -> list[RequestHan
             headers={"Retry-After": str(RETRY_AFTER_S)},
         ) from e
     except EngineUnavailable as e:
-        ctx.metrics.count_rejected(endpoint)
         raise ApiError(503, str(e), error_type="unhealthy", headers={"Retry-After": str(RETRY_AFTER_S)}) from e
 
 

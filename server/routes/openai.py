@@ -201,7 +201,7 @@ def _usage(prompts: list[tuple[str, list[int]]], completion_tokens: int) -> dict
 async def completions(request: Request, body: CompletionRequest, ctx: Ctx) -> Any:
     """OpenAI legacy completions; `stream` answers Server-Sent Events ending in `data: [DONE]`."""
     prompts, reqs = await requests_of(ctx, body)
-    handles = submit(ctx, reqs)
+    handles = await submit(ctx, reqs)
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         return StreamingResponse(
