@@ -4,7 +4,7 @@ Synchronous and single-threaded: server/core_process.py runs it in its own proce
 and feeds it the frontends' messages between iterations. Each `iteration()`:
   1. ends requests past their deadline (or, past the drain grace, all of them);
   2. admits waiting requests into free slots; a request that asked for prompt logprobs is first scored, about
-     SCORE_BUDGET_S of work per iteration, then handed to the batch core;
+     the score budget of work per iteration, then handed to the batch core;
   3. runs one batch-core step (step the running rows, prefill the admitted ones, sample, finish checks);
   4. appends the step's results as columns to the output the process sends, after reporting its stats (so a client
      that got its last token reads metrics that include it).
@@ -30,14 +30,18 @@ from server.protocol import CoreOutput, Error, Finish, GenerationRequest, Reply
 
 log = logging.getLogger(__name__)
 
-# Prompt logprobs: each engine iteration scores prompt chunks for about SCORE_BUDGET_S seconds (at least one chunk)
-# before its decode step, so running streams keep flowing. A chunk is SCORE_HEAD_CHUNK positions below block_size
-# (one forward each) or SCORE_WINDOWS R-token windows past it. (Bundled model on the 2-core dev CPU: 32 windows take
-# about 35 ms; scoring 256 windows, or the whole 1024-position head, per iteration left a concurrent stream 0.3 s
-# gaps between tokens.)
-SCORE_BUDGET_S = 0.03
-SCORE_WINDOWS = 32
-SCORE_HEAD_CHUNK = 128
+
+@dataclass
+class ScoreBudget:
+    """Prompt logprobs: each engine iteration scores prompt chunks for about `seconds` (at least one chunk) before
+    its decode step, so running streams keep flowing. A chunk is `head_chunk` positions below block_size (one forward
+    each) or `windows` R-token windows past it. (Bundled model on the 2-core dev CPU: 32 windows take about 35 ms;
+    scoring 256 windows, or the whole 1024-position head, per iteration left a concurrent stream 0.3 s gaps between
+    tokens.) The defaults are Settings' (--score-budget-s, --score-windows, --score-head-chunk)."""
+
+    seconds: float = 0.03
+    windows: int = 32
+    head_chunk: int = 128
 
 
 class QueueFull(RuntimeError):
@@ -137,8 +141,10 @@ class EngineCore:
         max_queue: int,
         shutdown_grace: float = 10.0,
         fault_injection: str | None = None,
+        score_budget: ScoreBudget | None = None,
     ) -> None:
         self.decoder = decoder
+        self.score_budget = score_budget or ScoreBudget()
         self.batch = BatchCore(decoder, tokenizer)
         self.max_batch_size = decoder.state.num_slots
         self.max_queue = max_queue
@@ -349,23 +355,23 @@ class EngineCore:
             self.decoder.model,
             torch.tensor(q.prompt_ids),
             q.prompt_logprobs or 0,
-            batch_size=SCORE_WINDOWS,
-            head_chunk=SCORE_HEAD_CHUNK,
+            batch_size=self.score_budget.windows,
+            head_chunk=self.score_budget.head_chunk,
         )
 
     def _score_prompts(self) -> int:
-        """Advance prompt logprobs, oldest first, for about SCORE_BUDGET_S in all; returns the tokens scored.
+        """Advance prompt logprobs, oldest first, for about the score budget in all; returns the tokens scored.
 
         A long prompt is scored over several iterations (O(prompt) work), so the running streams keep stepping.
         Scored requests go to the batch core (or, with max_new_tokens 0, end with their score).
         """
-        start, chunks, scored = time.monotonic(), 0, 0
+        start, chunks, scored, budget = time.monotonic(), 0, 0, self.score_budget.seconds
         for r in list(self._scoring):
             scorer = r.scorer
             assert scorer is not None
             try:
                 with torch.inference_mode():
-                    while not scorer.done and (chunks == 0 or time.monotonic() - start < SCORE_BUDGET_S):
+                    while not scorer.done and (chunks == 0 or time.monotonic() - start < budget):
                         scored += scorer.advance()  # ends in .tolist(): timed right even on a GPU
                         chunks += 1
             except Exception as e:

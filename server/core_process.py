@@ -25,7 +25,7 @@ from gam_model.checkpoint import load_checkpoint
 from gam_model.decode import Decoder
 from gam_model.quant import quantization_of
 from server import protocol as p
-from server.core import EngineCore, EngineUnavailable, QueueFull, TooManySequences
+from server.core import EngineCore, EngineUnavailable, QueueFull, ScoreBudget, TooManySequences
 from server.metrics import Metrics
 from server.settings import Settings
 from server.version import VERSION
@@ -87,6 +87,7 @@ def build(settings: Settings) -> tuple[EngineCore, Metrics, p.Facts]:
         max_queue=settings.max_queue,
         shutdown_grace=settings.shutdown_grace,
         fault_injection=settings.fault_injection,
+        score_budget=ScoreBudget(settings.score_budget_s, settings.score_windows, settings.score_head_chunk),
     )
     facts = p.Facts(
         model_id=settings.model_id or meta.model_name,
@@ -149,9 +150,12 @@ class CoreServer:
             return 0
         except BaseException as e:
             log.exception("engine loop died")
+            # the frontend turns unhealthy on this message, then fails what is in flight: a client that got its
+            # error finds /health 503 (the process exit it also notices may come later)
             with contextlib.suppress(Exception):
-                self.core.fail_all(f"the engine loop died: {e!r}")
-                self._send(self.core.take_output())
+                raw = p.encode(p.Failed(f"the engine loop died: {e!r}"))
+                for ident in self.frontends.values():
+                    self.sock.send_multipart([ident, raw])
             return 1
         finally:
             if self.stopping:

@@ -177,12 +177,13 @@ class RequestHandle:
 
 
 # -- the client ------------------------------------------------------------------------------------------------
-def _context() -> multiprocessing.context.BaseContext:
+def _context() -> multiprocessing.context.ForkServerContext:
     """forkserver with the core's modules preloaded: the first core start pays for importing torch and the model
     code, later ones (tests start many servers) fork a process that has them. Never plain fork: the frontend may
     have started threads (and CUDA) that a forked child would inherit broken. Like spawn, it runs the parent's
     `__main__` in the child: scripts that start an engine need an `if __name__ == "__main__":` guard."""
     mp = multiprocessing.get_context("forkserver")
+    assert isinstance(mp, multiprocessing.context.ForkServerContext)
     mp.set_forkserver_preload(["server.core_process"])
     return mp
 
@@ -199,7 +200,6 @@ class Engine:
         self.special_ids = {i for i in (tokenizer.eos_token_id, tokenizer.bos_token_id) if i is not None}
         self.facts: p.Facts | None = None
         self.crashed: str | None = None  # why the core is gone, once it is
-        self.on_crash: Callable[[], None] | None = None  # the CLI exits the server
         self.num_running = 0
         self.num_waiting = 0
         self.free_slots = settings.max_batch_size
@@ -215,6 +215,7 @@ class Engine:
         self._sock: zmq.asyncio.Socket | None = None
         self._reader: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._exited: asyncio.Future[None] | None = None
 
     # -- lifetime ------------------------------------------------------------------------------------------
     async def start(self) -> p.Facts:
@@ -228,25 +229,26 @@ class Engine:
         )
         self._proc.daemon = True  # never outlives this process
         self._proc.start()
+        self._exited = self._loop.create_future()
+        self._loop.add_reader(self._proc.sentinel, self._on_exit)
         self._zctx = zmq.asyncio.Context()
         self._sock = self._zctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.connect(address)
         await self._sock.send(p.encode(p.Hello(self.frontend)))
         first: asyncio.Future[bytes] = asyncio.ensure_future(self._sock.recv())
-        died: asyncio.Future[None] = self._loop.run_in_executor(None, self._proc.join)
-        done, _ = await asyncio.wait([first, died], timeout=START_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
+        waits: list[asyncio.Future] = [first, self._exited]
+        done, _ = await asyncio.wait(waits, timeout=START_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
         if first not in done:
             first.cancel()
             await self._close()
-            why = f"exited with code {self._proc.exitcode}" if died in done else f"not ready in {START_TIMEOUT_S}s"
+            why = f"exited with code {self._proc.exitcode}" if self._exited.done() else "did not start in time"
             raise RuntimeError(f"the engine core process {why}")
         msg = p.decode_from_core(first.result())
         if not isinstance(msg, p.Ready):
             await self._close()
             raise RuntimeError(f"the engine failed to start: {getattr(msg, 'message', msg)}")
         self.facts = msg.facts
-        self._loop.add_reader(self._proc.sentinel, self._on_exit)
         self._reader = asyncio.create_task(self._read(), name="gam-engine-reader")
         return msg.facts
 
@@ -374,6 +376,8 @@ class Engine:
                     self._dispatch(msg)
                 elif isinstance(msg, p.MetricsText):
                     self._answer(msg.token, msg.text)
+                elif isinstance(msg, p.Failed):  # the core's loop died; its process exits next
+                    self._crash(msg.message)
             except Exception:  # one bad message must not stop the stream of every other request
                 log.exception("could not handle a message from the engine core")
 
@@ -415,16 +419,21 @@ class Engine:
 
     def _on_exit(self) -> None:
         """The core process ended: fail what is in flight, turn unhealthy, let the CLI stop the server."""
-        assert self._loop is not None and self._proc is not None
+        assert self._loop is not None and self._proc is not None and self._exited is not None
         self._loop.remove_reader(self._proc.sentinel)
         self._proc.join(1.0)
-        if self._stopped:
+        if not self._exited.done():
+            self._exited.set_result(None)
+        if self.facts is not None and not self._stopped:
+            self._crash(f"the engine core process exited with code {self._proc.exitcode}")
+
+    def _crash(self, why: str) -> None:
+        """Turn unhealthy first, then fail every request in flight (so a client that has its error sees /health 503)."""
+        if self.crashed is not None:
             return
-        self.crashed = f"the engine core process exited with code {self._proc.exitcode}"
-        log.error("%s: failing %d requests", self.crashed, len(self._handles))
-        self._fail_everything(self.crashed)
-        if self.on_crash is not None:
-            self.on_crash()
+        self.crashed = why
+        log.error("%s: failing %d requests", why, len(self._handles))
+        self._fail_everything(why)
 
     def _fail_everything(self, message: str) -> None:
         handles, self._handles = self._handles, {}

@@ -51,6 +51,13 @@ class Settings(BaseSettings):
         description="batch-invariant mode: a request's logits, and so its greedy or seeded text, are bit-identical "
         "whatever else is in the batch, at a throughput cost (README)",
     )
+    # prompt logprobs (decoder_input_details, echo + logprobs) are O(prompt) work: the engine core scores a long prompt
+    # in slices between decode steps, so running streams keep flowing (bench/prompt_logprobs.py)
+    score_budget_s: float = Field(
+        0.03, ge=0, description="seconds of prompt-logprob scoring per engine iteration (at least one chunk)"
+    )
+    score_windows: int = Field(32, ge=1, description="prompt-logprob chunk past block_size: R-token windows")
+    score_head_chunk: int = Field(128, ge=1, description="prompt-logprob chunk below block_size: positions")
     shutdown_grace: float = Field(10.0, ge=0, description="seconds in-flight requests get to finish on SIGTERM")
     # uvicorn's default (5 s) equals httpx's pool expiry (openai, huggingface_hub clients): a client reusing a
     # connection the server is closing gets a reset (ReadError), seen 17 times in a 10,000-request soak. Longer than

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from fastapi import Request
 from tokenizers import Encoding
 
@@ -214,6 +215,7 @@ async def collect(request: Request, handles: list[RequestHandle]) -> list[Collec
             h.cancel()  # no-op once finished
 
 
-def sse(data: str) -> bytes:
-    """One Server-Sent Event with a data line (the framing TGI and OpenAI use)."""
-    return f"data: {data}\n\n".encode()
+def sse(data: Any) -> bytes:
+    """One Server-Sent Event with a JSON data line (the framing TGI and OpenAI use), serialised by orjson (compact,
+    UTF-8 as is: a few times cheaper per token than json.dumps + encode)."""
+    return b"data: " + orjson.dumps(data) + b"\n\n"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -136,7 +135,7 @@ async def generate_sse(ctx: ServerContext, body: TGIRequest, endpoint: str) -> S
         parts = [body.inputs] if p.return_full_text else []
         async for ev in stream_events(handle):
             if isinstance(ev, ErrorEvent):
-                yield sse(json.dumps({"error": ev.message, "error_type": ev.error_type}))
+                yield sse({"error": ev.message, "error_type": ev.error_type})
                 return
             assert isinstance(ev, TokenEvent)  # TGI requests generate at least one token
             if not ev.special:
@@ -155,7 +154,7 @@ async def generate_sse(ctx: ServerContext, body: TGIRequest, endpoint: str) -> S
                         "seed": ev.finish.seed,
                         "input_length": ev.finish.prompt_tokens,
                     }
-            yield sse(json.dumps(data))
+            yield sse(data)
 
     return StreamingResponse(
         events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
