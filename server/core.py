@@ -204,12 +204,12 @@ class EngineCore:
             )
         self._waiting.extend(_Req(i, r, arrival, deadline) for i, r in zip(ids, requests, strict=True))
 
-    def reply(self, token: int, error: BaseException | None) -> None:
+    def reply(self, frontend: int, token: int, error: BaseException | None) -> None:
         """Answer a Submit (with the exception it raised, if any)."""
         if error is None:
-            self._out.replies.append(Reply(token))
+            self._out.replies.append(Reply(frontend, token))
         else:
-            self._out.replies.append(Reply(token, type(error).__name__, str(error)))
+            self._out.replies.append(Reply(frontend, token, type(error).__name__, str(error)))
 
     def cancel(self, ids: list[int]) -> None:
         """The frontend dropped these requests (client gone): free their slots now; no event goes back."""

@@ -194,11 +194,11 @@ class CoreServer:
         if isinstance(msg, p.Submit):
             try:
                 self.core.submit(msg.ids, msg.requests, msg.arrival, msg.deadline)
-                self.core.reply(msg.token, None)
+                self.core.reply(msg.frontend, msg.token, None)
             except (QueueFull, TooManySequences, EngineUnavailable, ValueError) as e:
                 if isinstance(e, (QueueFull, EngineUnavailable)):
                     self.metrics.count_rejected(msg.requests[0].endpoint if msg.requests else "generate")
-                self.core.reply(msg.token, e)
+                self.core.reply(msg.frontend, msg.token, e)
             return True
         if isinstance(msg, p.Cancel):
             self.core.cancel(msg.ids)
@@ -222,6 +222,5 @@ class CoreServer:
     def _send(self, out: p.CoreOutput | None) -> None:
         if out is None:
             return
-        raw = p.encode(out)
-        for ident in self.frontends.values():  # one frontend today (N frontends: split by request id first)
-            self.sock.send_multipart([ident, raw], copy=False)
+        for f, part in out.split(list(self.frontends)).items():
+            self.sock.send_multipart([self.frontends[f], p.encode(part)], copy=False)

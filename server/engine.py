@@ -318,12 +318,12 @@ class Engine:
             r.validate()
         arrival = time.monotonic()
         deadline = arrival + (self.request_timeout if timeout is None else timeout)
-        handles = [RequestHandle((self.frontend << 40) | next(self._ids), r, self) for r in requests]
+        handles = [RequestHandle((self.frontend << p.FRONTEND_SHIFT) | next(self._ids), r, self) for r in requests]
         token = next(self._tokens)
         answer = self._expect(token)
         for h in handles:
             self._handles[h.id] = h
-        self._send(p.Submit(token, [h.id for h in handles], requests, arrival, deadline))
+        self._send(p.Submit(self.frontend, token, [h.id for h in handles], requests, arrival, deadline))
         try:
             error, message = await answer
         except BaseException:

@@ -38,6 +38,10 @@ class GenerationRequest(msgspec.Struct):
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
 
 
+# a request id is the frontend's index << FRONTEND_SHIFT | its own counter: the core routes outputs by it
+FRONTEND_SHIFT = 40
+
+
 # -- frontend -> core -------------------------------------------------------------------------------------------
 class Hello(msgspec.Struct, tag=True):
     frontend: int
@@ -46,6 +50,7 @@ class Hello(msgspec.Struct, tag=True):
 class Submit(msgspec.Struct, tag=True):
     """The sequences of one API call, all or none; answered by a Reply in a CoreOutput."""
 
+    frontend: int
     token: int
     ids: list[int]
     requests: list[GenerationRequest]
@@ -97,6 +102,7 @@ class Failed(msgspec.Struct, tag=True):
 class Reply(msgspec.Struct, array_like=True):
     """The answer to a Submit: error None = queued; else the exception's kind and message."""
 
+    frontend: int
     token: int
     error: str | None = None  # QueueFull, TooManySequences, EngineUnavailable, ValueError
     message: str = ""
@@ -135,6 +141,34 @@ class CoreOutput(msgspec.Struct, tag=True):
         """(request ids, token ids, logprobs) as Python lists."""
         ids = np.frombuffer(self.ids, np.int64).tolist()
         return ids, np.frombuffer(self.tokens, np.int64).tolist(), np.frombuffer(self.logprobs, np.float32).tolist()
+
+
+    def split(self, frontends: list[int]) -> dict[int, CoreOutput]:
+        """This output cut into each frontend's part (its rows, requests and replies; the counts go to all)."""
+        if len(frontends) == 1:
+            return {frontends[0]: self}
+        ids = np.frombuffer(self.ids, np.int64)
+        owner = ids >> FRONTEND_SHIFT
+        tokens, logprobs = np.frombuffer(self.tokens, np.int64), np.frombuffer(self.logprobs, np.float32)
+        parts = {}
+        for f in frontends:
+            rows = np.flatnonzero(owner == f)  # ascending: a row's new index is its position here
+            part = CoreOutput(
+                ids=ids[rows].tobytes(),
+                tokens=tokens[rows].tobytes(),
+                logprobs=logprobs[rows].tobytes(),
+                prompts={i: v for i, v in self.prompts.items() if i >> FRONTEND_SHIFT == f},
+                scored=[i for i in self.scored if i >> FRONTEND_SHIFT == f],
+                errors=[e for e in self.errors if e.id >> FRONTEND_SHIFT == f],
+                replies=[r for r in self.replies if r.frontend == f],
+                running=self.running,
+                waiting=self.waiting,
+                free_slots=self.free_slots,
+            )
+            part.finished = {int(np.searchsorted(rows, r)): v for r, v in self.finished.items() if owner[r] == f}
+            part.top = {int(np.searchsorted(rows, r)): v for r, v in self.top.items() if owner[r] == f}
+            parts[f] = part
+        return parts
 
 
 class MetricsText(msgspec.Struct, tag=True):
