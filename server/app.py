@@ -6,6 +6,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -61,14 +62,27 @@ class BodyLimitMiddleware:
         await self.app(scope, counting_receive, send)
 
 
-async def start_context(settings: Settings) -> ServerContext:
-    """Read the checkpoint's config and tokenizer, start the engine core process (which loads the weights) and
-    wait until it is ready."""
+@dataclass(frozen=True)
+class Attach:
+    """Where a frontend worker finds the engine core another process started (--api-server-count > 1)."""
+
+    address: str
+    core_pid: int
+    frontend: int
+
+
+async def start_context(settings: Settings, attach: Attach | None = None) -> ServerContext:
+    """Read the checkpoint's config and tokenizer; start the engine core process (which loads the weights), or
+    attach to a running one, and wait until it is ready."""
     model_dir = settings.resolved_model_dir()
     config, meta = read_config(model_dir)
     tokenizer = Tokenizer.from_file(model_dir / "tokenizer.json", meta.eos_token_id, meta.bos_token_id)
-    engine = Engine(settings, tokenizer)
-    facts = await engine.start()
+    if attach is None:
+        engine = Engine(settings, tokenizer)
+        facts = await engine.start()
+    else:
+        engine = Engine(settings, tokenizer, frontend=attach.frontend)
+        facts = await engine.attach(attach.address, attach.core_pid)
     log.info(
         "serving %s from %s: %d parameters, %s on %s",
         facts.model_id,
@@ -90,12 +104,12 @@ async def start_context(settings: Settings) -> ServerContext:
     )
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """The gam-serve ASGI app; the model is loaded and the engine started by its lifespan."""
+def create_app(settings: Settings, attach: Attach | None = None) -> FastAPI:
+    """The gam-serve ASGI app; its lifespan starts the engine core (or attaches to one) and stops it."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        ctx = await start_context(settings)
+        ctx = await start_context(settings, attach)
         app.state.ctx, app.state.engine = ctx, ctx.engine
         try:
             yield

@@ -87,18 +87,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"gam-serve: {e}", file=sys.stderr)
         raise SystemExit(2) from e
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from server.app import create_app  # imported late: `gam-serve --help` stays fast
+    # imported late: `gam-serve --help` stays fast
+    from server import frontends
+    from server.app import create_app
 
-    app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=int(settings.shutdown_grace) + 5,
-        timeout_keep_alive=settings.timeout_keep_alive,
-    )
-    server = DrainingServer(config)
+    if settings.api_server_count > 1:
+        raise SystemExit(frontends.serve(settings))
+    server = DrainingServer(frontends.uvicorn_config(create_app(settings), settings))
     server.run()
     if server.engine_crashed:
         raise SystemExit(1)

@@ -188,6 +188,27 @@ def _context() -> multiprocessing.context.ForkServerContext:
     return mp
 
 
+class CoreProcess:
+    """An engine core process (server/core_process.py) at a private ipc:// address."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._dir = tempfile.mkdtemp(prefix="gam-")
+        self.address = f"ipc://{self._dir}/core"
+        self.process = _context().Process(
+            target=core_process.main, args=(settings, self.address, os.getpid()), name=core_process.PROCESS_NAME
+        )
+        self.process.daemon = True  # never outlives the process that started it
+        self.process.start()
+
+    def stop(self, timeout: float) -> None:
+        """Wait up to timeout for it to exit (after a Shutdown), then kill it; remove its socket."""
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(5.0)
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
 class Engine:
     """The engine core process and this frontend's view of it (counts as of its last message)."""
 
@@ -209,8 +230,10 @@ class Engine:
         self._tokens = itertools.count(1)
         self._handles: dict[int, RequestHandle] = {}
         self._pending: dict[int, asyncio.Future] = {}  # Submit / MetricsQuery token -> its answer
-        self._proc: multiprocessing.process.BaseProcess | None = None
-        self._dir: str | None = None
+        self._core: CoreProcess | None = None  # the core process, when this frontend started it
+        self._core_pid: int | None = None  # the core's pid, when another process did
+        self._poller: asyncio.Task | None = None
+        self._exit_fd: int | None = None
         self._zctx: zmq.asyncio.Context | None = None
         self._sock: zmq.asyncio.Socket | None = None
         self._reader: asyncio.Task | None = None
@@ -219,18 +242,44 @@ class Engine:
 
     # -- lifetime ------------------------------------------------------------------------------------------
     async def start(self) -> p.Facts:
-        """Start the core process and wait until it has loaded the model (its facts) or failed (RuntimeError)."""
+        """Start a core process of our own and wait until it has loaded the model (its facts) or failed
+        (RuntimeError)."""
         self._loop = asyncio.get_running_loop()
-        self._dir = tempfile.mkdtemp(prefix="gam-")
-        address = f"ipc://{self._dir}/core"
-        mp = _context()
-        self._proc = mp.Process(
-            target=core_process.main, args=(self.settings, address, os.getpid()), name=core_process.PROCESS_NAME
-        )
-        self._proc.daemon = True  # never outlives this process
-        self._proc.start()
+        self._core = CoreProcess(self.settings)
+        self._watch(self._core.process.sentinel)
+        return await self._connect(self._core.address)
+
+    async def attach(self, address: str, core_pid: int) -> p.Facts:
+        """Connect to a core process another process started (--api-server-count > 1) and watch it."""
+        self._loop = asyncio.get_running_loop()
+        self._core_pid = core_pid
+        try:
+            self._watch(os.pidfd_open(core_pid))
+        except (AttributeError, OSError):  # not Linux >= 5.3: find out by polling
+            self._poller = asyncio.create_task(self._poll_core(core_pid))
+        return await self._connect(address)
+
+    def _watch(self, fd: int) -> None:
+        assert self._loop is not None
+        self._exit_fd = fd
         self._exited = self._loop.create_future()
-        self._loop.add_reader(self._proc.sentinel, self._on_exit)
+        self._loop.add_reader(fd, self._on_exit)
+
+    async def _poll_core(self, pid: int) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                self._on_exit()
+                return
+            except PermissionError:
+                pass
+
+    async def _connect(self, address: str) -> p.Facts:
+        assert self._loop is not None
+        if self._exited is None:
+            self._exited = self._loop.create_future()
         self._zctx = zmq.asyncio.Context()
         self._sock = self._zctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -242,7 +291,7 @@ class Engine:
         if first not in done:
             first.cancel()
             await self._close()
-            why = f"exited with code {self._proc.exitcode}" if self._exited.done() else "did not start in time"
+            why = f"exited ({self._exit_status()})" if self._exited.done() else "did not start in time"
             raise RuntimeError(f"the engine core process {why}")
         msg = p.decode_from_core(first.result())
         if not isinstance(msg, p.Ready):
@@ -251,6 +300,12 @@ class Engine:
         self.facts = msg.facts
         self._reader = asyncio.create_task(self._read(), name="gam-engine-reader")
         return msg.facts
+
+    def _exit_status(self) -> str:
+        if self._core is not None:
+            self._core.process.join(1.0)
+            return f"exited with code {self._core.process.exitcode}"
+        return f"pid {self._core_pid} exited"
 
     @property
     def alive(self) -> bool:
@@ -263,8 +318,8 @@ class Engine:
 
     @property
     def idle(self) -> bool:
-        """No request running or waiting (or the core is gone): a draining server may stop listening."""
-        return not (self.num_running or self.num_waiting or self._handles) or not self.alive
+        """None of this frontend's requests is in flight (or the core is gone): a draining server may stop listening."""
+        return not self._handles or not self.alive
 
     def drain(self, grace: float | None = None) -> None:
         """Stop admitting new requests; requests still running after `grace` seconds (default --shutdown-grace) are
@@ -281,18 +336,17 @@ class Engine:
             limit = time.monotonic() + (self.settings.shutdown_grace if grace is None else grace) + 1.0
             while self.alive and not self.idle and time.monotonic() < limit:
                 await asyncio.sleep(0.02)
-            self._send(p.Shutdown())
+            if self._core is not None:  # an attached frontend leaves the core to whoever started it
+                self._send(p.Shutdown())
         self._stopped = True
-        if self._proc is not None:
-            await asyncio.to_thread(self._proc.join, 10.0)
-            if self._proc.is_alive():
-                self._proc.kill()
+        if self._core is not None:
+            await asyncio.to_thread(self._core.stop, 10.0)
         await self._close()
 
     async def _close(self) -> None:
-        if self._loop is not None and self._proc is not None:
-            with contextlib.suppress(Exception):
-                self._loop.remove_reader(self._proc.sentinel)
+        self._unwatch()
+        if self._poller is not None:
+            self._poller.cancel()
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -302,10 +356,17 @@ class Engine:
             self._sock.close(linger=0)
         if self._zctx is not None:
             self._zctx.term()
-        if self._proc is not None and self._proc.is_alive():
-            self._proc.kill()
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
+        if self._core is not None:
+            self._core.stop(0.0)
+
+    def _unwatch(self) -> None:
+        if self._loop is not None and self._exit_fd is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._exit_fd)
+            if self._core is None:  # our pidfd
+                with contextlib.suppress(OSError):
+                    os.close(self._exit_fd)
+            self._exit_fd = None
 
     # -- handler side --------------------------------------------------------------------------------------
     async def submit_all(self, requests: list[GenerationRequest], timeout: float | None = None) -> list[RequestHandle]:
@@ -419,13 +480,11 @@ class Engine:
 
     def _on_exit(self) -> None:
         """The core process ended: fail what is in flight, turn unhealthy, let the CLI stop the server."""
-        assert self._loop is not None and self._proc is not None and self._exited is not None
-        self._loop.remove_reader(self._proc.sentinel)
-        self._proc.join(1.0)
-        if not self._exited.done():
+        self._unwatch()
+        if self._exited is not None and not self._exited.done():
             self._exited.set_result(None)
         if self.facts is not None and not self._stopped:
-            self._crash(f"the engine core process exited with code {self._proc.exitcode}")
+            self._crash(f"the engine core process {self._exit_status()}")
 
     def _crash(self, why: str) -> None:
         """Turn unhealthy first, then fail every request in flight (so a client that has its error sees /health 503)."""

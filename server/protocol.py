@@ -142,7 +142,6 @@ class CoreOutput(msgspec.Struct, tag=True):
         ids = np.frombuffer(self.ids, np.int64).tolist()
         return ids, np.frombuffer(self.tokens, np.int64).tolist(), np.frombuffer(self.logprobs, np.float32).tolist()
 
-
     def split(self, frontends: list[int]) -> dict[int, CoreOutput]:
         """This output cut into each frontend's part (its rows, requests and replies; the counts go to all)."""
         if len(frontends) == 1:

@@ -36,6 +36,13 @@ class Settings(BaseSettings):
         description="weight quantization: int8 (per-channel weight-only, CPU and CUDA), fp8 (e4m3, CUDA sm_89+), "
         "none; auto = as the checkpoint is (gam-quantize writes pre-quantized ones)",
     )
+    api_server_count: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="HTTP frontend processes sharing one engine core and the port (each with its own event loop, "
+        "GIL, detokenization and SSE work); 1 = the engine core is started by the one HTTP process",
+    )
     max_batch_size: int = Field(32, ge=1, le=4096, description="sequences decoded together (slot pool size)")
     max_queue: int = Field(128, ge=0, description="waiting requests beyond the running batch; past it: 429")
     max_new_tokens: int = Field(1024, ge=1, description="upper limit on max_new_tokens / max_tokens per request")
