@@ -64,3 +64,50 @@ async def test_killed_core_fails_streams_turns_unhealthy_and_exits_1(checkpoint_
     log = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
     assert code == 1, log[-3000:]
     assert "exited with code -9" in log and "stopping the server" in log
+
+
+async def test_two_frontends_share_one_core(checkpoint_dir: Path) -> None:
+    """--api-server-count 2: two HTTP processes on one port, one engine core; concurrent requests through both get
+    what each gets alone (greedy, fp32), every output reaches the connection that asked for it, metrics count them
+    all, and SIGTERM drains and exits 0."""
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GAM_DEVICE": "cpu", "GAM_DTYPE": "float32"}
+    cmd = [sys.executable, "-m", "server.cli", "--model", str(checkpoint_dir), "--port", str(port)]
+    cmd += ["--api-server-count", "2", "--max-batch-size", "8"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    prompts = [f"The {w} of the" for w in ("game", "season", "war", "album", "river", "city", "film", "song")]
+
+    async def ask(c: httpx.AsyncClient, prompt: str, stream: bool) -> str:
+        body = {"inputs": prompt, "parameters": {"max_new_tokens": 12, "do_sample": False}}
+        if not stream:
+            r = await c.post("/generate", json=body)
+            assert r.status_code == 200, r.text
+            return r.json()["generated_text"]
+        r = await c.post("/generate_stream", json=body)
+        events = [json.loads(b[len("data:") :]) for b in r.text.split("\n\n") if b.strip()]
+        return events[-1]["generated_text"]
+
+    try:
+        limits = httpx.Limits(max_keepalive_connections=0)  # a new connection per request: both workers get some
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60, limits=limits) as c:
+            await wait_healthy(c, proc)
+            tree = psutil.Process(proc.pid).children(recursive=True)
+            assert sum(p.name() == CORE_NAME for p in tree) == 1
+            workers = [p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+            assert len(workers) == 2
+            alone = [await ask(c, q, False) for q in prompts]
+            together = await asyncio.gather(*(ask(c, q, k % 2 == 1) for k in range(4) for q in prompts))
+            assert list(together) == alone * 4
+            metrics = (await c.get("/metrics")).text
+            done = sum(
+                float(ln.rsplit(" ", 1)[1]) for ln in metrics.splitlines() if ln.startswith("gam_requests_total{")
+            )
+            assert done == len(prompts) * 5
+            proc.send_signal(signal.SIGTERM)
+            code = await asyncio.to_thread(proc.wait, 60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+    assert code == 0, log[-3000:]
