@@ -16,6 +16,7 @@ forward or sampling call ends only that call's sequences (StepOutput.failed).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,7 +31,9 @@ from gam_model.sampling import SamplingParams, SequenceSampler, sample
 from gam_model.stopping import EOS_TOKEN, LENGTH, StopChecker, advance_token
 from gam_model.tokenizer import Tokenizer
 
-# finish codes in StepOutput.reasons (0 = still running)
+log = logging.getLogger(__name__)
+
+# finish codes of the per-row checks (0 = still running)
 RUNNING, EOS, STOP, LEN = 0, 1, 2, 3
 REASONS = {EOS: EOS_TOKEN, STOP: "stop_sequence", LEN: LENGTH}
 CODES = {v: k for k, v in REASONS.items()}
@@ -172,12 +175,14 @@ class BatchCore:
                 rows += active
                 stepped = len(active)
             except Exception as e:
+                log.exception("decode step failed for %d sequences", len(active))
                 self._drop(active, f"decode step failed: {e}", out)
         if new:
             try:
                 parts.append(self.decoder.prefill([s.slot for s in new], [s.spec.prompt_ids for s in new]))  # (P, V)
                 rows += new
             except Exception as e:
+                log.exception("prefill failed for %d sequences", len(new))
                 self._drop(new, f"prefill failed: {e}", out)
         t1 = time.perf_counter()
         out.forward_s = t1 - t0
@@ -189,6 +194,7 @@ class BatchCore:
             logprobs = res.logprobs.float().cpu().numpy()  # (B,) float32
             top_ids, top_lps = res.top_ids.cpu(), res.top_logprobs.cpu()
         except Exception as e:
+            log.exception("sampling failed for %d sequences", len(rows))
             self._drop(rows, f"sampling failed: {e}", out)
             return out
         out.sample_s = time.perf_counter() - t1

@@ -487,6 +487,9 @@ class Engine:
         for err in out.errors:
             h = handles.pop(err.id, None)
             if h is not None:
+                # lengths and outcome only, as everywhere: the core logged the cause with its traceback
+                log.log(logging.ERROR if err.status == 500 else logging.INFO, "request %d ended: %d %s (%s)", err.id,
+                        err.status, err.kind, err.message)  # fmt: skip
                 h._put(ErrorEvent(err.message, err.status, err.kind))
         self.num_running, self.num_waiting, self.free_slots = out.running, out.waiting, out.free_slots
 
