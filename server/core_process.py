@@ -52,6 +52,10 @@ def main(settings: Settings, address: str, parent: int) -> None:
     zctx = zmq.Context()
     sock = zctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 2000)
+    # no high-water mark: past it a ROUTER drops messages silently, and a lost step is a stream that never ends;
+    # a frontend that falls behind costs memory here instead (one message per step)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
     sock.bind(address)
     code = 1
     try:

@@ -294,6 +294,8 @@ class Engine:
         self._zctx = zmq.asyncio.Context()
         self._sock = self._zctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        for opt in (zmq.SNDHWM, zmq.RCVHWM):  # never drop or refuse a message (a Cancel, a step): no high-water mark
+            self._sock.setsockopt(opt, 0)
         self._sock.connect(address)
         await self._sock.send(p.encode(p.Hello(self.frontend)))
         first: asyncio.Future[bytes] = asyncio.ensure_future(self._sock.recv())
