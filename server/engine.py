@@ -433,8 +433,10 @@ class Engine:
     def _send(self, msg: p.ToCore) -> None:
         if self._sock is None or self._stopped:
             return
-        with contextlib.suppress(zmq.ZMQError):
-            self._sock.send(p.encode(msg), flags=zmq.NOBLOCK)
+        try:
+            self._sock.send(p.encode(msg), flags=zmq.NOBLOCK)  # no high-water mark: it queues, never blocks
+        except zmq.ZMQError:  # the socket is closing (shutdown) or the core is gone: its exit watch reports that
+            log.warning("could not send %s to the engine core", type(msg).__name__, exc_info=True)
 
     @property
     def down_reason(self) -> str:
