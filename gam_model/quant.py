@@ -93,18 +93,16 @@ def fp8_rows(x: Tensor) -> tuple[Tensor, Tensor]:
 
 def qmm(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
     """x (..., K) @ (scale[:, None] * q)^T -> (..., N) in x's dtype; q (N, K) contiguous int8, or fp8 bits (uint8)."""
-    lead, K = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, K)  # (M, K)
+    if x.dim() != 2:
+        return qmm(x.reshape(-1, x.shape[-1]), q, scale).reshape(*x.shape[:-1], q.shape[0])
+    # x (M, K) from here: the decode step's case, kept to a few attribute reads (it runs 4 times per layer and token)
     if q.dtype == torch.int8:
-        if x.device.type == "cpu":
-            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), q, scale)  # (M, N)
-        else:
-            y = (x2 @ q.to(x.dtype).t()) * scale  # (M, N) dequantize in the matmul (see the module docstring)
-    else:
-        xq, xs = fp8_rows(x2)  # (M, K) e4m3, (M, 1)
-        sw = scale.float().unsqueeze(0)  # (1, N)
-        y = torch._scaled_mm(xq, q.view(FP8).t(), scale_a=xs, scale_b=sw, out_dtype=x.dtype)  # (M, N)
-    return y.reshape(*lead, q.shape[0])
+        if x.is_cpu:
+            return torch._weight_int8pack_mm(x.contiguous(), q, scale)  # (M, N)
+        return (x @ q.to(x.dtype).t()) * scale  # (M, N) dequantize in the matmul (see the module docstring)
+    xq, xs = fp8_rows(x)  # (M, K) e4m3, (M, 1)
+    sw = scale.float().unsqueeze(0)  # (1, N)
+    return torch._scaled_mm(xq, q.view(FP8).t(), scale_a=xs, scale_b=sw, out_dtype=x.dtype)  # (M, N)
 
 
 class QuantLinear(nn.Module):
