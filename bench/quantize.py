@@ -5,7 +5,8 @@
 - quality: the bundled model on WikiText-2 valid (../shared/data/wikitext-2/valid.txt, its first --chars characters;
   0 = all), exact sliding eval (gam_model.evaluate): bits per byte of fp32, bf16 and int8 (bf16 activations); and
   KL(bf16 || int8) per token, on the bundled model (valid text) and on the paper config with random weights.
-- speed: Decoder.step, paper config, random weights, int8 vs bf16 at batch 1..256 (alternated), and the crossover.
+- speed: Decoder.step, paper config, random weights, int8 vs bf16 at batch 1..256 (alternated), and the crossover;
+  at batch 1 also the projections alone and the whole step with one thread (where the batch-1 ratio goes).
 - memory: bytes of the distinct tensor storages the Decoder holds (model + fused step weights), int8 vs bf16.
 - checkpoint: gam-quantize's file vs the original, and load time pre-quantized vs quantize-at-load.
 Writes bench/results/quantize.json with the machine described. Not a test: a missed goal is reported, not raised.
@@ -15,9 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,7 +36,9 @@ from gam_model.cli.quantize import main as gam_quantize
 from gam_model.data import encode_stream, read_text
 from gam_model.decode import Decoder
 from gam_model.evaluate import evaluate_text
+from gam_model.model import GAM
 from gam_model.quant import quantize_model_
+from gam_model.step import StepWeights
 
 VALID = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "valid.txt"
 CPU = torch.device("cpu")
@@ -79,35 +85,74 @@ def paper_kl(b: Bench) -> None:
     b.add(f"paper config, random weights, KL(bf16 || int8) per token, {idx.numel()} tokens (millinats)", 1000 * kl)
 
 
+STEPS = 4  # decode steps per timed sample
+
+
+def step_times(models: tuple[GAM, GAM], batch: int, reps: int) -> tuple[float, float]:
+    """Median seconds per Decoder.step of the two models at `batch` rows, alternated."""
+    decs = [Decoder(m, num_slots=batch) for m in models]
+    slots = [[d.allocate() for _ in range(batch)] for d in decs]
+    prompts = random_prompts(batch, 4, PAPER["vocab_size"], seed=batch)
+    tok = torch.zeros(batch, dtype=torch.long)
+
+    def run(i: int) -> None:
+        d, s = decs[i], slots[i]
+        if d.length(s[0]) + STEPS >= PAPER["block_size"] - 1:  # prefills keep every row below block_size
+            d.prefill(s, prompts)
+        for _ in range(STEPS):
+            d.step(s, tok)
+
+    for d, s in zip(decs, slots, strict=True):
+        d.prefill(s, prompts)
+    ta, tb = compare(lambda: run(0), lambda: run(1), reps, CPU)
+    return ta / STEPS, tb / STEPS
+
+
 def speed(b: Bench, reps: int, batches: list[int]) -> None:
     """Decoder.step per batch size: int8 (bf16 activations) vs bf16, both with the same random paper-config weights."""
-    bf16 = model_of(CPU, torch.bfloat16)
-    int8 = quantize_model_(model_of(CPU, torch.bfloat16), "int8")
+    models = (model_of(CPU, torch.bfloat16), quantize_model_(model_of(CPU, torch.bfloat16), "int8"))
     crossover = None
-    steps = 4  # steps per timed sample; prefills keep every row below block_size
     for batch in batches:
-        decs = [Decoder(m, num_slots=batch) for m in (bf16, int8)]
-        slots = [[d.allocate() for _ in range(batch)] for d in decs]
-        prompts = random_prompts(batch, 4, PAPER["vocab_size"], seed=batch)
-        tok = torch.zeros(batch, dtype=torch.long)
-
-        def run(i: int, decs=decs, slots=slots, prompts=prompts, tok=tok) -> None:
-            d, s = decs[i], slots[i]
-            if d.length(s[0]) + steps >= PAPER["block_size"] - 1:
-                d.prefill(s, prompts)
-            for _ in range(steps):
-                d.step(s, tok)
-
-        for d, s in zip(decs, slots, strict=True):
-            d.prefill(s, prompts)
-        t_bf16, t_int8 = compare(lambda: run(0), lambda: run(1), reps if batch <= 64 else max(3, reps // 2), CPU)
+        t_bf16, t_int8 = step_times(models, batch, reps if batch <= 64 else max(3, reps // 2))
         ratio = t_bf16 / t_int8
         target = 1.6 if batch == 1 else None
         b.add(f"decode step, int8 vs bf16 speed-up, batch {batch} (x)", ratio, target,
-              bf16_step_s=t_bf16 / steps, int8_step_s=t_int8 / steps)  # fmt: skip
+              bf16_step_s=t_bf16, int8_step_s=t_int8)  # fmt: skip
         if crossover is None and ratio < 1.0:
             crossover = batch
     b.add("  smallest measured batch where int8 is slower than bf16 (0 = none)", crossover or 0)
+
+
+def batch1_anatomy(b: Bench, reps: int) -> None:
+    """Where the batch-1 ratio goes: the step's projections alone (its GEMMs, no other op) and the whole step with one
+    thread (no two-thread parallel region to wait on), int8 vs bf16, side by side."""
+    models = (model_of(CPU, torch.bfloat16), quantize_model_(model_of(CPU, torch.bfloat16), "int8"))
+    C, S = PAPER["n_embd"], PAPER["n_slots"]
+    g = torch.Generator().manual_seed(0)
+    h, f = torch.randn(1, C, generator=g).bfloat16(), torch.randn(1, 4 * C, generator=g).bfloat16()  # (1, C), (1, 4C)
+    p = torch.randn(1, S, generator=g).softmax(-1).bfloat16()  # (1, S)
+
+    def projections(w: StepWeights) -> Callable[[], None]:
+        def run() -> None:
+            for lw in w.layers:
+                lw.gm(h), lw.read(p), lw.ffn1(h), lw.ffn2(f)
+            w.head(h)
+
+        return run
+
+    with torch.inference_mode():
+        wb, wi = (Decoder(m, num_slots=1).weights for m in models)
+        ta, tb = compare(projections(wb), projections(wi), reps * 5, CPU)
+    b.add("batch 1, the step's projections alone (4 per layer + head), int8 vs bf16 (x)", ta / tb,
+          bf16_s=ta, int8_s=tb)  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t_bf16, t_int8 = step_times(models, 1, reps * 3)
+    finally:
+        torch.set_num_threads(threads)
+    b.add("batch 1, whole decode step with 1 thread, int8 vs bf16 (x)", t_bf16 / t_int8,
+          bf16_step_s=t_bf16, int8_step_s=t_int8)  # fmt: skip
 
 
 def fp32_speed(b: Bench, reps: int) -> None:
@@ -150,8 +195,37 @@ def held_bytes(dec: Decoder) -> dict[str, int]:
         n = t.untyped_storage().nbytes()
         out["total"] += n
         out["int8" if t.dtype == torch.int8 else "float"] += n
-    out["embedding_table"] = dec.model.token_embedding.weight.untyped_storage().nbytes()
     return out
+
+
+RSS_CHILD = """
+import gc, sys, psutil, torch
+sys.path.insert(0, sys.argv[1])
+from bench.decode import model_of
+from gam_model.decode import Decoder
+from gam_model.quant import quantize_model_
+torch.set_num_threads(1)
+Decoder(model_of(torch.device("cpu"), torch.bfloat16, n_layer=1, n_embd=64, vocab_size=64), num_slots=1)  # warm-up
+gc.collect()
+before = psutil.Process().memory_info().rss
+model = model_of(torch.device("cpu"), torch.bfloat16)
+if sys.argv[2] != "none":
+    quantize_model_(model, sys.argv[2])
+dec = Decoder(model, num_slots=1)
+gc.collect()
+print(psutil.Process().memory_info().rss - before)
+"""
+
+
+def process_bytes(method: str) -> int:
+    """RSS growth of a fresh process that builds the paper-config Decoder (bf16 activations, `method` weights).
+
+    glibc is told to mmap every allocation of 64 KiB or more, so a freed tensor (the float32 init, the weights that
+    quantization replaces) goes back to the system and the figure counts what stays resident."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    root = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", RSS_CHILD, root, method], env=env, check=True, capture_output=True)
+    return int(out.stdout.split()[-1])
 
 
 def memory(b: Bench) -> None:
@@ -161,8 +235,9 @@ def memory(b: Bench) -> None:
     b.add("decoder weight bytes, int8 / bf16 (paper config)", int8["total"] / bf16["total"], 0.55, higher=False,
           int8=int8, bf16=bf16, bf16_parameters_only=params)  # fmt: skip
     b.add("  int8 decoder / bf16 parameters alone (no fused copy)", int8["total"] / params)
-    b.add("  the same without the full-precision embedding table kept for the exact lookup",
-          (int8["total"] - int8["embedding_table"]) / bf16["total"])  # fmt: skip
+    rss = {m: process_bytes(m) for m in ("none", "int8")}
+    b.add("  process RSS growth building the Decoder, int8 / bf16", rss["int8"] / rss["none"], 0.55, higher=False,
+          int8=rss["int8"], bf16=rss["none"])  # fmt: skip
 
 
 def checkpoint(b: Bench, model_dir: Path, reps: int) -> None:
@@ -216,6 +291,7 @@ def main() -> None:
         memory(b)
     if "speed" in only:
         speed(b, reps, args.batches)
+        batch1_anatomy(b, reps)
         fp32_speed(b, reps)
     if "checkpoint" in only and bundled is not None:
         checkpoint(b, bundled, reps)

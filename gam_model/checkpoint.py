@@ -157,7 +157,7 @@ def load_checkpoint(
         raise CheckpointError(f"{directory}: {e}") from e
     if meta.quantization is not None:  # pre-quantized: no random init, no full-precision projections
         with torch.device("meta"):
-            model = quant.quantized_skeleton_(GAM(cfg).to(dtype), method)
+            model = quant.quantized_skeleton_(GAM(cfg).to(dtype), method, quant.tied_embedding(meta.quantization))
         load_state_dict_into(model, load_file(str(wpath)), str(wpath), assign=True)
         model = model.to(device).eval()
     else:

@@ -55,7 +55,7 @@ def score_chunks(model: GAM, ids: Tensor, progress: bool = False) -> tuple[float
     """The usual training-style estimate (not the serving semantics): non-overlapping block_size chunks, each token
     scored with context from its chunk's start only; (nll, count). Cheap, and what nanoGPT-style papers report."""
     model.eval()
-    dev = model.token_embedding.weight.device
+    dev = model.pos_embedding.weight.device
     ids = ids.to(dev)
     bs, N = model.config.block_size, len(ids)
     nll = 0.0

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from gam_model.config import GAMConfig
 
 if TYPE_CHECKING:  # for annotations only: the model module stays free of gam_model.quant at runtime
-    from gam_model.quant import QuantLinear, QuantMemory
+    from gam_model.quant import QuantEmbedding, QuantLinear, QuantMemory
 
 
 class GAMBlock(nn.Module):
@@ -84,10 +84,10 @@ class GAMBlock(nn.Module):
 class GAM(nn.Module):
     """GAM language model; the head is tied to the token embedding."""
 
-    token_embedding: nn.Embedding
+    token_embedding: nn.Embedding | QuantEmbedding  # tied to the head (its quantized rows once quantized)
     pos_embedding: nn.Embedding
     ln_f: nn.LayerNorm
-    head: nn.Linear | QuantLinear  # untied QuantLinear once quantized (gam_model.quant)
+    head: nn.Linear | QuantLinear  # QuantLinear once quantized (gam_model.quant)
 
     def __init__(self, cfg: GAMConfig) -> None:
         super().__init__()
@@ -139,7 +139,7 @@ class GAM(nn.Module):
         j = torch.arange(W, device=idx.device)  # (W,)
         real = j.unsqueeze(0) >= (W - valid).unsqueeze(1)  # (B, W)
         pos = (last_pos.unsqueeze(1) - (W - 1) + j).clamp(min=0)  # (B, W)
-        mask = real.unsqueeze(-1).to(self.token_embedding.weight.dtype)  # (B, W, 1)
+        mask = real.unsqueeze(-1).to(self.pos_embedding.weight.dtype)  # (B, W, 1)
         x = self.token_embedding(idx) + self.pos_embedding(pos)  # (B, W, C)
         hists = []
         k1, L = self.config.history, self.config.n_layer

@@ -5,8 +5,17 @@ the sliding-window step), gam_model.scoring (gam-eval, prompt logprobs) and the 
 same quantized weights. `quantize_model_` swaps every projection (gate, ffn.0, ffn.2, the head) for a `QuantLinear`
 and every memory bank for a `QuantMemory`. StepWeights (gam_model/step.py) concatenates the gate's and the memory
 bank's int8 rows and scales into the fused (2C+S, C) matrix, which is exact because each scale belongs to one
-output row. The token embedding keeps its full-precision table for the lookup; the head is untied from it and
-reads its own quantized copy.
+output row.
+
+The token table stays tied to the head, as in the full-precision model: per-output-channel quantization of the head
+is per-row quantization of the table, so one int8 table with per-row scales serves both (llama.cpp does the same
+with a Q8_0 token_embd). The head multiplies by it; the lookup (`QuantEmbedding`) gathers the rows of the tokens and
+multiplies them by their scales. "The lookup stays exact" means here: it is an exact dequantization of the quantized
+model's own rows, with no approximation beyond the quantization every other weight has, and the parallel forward,
+the cached step and scoring all read the same rows. Keeping a full-precision table beside the int8 one would cost
+2 bytes per entry for a lookup that the head's quantization already defines (bench/quantize.py measures the quality
+of the tied table against bf16: bits per byte and KL). Pre-quantized checkpoints written before the tie (a
+full-precision `token_embedding.weight` beside the head's rows) still load as they were made (`tied_embedding`).
 
 Scales are rounded to the serving dtype before the weights are quantized against them, so the kernel (which takes
 its scales in the activation dtype) uses exactly the scales the weights were quantized with, and Module.to(dtype)
@@ -84,18 +93,16 @@ def fp8_rows(x: Tensor) -> tuple[Tensor, Tensor]:
 
 def qmm(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
     """x (..., K) @ (scale[:, None] * q)^T -> (..., N) in x's dtype; q (N, K) contiguous int8, or fp8 bits (uint8)."""
-    lead, K = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, K)  # (M, K)
+    if x.dim() != 2:
+        return qmm(x.reshape(-1, x.shape[-1]), q, scale).reshape(*x.shape[:-1], q.shape[0])
+    # x (M, K) from here: the decode step's case, kept to a few attribute reads (it runs 4 times per layer and token)
     if q.dtype == torch.int8:
-        if x.device.type == "cpu":
-            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), q, scale)  # (M, N)
-        else:
-            y = (x2 @ q.to(x.dtype).t()) * scale  # (M, N) dequantize in the matmul (see the module docstring)
-    else:
-        xq, xs = fp8_rows(x2)  # (M, K) e4m3, (M, 1)
-        sw = scale.float().unsqueeze(0)  # (1, N)
-        y = torch._scaled_mm(xq, q.view(FP8).t(), scale_a=xs, scale_b=sw, out_dtype=x.dtype)  # (M, N)
-    return y.reshape(*lead, q.shape[0])
+        if x.is_cpu:
+            return torch._weight_int8pack_mm(x.contiguous(), q, scale)  # (M, N)
+        return (x @ q.to(x.dtype).t()) * scale  # (M, N) dequantize in the matmul (see the module docstring)
+    xq, xs = fp8_rows(x)  # (M, K) e4m3, (M, 1)
+    sw = scale.float().unsqueeze(0)  # (1, N)
+    return torch._scaled_mm(xq, q.view(FP8).t(), scale_a=xs, scale_b=sw, out_dtype=x.dtype)  # (M, N)
 
 
 class QuantLinear(nn.Module):
@@ -173,6 +180,39 @@ class QuantMemory(nn.Module):
         return f"slots={s}, width={c}, weight={NAME[self.qweight.dtype]}"
 
 
+class QuantEmbedding(nn.Module):
+    """The token lookup of a quantized model, tied to its head: idx -> the head's quantized rows times their scales.
+
+    It holds a reference to the head, not a copy: the rows are stored (and moved between devices) once, as the
+    head's buffers, and nothing of this module appears in the state dict.
+    """
+
+    def __init__(self, head: QuantLinear) -> None:
+        super().__init__()
+        self._head = (head,)  # a tuple, so that the head is not registered (and saved) a second time under this name
+
+    @property
+    def head(self) -> QuantLinear:
+        return self._head[0]
+
+    def forward(self, idx: Tensor) -> Tensor:
+        """idx (...) -> (..., C) in the activation dtype: an exact dequantization of the gathered rows."""
+        q, s = self.head.qweight, self.head.scale  # (V, C), (V,)
+        flat = idx.reshape(-1)  # (n,)
+        rows = dequantize(q.index_select(0, flat), s.index_select(0, flat)).to(s.dtype)  # (n, C)
+        return rows.reshape(*idx.shape, q.shape[1])
+
+    @property
+    def weight(self) -> Tensor:
+        """The whole dequantized table (V, C), materialised on each access: for code that asks for the table (or only
+        its dtype and device); the lookup and the head never build it."""
+        return dequantize(self.head.qweight, self.head.scale).to(self.head.scale.dtype)
+
+    def extra_repr(self) -> str:
+        v, c = self.head.qweight.shape
+        return f"{v}, {c}, tied to the head's {NAME[self.head.qweight.dtype]} rows"
+
+
 def _full_precision(lin: nn.Linear | QuantLinear) -> nn.Linear:
     """A projection of a model that is not quantized yet."""
     assert isinstance(lin, nn.Linear), lin
@@ -199,12 +239,17 @@ def quantize_model_(model: GAM, method: str) -> GAM:
             assert not isinstance(memory, QuantMemory)
             del blk.memory_bank  # the Parameter goes; a module of the same name takes its place
             blk.memory_bank = QuantMemory.of(memory, method, dtype)
-        model.head = QuantLinear.of(model.token_embedding.weight, None, method, dtype)  # untied: the lookup stays exact
+        model.head = QuantLinear.of(model.token_embedding.weight, None, method, dtype)
+        model.token_embedding = QuantEmbedding(model.head)  # still tied: the full-precision table goes
     return model
 
 
-def quantized_skeleton_(model: GAM, method: str) -> GAM:
-    """Swap in empty quantized modules of the right shapes, for loading a pre-quantized state dict into."""
+def quantized_skeleton_(model: GAM, method: str, tied: bool = True) -> GAM:
+    """Swap in empty quantized modules of the right shapes, for loading a pre-quantized state dict into.
+
+    tied: the lookup reads the head's rows (QuantEmbedding); False for checkpoints written before the tie, which
+    keep a full-precision token_embedding.weight beside the head's rows (`tied_embedding`).
+    """
     from gam_model.model import GAM
 
     assert isinstance(model, GAM)
@@ -223,8 +268,16 @@ def quantized_skeleton_(model: GAM, method: str) -> GAM:
         s, c = blk.memory_bank.shape
         del blk.memory_bank
         blk.memory_bank = QuantMemory(torch.empty(s, c, dtype=store), torch.empty(s, dtype=dtype))
-    model.head = linear(model.head)
+    model.head = linear(model.head)  # untied from the full-precision table by the swap
+    if tied:
+        model.token_embedding = QuantEmbedding(model.head)
     return model
+
+
+def tied_embedding(stored: Mapping[str, Any]) -> bool:
+    """Whether a pre-quantized checkpoint's lookup reads the head's rows (its `quantization` entry says
+    "embedding": "tied"); entries written before the tie have no "embedding" key and a full-precision table."""
+    return stored.get("embedding") == "tied"
 
 
 def quantization_of(model: nn.Module) -> str:
@@ -261,7 +314,7 @@ def resolve(
     dt_name = {v: k for k, v in DTYPE_NAMES.items()}
     if stored is not None:
         method, made_for = stored.get("method"), DTYPE_NAMES.get(str(stored.get("dtype")))
-        if method not in METHODS or made_for is None:
+        if method not in METHODS or made_for is None or stored.get("embedding") not in (None, "tied"):
             raise QuantizationError(f"the checkpoint's quantization entry is not understood: {dict(stored)!r}")
         if requested not in ("auto", method):
             raise QuantizationError(
@@ -308,4 +361,5 @@ def describe(method: str, dtype: torch.dtype) -> dict[str, str]:
         "scheme": "symmetric, per output channel, weights only"
         + (" (activations per row, on the fly)" if method == "fp8" else ""),
         "quantized": "blocks.*.gate, blocks.*.memory_bank, blocks.*.ffn.0, blocks.*.ffn.2, head",
+        "embedding": "tied",  # the token lookup dequantizes the head's rows; no token_embedding.weight is stored
     }

@@ -64,7 +64,7 @@ def next_token_logits(
     """
     model.eval()
     cfg = model.config
-    dev = model.token_embedding.weight.device
+    dev = model.pos_embedding.weight.device
     ids = ids.to(dev)
     N, bs, R = len(ids), cfg.block_size, cfg.receptive_field
     if N < 2:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from types import ModuleType
 
 import torch
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gam_model.model import GAM
-from gam_model.quant import QuantLinear, QuantMemory, qmm
+from gam_model.quant import QuantEmbedding, QuantLinear, QuantMemory, qmm
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,8 @@ class LayerWeights:
 class StepWeights:
     """Decode-ready weights of a GAM model. Build after the model has its final weights, device and dtype."""
 
-    tok: Tensor  # (V, C) token embedding (full precision: the lookup stays exact when the head is quantized)
-    head: Proj  # C -> V, tied to tok (or its quantized copy)
+    tok: Callable[[Tensor], Tensor]  # idx (B,) -> (B, C): the token lookup (a quantized model's dequantizes its rows)
+    head: Proj  # C -> V, tied to the token table (a quantized model's: the same int8 rows)
     pos: Tensor  # (block_size, C)
     layers: tuple[LayerWeights, ...]
     lnf_w: Tensor
@@ -132,10 +133,11 @@ class StepWeights:
                     blk.ln2.weight, blk.ln2.bias, blk.ln2.eps,
                     ffn1, ffn2, f2.bias,
                 ))  # fmt: skip
-            h = model.head
+            h, emb = model.head, model.token_embedding
             head = Proj(None, None, h.qweight, h.scale) if isinstance(h, QuantLinear) else Proj(right(h.weight))
+            tok = emb if isinstance(emb, QuantEmbedding) else partial(F.embedding, weight=emb.weight)
             return cls(
-                model.token_embedding.weight,
+                tok,
                 head,
                 model.pos_embedding.weight,
                 tuple(layers),
@@ -150,7 +152,7 @@ def step(w: StepWeights, idx: Tensor, pos: Tensor, hist: Tensor, ops: ModuleType
 
     The same math as GAM.step; `ops` is a kernel module from gam_model.kernels (reference or triton).
     """
-    x = F.embedding(idx, w.tok) + F.embedding(pos, w.pos)  # (B, C)
+    x = w.tok(idx) + F.embedding(pos, w.pos)  # (B, C)
     C = x.shape[-1]
     for i, lw in enumerate(w.layers):
         h, local = ops.ln_conv(x, hist[i], lw.ln1_w, lw.ln1_b, lw.ln1_eps, lw.conv_w, lw.conv_b)  # (B, C) x2

@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> None:
         "--dtype",
         choices=list(quant.DTYPE_NAMES),
         default="bfloat16",
-        help="activation dtype it is served in: the scales are rounded to it and the embedding is stored in it",
+        help="activation dtype it is served in: the scales are rounded to it, and the tensors kept in full precision (the "
+        "position table, norms, biases) are stored in it",
     )
     args = p.parse_args(argv)
     src, dst, dtype = Path(args.src), Path(args.dst), quant.DTYPE_NAMES[args.dtype]

@@ -8,11 +8,13 @@ reach about 2; the step and the forward round intermediate activations at differ
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from gam_model import data, quant
 from gam_model.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint, save_checkpoint
@@ -20,7 +22,15 @@ from gam_model.cli.quantize import main as quantize_main
 from gam_model.decode import Decoder
 from gam_model.evaluate import score_tokens
 from gam_model.model import GAM
-from gam_model.quant import QuantLinear, QuantMemory, dequantize, qmm, quantize_model_, quantize_weight
+from gam_model.quant import (
+    QuantEmbedding,
+    QuantLinear,
+    QuantMemory,
+    dequantize,
+    qmm,
+    quantize_model_,
+    quantize_weight,
+)
 from tests.conftest import tiny_model
 from tests.gam_model.test_decode import teacher_force
 
@@ -113,20 +123,40 @@ def test_quantized_model_stays_close_to_the_original() -> None:
             assert 0 < kl <= kl_max, (method, kl)
 
 
-def test_embedding_lookup_stays_exact_and_the_head_reads_int8() -> None:
-    full = tiny_model()
-    model = quantized("int8")
-    assert torch.equal(model.token_embedding.weight, full.token_embedding.weight)
-    assert isinstance(model.head, QuantLinear) and model.head.qweight.dtype == torch.int8
+@pytest.mark.parametrize("method", ["int8", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_embedding_lookup_dequantizes_the_heads_rows(method: str, dtype: torch.dtype) -> None:
+    """The lookup and the head share one quantized table: a looked-up row is exactly its dequantized row."""
+    full = tiny_model().to(dtype)
+    model = quantized(method, dtype)
+    head = model.head
+    assert isinstance(head, QuantLinear) and head.qweight.dtype == quant.STORAGE[method]
+    assert isinstance(model.token_embedding, QuantEmbedding) and model.token_embedding.head is head
+    idx = torch.tensor([[3, 0, 96], [3, 3, 50]])
+    got = model.token_embedding(idx)  # (2, 3, C)
+    want = dequantize(head.qweight[idx.flatten()], head.scale[idx.flatten()]).to(dtype).view(2, 3, -1)
+    assert got.dtype == dtype and torch.equal(got, want)
+    assert torch.equal(model.token_embedding.weight, dequantize(head.qweight, head.scale).to(dtype))
+    # the quantization the head has, and no more: within its error bound of the original table (as above), plus the
+    # rounding of the dequantized row to the activation dtype
+    table, s = full.token_embedding.weight.detach().float(), head.scale.float().unsqueeze(1)  # (V, C), (V, 1)
+    if method == "int8":
+        bound = s * 0.51 + table.abs().amax(1, keepdim=True) * 2**-7
+    else:
+        bound = table.abs() * 2**-4 + s * 2**-9
+    bound = bound + table.abs() * (2**-8 if dtype == torch.bfloat16 else 2**-23) + 1e-7
+    assert ((model.token_embedding.weight.float() - table).abs() <= bound).all()
+    assert not any(k.startswith("token_embedding.") for k in model.state_dict())  # stored once, as the head's
     assert all(isinstance(b.memory_bank, QuantMemory) and isinstance(b.gate, QuantLinear) for b in model.blocks)
-    assert quant.quantization_of(model) == "int8" and quant.quantization_of(full) == "none"
+    assert quant.quantization_of(model) == method and quant.quantization_of(full) == "none"
     with pytest.raises(quant.QuantizationError, match="already quantized"):
-        quantize_model_(model, "int8")
+        quantize_model_(model, method)
 
 
 def test_decoder_keeps_one_int8_copy_and_no_full_precision_projection() -> None:
-    """The fused [gate; memory] rows are the model's own rows (views), and no float tensor of a projection's shape
-    is held anywhere: the Decoder's resident weights are int8 except the embeddings, norms, biases and scales."""
+    """The fused [gate; memory] rows are the model's own rows (views), and no float tensor of a projection's or the
+    token table's shape is held anywhere: the Decoder's resident weights are int8 except the position table, norms,
+    biases and scales."""
     model = quantized("int8", torch.bfloat16)
     dec = Decoder(model, num_slots=2)
     cfg = model.config
@@ -136,9 +166,9 @@ def test_decoder_keeps_one_int8_copy_and_no_full_precision_projection() -> None:
         assert blk.memory_bank.qweight.untyped_storage().data_ptr() == lw.gm.q.untyped_storage().data_ptr()
     storages = {t.untyped_storage().data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
     floats = {tuple(t.shape) for t in storages.values() if t.is_floating_point() and t.dim() == 2}
-    assert floats == {(V, C), (cfg.block_size, C)}  # the lookup tables only
+    assert floats == {(cfg.block_size, C)}  # the position table only: the token lookup reads the head's rows
     int8 = sum(t.untyped_storage().nbytes() for t in storages.values() if t.dtype == torch.int8)
-    # per layer: fused [gate; memory] rows, ffn.0, ffn.2, the memory read's transposed copy; plus the head
+    # per layer: fused [gate; memory] rows, ffn.0, ffn.2, the memory read's transposed copy; plus the head (= table)
     assert int8 == cfg.n_layer * ((2 * C + S) * C + 8 * C * C + S * C) + V * C
 
 
@@ -194,6 +224,10 @@ def test_gam_quantize_round_trip(tmp_path: Path) -> None:
     quantize_main([str(src), str(dst)])
     cfg = json.loads((dst / "config.json").read_text())
     assert cfg["quantization"]["method"] == "int8" and cfg["quantization"]["dtype"] == "bfloat16"
+    assert cfg["quantization"]["embedding"] == "tied"  # one table: the head's rows, no token_embedding.weight
+    assert "head.qweight" in load_file(dst / "model.safetensors") and not any(
+        k.startswith("token_embedding.") for k in load_file(dst / "model.safetensors")
+    )
     assert (dst / "model.safetensors").stat().st_size < (src / "model.safetensors").stat().st_size
     assert (dst / "README.md").read_text().endswith("# tiny\n") and (dst / "tokenizer.json").is_file()
     at_load, _, _ = load_checkpoint(src, quantize="int8")
@@ -205,6 +239,29 @@ def test_gam_quantize_round_trip(tmp_path: Path) -> None:
         assert torch.equal(stored(idx), at_load(idx))
     for a, b in zip(Decoder(stored, 1).weights.layers, Decoder(at_load, 1).weights.layers, strict=True):
         assert torch.equal(a.gm.q, b.gm.q) and torch.equal(a.gm.scale, b.gm.scale)
+
+
+def test_pre_quantized_checkpoint_from_before_the_tie_still_loads(tmp_path: Path) -> None:
+    """A checkpoint pre-quantized before the lookup was tied to the head (a full-precision token_embedding.weight beside
+    the head's rows, no "embedding" in its quantization entry) loads as it was made and decodes exactly."""
+    src = tiny_checkpoint(tmp_path)
+    quantize_main([str(src), str(tmp_path / "int8")])
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "int8", old)
+    table = load_file(src / "model.safetensors")["token_embedding.weight"]  # (V, C) bf16
+    save_file({**load_file(old / "model.safetensors"), "token_embedding.weight": table}, old / "model.safetensors")
+    cfg = json.loads((old / "config.json").read_text())
+    del cfg["quantization"]["embedding"]
+    (old / "config.json").write_text(json.dumps(cfg))
+    model, _, _ = load_checkpoint(old)
+    assert type(model.token_embedding) is torch.nn.Embedding and torch.equal(model.token_embedding.weight, table)
+    assert quant.quantization_of(model) == "int8"
+    seq = torch.randint(0, model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(10)).tolist()
+    assert teacher_force(model, seq, 5, Decoder(model, num_slots=1)) <= TOL[torch.bfloat16]
+    cfg["quantization"]["embedding"] = "full"  # a layout this version does not know
+    (old / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="quantization entry is not understood"):
+        load_checkpoint(old)
 
 
 def test_bad_combinations_fail_at_load_with_a_reason(tmp_path: Path) -> None:
