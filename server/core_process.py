@@ -79,7 +79,7 @@ def build(settings: Settings) -> tuple[EngineCore, Metrics, p.Facts]:
     model, tokenizer, meta = load_checkpoint(
         settings.resolved_model_dir(), device, settings.requested_dtype(), settings.quantize
     )
-    dtype, quantization = model.token_embedding.weight.dtype, quantization_of(model)
+    dtype, quantization = model.pos_embedding.weight.dtype, quantization_of(model)  # the activations
     graphs = settings.cuda_graphs and device.type == "cuda"  # on CPU the replay stand-in is a test aid, no speed-up
     decoder = Decoder(
         model, settings.max_batch_size, device, dtype, cuda_graphs=graphs, deterministic=settings.deterministic

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         model, tok, meta = load_checkpoint(args.model, args.device, DTYPES[args.dtype], args.quantize)
     except CheckpointError as e:
         raise SystemExit(f"gam-eval: {e}") from e
-    dtype = str(model.token_embedding.weight.dtype).removeprefix("torch.")
+    dtype = str(model.pos_embedding.weight.dtype).removeprefix("torch.")
     results = {}
     for path in args.texts:
         r = evaluate_text(model, tok, read_text(path), batch_size=args.batch_size, progress=True, mode=args.mode)
