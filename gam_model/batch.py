@@ -34,7 +34,7 @@ from gam_model.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 # finish codes of the per-row checks (0 = still running)
-RUNNING, EOS, STOP, LEN = 0, 1, 2, 3
+RUNNING, EOS, STOP, LEN, FAILED = 0, 1, 2, 3, -1
 REASONS = {EOS: EOS_TOKEN, STOP: "stop_sequence", LEN: LENGTH}
 CODES = {v: k for k, v in REASONS.items()}
 
@@ -67,7 +67,7 @@ class StepOutput:
     logprobs: np.ndarray  # (B,) float32 logprob of each sampled token
     finished: dict[int, Finished] = field(default_factory=dict)  # row -> how it ended (its slot is free)
     top: dict[int, tuple[list[int], list[float]]] = field(default_factory=dict)  # row -> top-n (rows that asked)
-    failed: list[tuple[int, str]] = field(default_factory=list)  # (key, message): ended by a failed call
+    failed: list[tuple[int, str]] = field(default_factory=list)  # (key, message): ended by a failure (slot free)
     stepped: int = 0  # rows [0, stepped) were running (their previous token came from the previous step)
     prefilled: int = 0  # rows [stepped, stepped + prefilled) were prefilled in this step
     forward_s: float = 0.0  # wall seconds in the forward calls
@@ -219,16 +219,21 @@ class BatchCore:
             if not seq.special:
                 continue
             tok = int(tokens[i])
-            if seq.penalties:
-                seq.sampler.observe(tok)
-            n = seq.spec.params.top_n_tokens
-            if n:
-                out.top[i] = (top_ids[i, :n].tolist(), top_lps[i, :n].tolist())
-            if seq.texts is not None:  # stop strings: the consumer's own verdict, from the same text step
-                reason = advance_token(seq.texts[0], seq.texts[1], tok)[2]
-                codes[i] = CODES[reason] if reason is not None else RUNNING
-            elif tok in seq.stop_ids:
-                codes[i] = EOS
+            try:
+                if seq.penalties:
+                    seq.sampler.observe(tok)
+                n = seq.spec.params.top_n_tokens
+                if n:
+                    out.top[i] = (top_ids[i, :n].tolist(), top_lps[i, :n].tolist())
+                if seq.texts is not None:  # stop strings: the consumer's own verdict, from the same text step
+                    reason = advance_token(seq.texts[0], seq.texts[1], tok)[2]
+                    codes[i] = CODES[reason] if reason is not None else RUNNING
+                elif tok in seq.stop_ids:
+                    codes[i] = EOS
+            except Exception as e:  # this row alone fails
+                log.exception("token handling failed for sequence %d", seq.key)
+                codes[i] = FAILED
+                out.failed.append((seq.key, f"token handling failed: {e}"))
         ended = np.flatnonzero(codes)
         if len(ended) == 0:
             self._active = rows
@@ -237,5 +242,6 @@ class BatchCore:
             seq = rows[i]
             del self._seqs[seq.key]
             self.decoder.free(seq.slot)
-            out.finished[i] = Finished(REASONS[int(codes[i])], int(gen[i]), seq.sampler.seed)
+            if codes[i] != FAILED:
+                out.finished[i] = Finished(REASONS[int(codes[i])], int(gen[i]), seq.sampler.seed)
         self._active = [s for s, c in zip(rows, codes.tolist(), strict=True) if not c]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -39,9 +40,15 @@ class DrainingServer(uvicorn.Server):
     balancers see the server leave) while the socket stays open and running streams finish, up to --shutdown-grace
     (then the engine ends the rest with a final error event). Only when the engine is idle does uvicorn's own shutdown
     start: close the listeners, wait for connections. A second signal skips the rest of the drain.
+
+    If the engine core process dies, in-flight requests have already failed with a 503 and /health says so; the
+    server then stops listening and `gam-serve` exits with status 1, so the orchestrator (Kubernetes, compose,
+    systemd) restarts it with a fresh core. Restarting the core in place would hide the crash from those.
     """
 
     _draining = False
+    _drain_until = 0.0
+    engine_crashed = False  # set when the engine core died: main() exits 1 (the orchestrator restarts the server)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         engine = self._engine()
@@ -50,6 +57,8 @@ class DrainingServer(uvicorn.Server):
             return
         self._draining = True
         self._exit_signal = (sig, frame)
+        # the core ends what still runs at the grace; past it (and a margin) stop waiting whatever the counts say
+        self._drain_until = time.monotonic() + engine.settings.shutdown_grace + 5.0
         engine.drain()
 
     async def on_tick(self, counter: int) -> bool:
@@ -57,7 +66,8 @@ class DrainingServer(uvicorn.Server):
         if engine is not None and engine.crashed and not self.should_exit:
             logging.getLogger(__name__).error("%s: stopping the server (exit status 1)", engine.crashed)
             self.engine_crashed = self.should_exit = True
-        if self._draining and not self.should_exit and (engine is None or engine.idle):
+        drained = engine is None or engine.idle or time.monotonic() > self._drain_until
+        if self._draining and not self.should_exit and drained:
             super().handle_exit(*self._exit_signal)
         return await super().on_tick(counter)
 

@@ -317,10 +317,12 @@ class EngineCore:
         if rows:
             keys = out.keys.tolist()
             for i in range(out.stepped, rows):  # first tokens: prefilled in this step
-                r = self._running[keys[i]]
-                r.first_token = now
-                if r.prompt is not None:
-                    self._out.prompts[r.id], r.prompt = r.prompt, None
+                first = self._running.get(keys[i])
+                if first is None:  # its token handling failed: ended above
+                    continue
+                first.first_token = now
+                if first.prompt is not None:
+                    self._out.prompts[first.id], first.prompt = first.prompt, None
             for row, f in out.finished.items():
                 greedy = self._running[keys[row]].request.params.greedy
                 self._out.finished[row] = Finish(f.reason, f.generated, None if greedy else f.seed)

@@ -33,6 +33,7 @@ from server.version import VERSION
 log = logging.getLogger("server.core")
 PROCESS_NAME = "gam-engine-core"
 IDLE_POLL_MS = 200  # while idle: how often it checks that its parent is still there
+MAX_INPUTS_PER_STEP = 256  # messages handled between two steps at most (the rest wait for the next gap)
 
 
 def _name_and_tie_to_parent() -> None:
@@ -118,13 +119,12 @@ def build(settings: Settings) -> tuple[EngineCore, Metrics, p.Facts]:
 
 
 def _answer_hellos(sock: zmq.Socket, msg: p.Failed, wait_s: float = 10.0) -> None:
-    """Tell the frontend why the core could not start (it is waiting for Ready)."""
+    """Tell the frontends why the core could not start (each is waiting for Ready): every Hello for a while."""
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         if sock.poll(100):
             ident, _ = sock.recv_multipart()
             sock.send_multipart([ident, p.encode(msg)])
-            return
 
 
 class CoreServer:
@@ -170,8 +170,9 @@ class CoreServer:
         """Handle every message waiting (waiting up to IDLE_POLL_MS for the first when idle)."""
         timeout = IDLE_POLL_MS if block else 0
         changed = False
-        while self.sock.poll(timeout):
-            timeout = 0
+        budget = MAX_INPUTS_PER_STEP  # a flood of submissions or /metrics scrapes cannot hold the step back for long
+        while budget and self.sock.poll(timeout):
+            timeout, budget = 0, budget - 1
             ident, raw = self.sock.recv_multipart()
             changed |= self._handle(ident, p.decode_to_core(raw))
         if changed:
@@ -227,4 +228,5 @@ class CoreServer:
         if out is None:
             return
         for f, part in out.split(list(self.frontends)).items():
-            self.sock.send_multipart([self.frontends[f], p.encode(part)], copy=False)
+            if part.ids or part.errors or part.replies or part.scored or len(self.frontends) == 1:
+                self.sock.send_multipart([self.frontends[f], p.encode(part)], copy=False)

@@ -16,6 +16,7 @@ This side, on the HTTP event loop:
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import contextlib
 import itertools
@@ -188,6 +189,12 @@ class RequestHandle:
 
 
 # -- the client ------------------------------------------------------------------------------------------------
+def _log_send_failure(sent: asyncio.Future, msg: p.ToCore) -> None:
+    """A send that failed (the socket closing at shutdown, or the core gone: its exit watch reports that)."""
+    if not sent.cancelled() and sent.exception() is not None:
+        log.warning("could not send %s to the engine core: %r", type(msg).__name__, sent.exception())
+
+
 def _context() -> multiprocessing.context.ForkServerContext:
     """forkserver with the core's modules preloaded: the first core start pays for importing torch and the model
     code, later ones (tests start many servers) fork a process that has them. Never plain fork: the frontend may
@@ -195,7 +202,7 @@ def _context() -> multiprocessing.context.ForkServerContext:
     `__main__` in the child: scripts that start an engine need an `if __name__ == "__main__":` guard."""
     mp = multiprocessing.get_context("forkserver")
     assert isinstance(mp, multiprocessing.context.ForkServerContext)
-    mp.set_forkserver_preload(["server.core_process"])
+    mp.set_forkserver_preload(["server.core_preload"])
     return mp
 
 
@@ -210,13 +217,21 @@ class CoreProcess:
         )
         self.process.daemon = True  # never outlives the process that started it
         self.process.start()
+        # an exit without Engine.shutdown (uvicorn's force quit, an exception): the core ignores the SIGTERM that
+        # multiprocessing's own exit handler sends its daemons before it joins them, so kill it first (atexit runs
+        # the handlers registered last first)
+        atexit.register(self._kill)
+
+    def _kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(5.0)
 
     def stop(self, timeout: float) -> None:
         """Wait up to timeout for it to exit (after a Shutdown), then kill it; remove its socket."""
         self.process.join(timeout)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join(5.0)
+        self._kill()
+        atexit.unregister(self._kill)
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
@@ -398,8 +413,8 @@ class Engine:
         answer = self._expect(token)
         for h in handles:
             self._handles[h.id] = h
-        self._send(p.Submit(self.frontend, token, [h.id for h in handles], requests, arrival, deadline))
         try:
+            self._send(p.Submit(self.frontend, token, [h.id for h in handles], requests, arrival, deadline))
             error, message = await answer
         except BaseException:
             for h in handles:
@@ -433,10 +448,8 @@ class Engine:
     def _send(self, msg: p.ToCore) -> None:
         if self._sock is None or self._stopped:
             return
-        try:
-            self._sock.send(p.encode(msg), flags=zmq.NOBLOCK)  # no high-water mark: it queues, never blocks
-        except zmq.ZMQError:  # the socket is closing (shutdown) or the core is gone: its exit watch reports that
-            log.warning("could not send %s to the engine core", type(msg).__name__, exc_info=True)
+        sent = self._sock.send(p.encode(msg), flags=zmq.NOBLOCK)  # no high-water mark: it queues, never blocks
+        asyncio.ensure_future(sent).add_done_callback(lambda f: _log_send_failure(f, msg))
 
     @property
     def down_reason(self) -> str:
@@ -476,10 +489,16 @@ class Engine:
                 if h is None:  # cancelled here already
                     continue
                 fin = finished.get(row)
-                alts = list(zip(*top[row], strict=True)) if row in top else []
-                ev = h._token(tokens[row], logprobs[row], fin, alts)
-                if prompts:
-                    ev.prompt = prompts.pop(rid, None)
+                try:
+                    alts = list(zip(*top[row], strict=True)) if row in top else []
+                    tev = h._token(tokens[row], logprobs[row], fin, alts)
+                    if prompts:
+                        tev.prompt = prompts.pop(rid, None)
+                    ev: Event = tev
+                except Exception as e:  # this request's text step failed: end it alone
+                    log.exception("request %d: token handling failed", rid)
+                    ev, fin = ErrorEvent(f"token handling failed: {e}"), None
+                    self._cancel(h)
                 if fin is not None:
                     del handles[rid]
                 h._put(ev)

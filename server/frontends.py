@@ -47,6 +47,9 @@ def uvicorn_config(app: object, settings: Settings) -> uvicorn.Config:
 
 def _worker(settings: Settings, index: int, address: str, core_pid: int, sock: socket.socket) -> None:
     """A frontend worker process: uvicorn with an app attached to the engine core."""
+    # its own process group: a terminal's Ctrl-C (or a group SIGTERM) reaches only the supervisor, which forwards it
+    # once (two signals would skip the drain)
+    os.setpgrp()
     from server.app import Attach, create_app
     from server.cli import DrainingServer
 

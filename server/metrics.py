@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import functools
 import threading
 import time
 from collections.abc import Iterator
@@ -34,9 +35,29 @@ STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3,
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 TPS_WINDOW_S = 10.0
 
-# the frontend process's own CPU and memory (gam_frontend_process_*), appended to the core's exposition by /metrics
-FRONTEND_REGISTRY = CollectorRegistry()
-ProcessCollector(namespace="gam_frontend", registry=FRONTEND_REGISTRY)
+
+class FrontendProcessCollector(Collector):
+    """The answering frontend process's own CPU and memory (`gam_frontend_process_*{frontend="i"}`), appended to the
+    core's exposition by /metrics. The label keeps N frontends' counters apart: a scrape lands on any of them."""
+
+    def __init__(self, frontend: int) -> None:
+        self.frontend = str(frontend)
+        self.inner = ProcessCollector(namespace="gam_frontend", registry=None)
+
+    def collect(self) -> Iterator[Metric]:
+        for fam in self.inner.collect():
+            out = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+            for smp in fam.samples:
+                out.add_sample(smp.name, {**smp.labels, "frontend": self.frontend}, smp.value, smp.timestamp)
+            yield out
+
+
+@functools.cache
+def frontend_registry(frontend: int) -> CollectorRegistry:
+    """This process's registry of its own metrics as frontend `frontend`."""
+    r = CollectorRegistry()
+    r.register(FrontendProcessCollector(frontend))
+    return r
 
 
 class CountedHistogram(Collector):

@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from server.context import ServerContext, get_context
 from server.core import EngineUnavailable
 from server.errors import ApiError
-from server.metrics import FRONTEND_REGISTRY
+from server.metrics import frontend_registry
 from server.routes.common import check_text, encode_text
 from server.types import DetokenizeRequest, TokenizeRequest, VLLMTokenizeRequest
 from server.version import VERSION
@@ -123,4 +123,4 @@ async def metrics(ctx: Ctx) -> Response:
         core = await ctx.engine.metrics_text()
     except EngineUnavailable as e:
         raise ApiError(503, str(e), error_type="unhealthy") from e
-    return Response(core + generate_latest(FRONTEND_REGISTRY), media_type=CONTENT_TYPE_LATEST)
+    return Response(core + generate_latest(frontend_registry(ctx.engine.frontend)), media_type=CONTENT_TYPE_LATEST)
