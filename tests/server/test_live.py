@@ -94,8 +94,10 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_sigterm_drains_then_exits(checkpoint_dir: Path) -> None:
-    """gam-serve (the CLI) on SIGTERM: refuses new work, ends a long stream with a final event, exits 0."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_drains_then_exits(checkpoint_dir: Path, sig: signal.Signals) -> None:
+    """gam-serve (the CLI) on SIGTERM or Ctrl-C sent to its whole process group (systemd, a terminal): refuses new
+    work, ends a long stream with the drain's final event (the engine core survives the signal), exits 0."""
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GAM_MAX_NEW_TOKENS": "100000", "GAM_DEVICE": "cpu"}
     cmd = [
@@ -113,7 +115,9 @@ def test_sigterm_drains_then_exits(checkpoint_dir: Path) -> None:
         "--log-level",
         "warning",
     ]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
     url = f"http://127.0.0.1:{port}"
     try:
 
@@ -129,12 +133,10 @@ def test_sigterm_drains_then_exits(checkpoint_dir: Path) -> None:
         with httpx.stream("POST", f"{url}/generate_stream", json=body, timeout=30) as r:
             lines = r.iter_lines()
             assert next(lines).startswith("data:")
-            t0 = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
+            os.killpg(proc.pid, sig)  # the whole group: the forkserver and the engine core get it too
             events = [json.loads(ln[5:]) for ln in lines if ln.startswith("data:")]
-        assert events[-1]["error_type"] == "unhealthy" and "shutting down" in events[-1]["error"]
-        assert proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled, after shutdown
-        assert time.monotonic() - t0 < 60  # grace 1 s; generous for a loaded 2-core machine
+        assert events[-1]["error_type"] == "unhealthy" and "shutting down" in events[-1]["error"], events[-1]
+        assert proc.wait(60) in (0, -sig)  # uvicorn re-raises the signal it handled, after shutdown
     finally:
         if proc.poll() is None:
             proc.kill()
