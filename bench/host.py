@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -37,7 +38,6 @@ import statistics
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ from prometheus_client.parser import text_string_to_metric_families
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import RESULTS, ServerProcess, bundled_model_dir, machine, random_paper_checkpoint, serve_help
-from bench.decode import Bench, compare, sync
+from bench.decode import Bench, sync
 from gam_model.checkpoint import load_checkpoint
 from gam_model.decode import Decoder
 from gam_model.model import GAM
@@ -144,36 +144,58 @@ def prompts_of(tokenizer: Any, batch: int, seed: int) -> list[list[int]]:
     return [tokenizer.encode(sampler.sample(INPUT_WORDS)) for _ in range(batch)]
 
 
-def bare(model: GAM, prompts: list[list[int]], eos_id: int | None, reps: int, max_steps: int, target_s: float,
-         device: torch.device) -> dict[str, float]:  # fmt: skip
-    """Decoder.step at batch len(prompts), alone and followed by sample(); medians over reps alternated calls."""
-    batch, cfg = len(prompts), model.config
-    dec = Decoder(model, num_slots=batch)
-    slots = [dec.allocate() for _ in range(batch)]
-    dec.prefill(slots, prompts)
-    rows = [SequenceSampler(request_params(eos_id), p, cfg.vocab_size, device) for p in prompts]
-    zeros = torch.zeros(batch, dtype=torch.long, device=device)
+class BareLoop:
+    """Decoder.step in a loop at batch len(prompts), alone and followed by sample() with the served requests'
+    parameters. Each measure() times one call of each (alternated, so a noisy machine slows both alike); a call is
+    about target_s of steps, sized once so that `calls` measures stay in the cached regime (before block_size)."""
 
-    def steps(n: int) -> None:
-        for _ in range(n):
-            dec.step(slots, zeros)
+    def __init__(self, model: GAM, prompts: list[list[int]], eos_id: int | None, calls: int, max_steps: int,
+                 target_s: float, device: torch.device) -> None:  # fmt: skip
+        self.batch, self.device, cfg = len(prompts), device, model.config
+        self.dec = Decoder(model, num_slots=self.batch)
+        self.slots = [self.dec.allocate() for _ in range(self.batch)]
+        self.dec.prefill(self.slots, prompts)
+        self.rows = [SequenceSampler(request_params(eos_id), p, cfg.vocab_size, device) for p in prompts]
+        self.zeros = torch.zeros(self.batch, dtype=torch.long, device=device)  # (B,)
+        self.wall: dict[str, list[float]] = {"step": [], "sample": []}
+        self.cpu: dict[str, list[float]] = {"step": [], "sample": []}
+        self.n = 2
+        per_step = self._timed("step")[0] / self.n
+        room = (cfg.block_size - max(map(len, prompts)) - self.n) // (2 * (calls + 1))
+        self.n = max(1, min(max_steps, room, round(target_s / per_step)))
+        self._timed("step"), self._timed("sample")  # warm-up at the final call length
+        self.block_size = cfg.block_size
 
-    def sampled(n: int) -> None:
-        tok = zeros
-        for _ in range(n):
-            tok = sample(dec.step(slots, tok), rows).tokens  # (B,)
+    def _run(self, kind: str) -> None:
+        tok = self.zeros
+        for _ in range(self.n):
+            logits = self.dec.step(self.slots, tok)  # (B, V)
+            if kind == "sample":
+                tok = sample(logits, self.rows).tokens  # (B,)
 
-    sync(device)
-    t0 = time.perf_counter()
-    steps(2)
-    sync(device)
-    per_step = (time.perf_counter() - t0) / 2
-    room = (cfg.block_size - max(map(len, prompts)) - 2) // (2 * (reps + 1))  # every call below stays before block
-    n = max(1, min(max_steps, room, round(target_s / per_step)))
-    t_step, t_sample = compare(partial(steps, n), partial(sampled, n), reps, device, warmup=1)
-    assert max(dec.length(s) for s in slots) <= cfg.block_size, "the bare loop left the cached regime"
-    return {"batch": batch, "steps_per_call": n, "step_ms": 1e3 * t_step / n, "step_tok_s": batch * n / t_step,
-            "sample_ms": 1e3 * t_sample / n, "sample_tok_s": batch * n / t_sample}  # fmt: skip
+    def _timed(self, kind: str) -> tuple[float, float]:
+        """Wall and CPU seconds (this process) of one call."""
+        sync(self.device)
+        w, c = time.perf_counter(), time.process_time()
+        self._run(kind)
+        sync(self.device)
+        return time.perf_counter() - w, time.process_time() - c
+
+    def measure(self) -> None:
+        for kind in ("step", "sample"):
+            w, c = self._timed(kind)
+            self.wall[kind].append(w)
+            self.cpu[kind].append(c)
+        assert max(self.dec.length(s) for s in self.slots) <= self.block_size, "the bare loop left the cached regime"
+
+    def result(self) -> dict[str, float]:
+        """Medians over the measured calls: ms per step, tokens/s and tokens per CPU-second, alone and sampled."""
+        out: dict[str, float] = {"batch": self.batch, "steps_per_call": self.n, "calls": len(self.wall["step"])}
+        tokens = self.batch * self.n
+        for kind in ("step", "sample"):
+            w, c = statistics.median(self.wall[kind]), statistics.median(self.cpu[kind])
+            out |= {f"{kind}_ms": 1e3 * w / self.n, f"{kind}_tok_s": tokens / w, f"{kind}_tok_per_cpu_s": tokens / c}
+        return out
 
 
 # -- served ------------------------------------------------------------------------------------------------
@@ -229,6 +251,7 @@ async def served(srv: ServerProcess, model_id: str | None, eos_id: int | None, s
         "engine_core_us_per_token": None if core_s is None else ratio(1e6 * core_s, generated),
         "frontend_cpu_s": frontend_s,
         "frontend_us_per_token": ratio(1e6 * frontend_s, n),
+        "server_tok_per_cpu_s": ratio(n, frontend_s + (core_s or 0.0)),  # every process of the server together
         "busy_s": busy,
         "host_us_per_token": None if host_s is None else ratio(1e6 * host_s, generated),
     }
@@ -244,18 +267,27 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, float | None]:
     return out
 
 
-async def runs_at(srv: ServerProcess, model_id: str | None, eos_id: int | None, streams: int, args: argparse.Namespace,
-                  label: str) -> tuple[list[dict[str, Any]], dict[str, float | None]]:  # fmt: skip
-    """args.reps closed-loop runs at `streams` streams (one round of requests, at least args.min_requests); their
-    medians. Failed requests or ones that ended early are reported (their tokens still count)."""
-    requests = max(streams, args.min_requests)
-    runs = [await served(srv, model_id, eos_id, streams, requests, args.tokens, seed) for seed in range(args.reps)]
+async def alternated(loop: BareLoop | None, srv: ServerProcess | None, model_id: str | None, eos_id: int | None,
+                     streams: int, args: argparse.Namespace, label: str) -> dict[str, Any]:  # fmt: skip
+    """args.reps rounds of: two bare calls of each kind, then one served closed-loop run at `streams` streams (one
+    round of requests, at least args.min_requests), so both sides meet the same machine. Medians; failed requests or
+    ones that ended early are reported (their tokens still count)."""
+    runs = []
+    for seed in range(args.reps):
+        if loop is not None:
+            loop.measure()
+            loop.measure()
+        if srv is not None:
+            requests = max(streams, args.min_requests)
+            runs.append(await served(srv, model_id, eos_id, streams, requests, args.tokens, seed))
+    out: dict[str, Any] = {"bare": None if loop is None else loop.result(), "runs": runs}
+    out["served"] = medians(runs) if runs else None
     failed = sum(r["requests"] - r["completed"] for r in runs)
     short = sum(r["short"] for r in runs)
     if failed or short:
         print(f"  WARNING {label}: {failed} failed {[r['errors'] for r in runs]}, {short} ended before {args.tokens} "
               "tokens", flush=True)  # fmt: skip
-    return runs, medians(runs)
+    return out
 
 
 def server_for(model_dir: Path, args: argparse.Namespace, **extra: object) -> ServerProcess:
@@ -299,51 +331,55 @@ def checkpoint(tmp: Path, name: str, args: argparse.Namespace, **config: int) ->
     return model_dir, model, tok, model_info(model_dir, model, source)
 
 
+def add_bare(b: Bench, bare: dict[str, float], prefix: str = "") -> None:
+    n = bare["batch"]
+    b.add(f"{prefix}bare Decoder.step, batch {n}: tokens/s", bare["step_tok_s"], step_ms=bare["step_ms"])
+    b.add(f"  {prefix}bare step ms (per stream: ms/token), batch {n}", bare["step_ms"])
+    b.add(f"  {prefix}bare step + sample, batch {n}: tokens/s", bare["sample_tok_s"], sample_ms=bare["sample_ms"])
+
+
+def add_ratios(b: Bench, n: int, bare: dict[str, float], m: dict[str, float | None], prefix: str = "") -> dict:
+    """served / bare at n streams: tokens/s (goal at >= 64 streams), ITL at 1 stream (goal), per CPU-second."""
+    out = {"served_over_bare": ratio(m["tok_s"], bare["step_tok_s"]),
+           "served_over_bare_sample": ratio(m["tok_s"], bare["sample_tok_s"]),
+           "cpu_s_ratio": ratio(m["server_tok_per_cpu_s"], bare["sample_tok_per_cpu_s"])}  # fmt: skip
+    if n == 1:
+        out["itl_over_bare_step"] = ratio(m["itl_p50_ms"], bare["step_ms"])
+        b.add(f"  goal: {prefix}1 stream ITL p50 / bare step ms", out["itl_over_bare_step"] or 0.0, ITL_GOAL, False)
+    goal = n >= 64 and not prefix
+    name = f"  {'goal: ' if goal else ''}{prefix}served / bare step tokens/s, {n} streams"
+    b.add(name, out["served_over_bare"] or 0.0, SERVED_GOAL if goal else None)
+    b.add(f"  {prefix}served / bare step+sample tokens/s, {n} streams", out["served_over_bare_sample"] or 0.0)
+    b.add(f"  {prefix}served / bare step+sample, tokens per CPU-second (server vs bare process)",
+          out["cpu_s_ratio"] or 0.0)  # fmt: skip
+    return out
+
+
 async def paper(b: Bench, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     """Part 1: bare step loop and served at each --streams, paper config."""
     model_dir, model, tok, info = checkpoint(tmp, "paper", args, **PAPER_SERVED)
     eos = info["eos_token_id"]
     print(f"\n== paper config, {args.dtype_resolved}, {info['params'] / 1e6:.1f} M params, {info['tokenizer']}; "
           f"{args.threads} torch threads; {args.tokens} tokens per request", flush=True)  # fmt: skip
-    do_bare, do_served = "bare" in args.only, "served" in args.only
     rows: list[dict[str, Any]] = []
-    srv = server_for(model_dir, args) if do_served else None
-    try:
+    with server_for(model_dir, args) if "served" in args.only else contextlib.nullcontext() as srv:
         model_id = None
         if srv is not None:
-            srv.__enter__()
             model_id = await resolve_model(srv.url)
             await warm(srv, model_id, eos, max(args.streams))
         for n in args.streams:
-            row: dict[str, Any] = {"streams": n}
-            if do_bare:  # while the server (if any) is idle
-                bare_ = row["bare"] = bare(model, prompts_of(tok, n, n), eos, args.bare_reps, args.tokens,
-                                           args.call_s, torch.device(args.device))  # fmt: skip
-                b.add(f"bare Decoder.step, batch {n}: tokens/s", bare_["step_tok_s"], step_ms=bare_["step_ms"])
-                b.add(f"  bare step ms (per stream: ms/token), batch {n}", bare_["step_ms"])
-                b.add(f"  bare step + sample, batch {n}: tokens/s", bare_["sample_tok_s"], sample_ms=bare_["sample_ms"])
-            if srv is not None:
-                row["runs"], m = await runs_at(srv, model_id, eos, n, args, f"{n} streams")
-                row["served"] = m
+            loop = BareLoop(model, prompts_of(tok, n, n), eos, 2 * args.reps, args.tokens, args.call_s,
+                            torch.device(args.device)) if "bare" in args.only else None  # fmt: skip
+            row = {"streams": n, **await alternated(loop, srv, model_id, eos, n, args, f"{n} streams")}
+            if row["bare"] is not None:
+                add_bare(b, row["bare"])
+            if (m := row["served"]) is not None:
                 b.add(f"served, {n} streams: tokens/s", m["tok_s"] or 0.0, runs=len(row["runs"]))
                 b.add(f"  ITL p50 ms, {n} streams", m["itl_p50_ms"] or 0.0)
                 add_client(b, m)
-            if do_bare and srv is not None:
-                tok_ratio = ratio(row["served"]["tok_s"], row["bare"]["step_tok_s"])
-                row["served_over_bare"] = tok_ratio
-                row["served_over_bare_sample"] = ratio(row["served"]["tok_s"], row["bare"]["sample_tok_s"])
-                if n == 1:
-                    itl = row["itl_over_bare_step"] = ratio(row["served"]["itl_p50_ms"], row["bare"]["step_ms"])
-                    b.add("  goal: 1 stream ITL p50 / bare step ms", itl or 0.0, ITL_GOAL, higher=False)
-                    b.add("  served / bare step tokens/s, 1 stream", tok_ratio or 0.0)
-                else:
-                    target = SERVED_GOAL if n >= 64 else None
-                    b.add(f"  goal: served / bare step tokens/s, {n} streams", tok_ratio or 0.0, target)
-                b.add(f"  served / bare step+sample tokens/s, {n} streams", row["served_over_bare_sample"] or 0.0)
+            if row["bare"] is not None and m is not None:
+                row |= add_ratios(b, n, row["bare"], m)
             rows.append(row)
-    finally:
-        if srv is not None:
-            srv.__exit__()
     return {"model": info, "rows": rows}
 
 
@@ -352,31 +388,29 @@ async def micro(b: Bench, args: argparse.Namespace, tmp: Path, help_text: str) -
     model_dir, model, tok, info = checkpoint(tmp, "micro", args, **MICRO)
     eos, n = info["eos_token_id"], MICRO_STREAMS
     print(f"\n== micro model, {args.dtype_resolved}, {info['params'] / 1e6:.2f} M params, {n} streams", flush=True)
-    out: dict[str, Any] = {"model": info, "streams": n}
-    bare_ = out["bare"] = bare(model, prompts_of(tok, n, n), eos, args.bare_reps, args.tokens, args.call_s,
-                               torch.device(args.device))  # fmt: skip
-    b.add(f"micro bare Decoder.step, batch {n}: tokens/s", bare_["step_tok_s"], step_ms=bare_["step_ms"])
-    b.add(f"  micro bare step + sample, batch {n}: tokens/s", bare_["sample_tok_s"], sample_ms=bare_["sample_ms"])
+    loop = BareLoop(
+        model, prompts_of(tok, n, n), eos, 2 * args.reps, args.tokens, args.call_s, torch.device(args.device)
+    )
     with server_for(model_dir, args) as srv:
         model_id = await resolve_model(srv.url)
         await warm(srv, model_id, eos, n)
-        out["runs"], m = await runs_at(srv, model_id, eos, n, args, f"micro {n} streams")
-    out["served"] = m
+        out = {"model": info, "streams": n, **await alternated(loop, srv, model_id, eos, n, args, f"micro {n} streams")}
+    bare, m = out["bare"], out["served"]
+    add_bare(b, bare, "micro ")
     b.add(f"micro served, {n} streams: tokens/s", m["tok_s"] or 0.0)
-    b.add(f"  micro served / bare step+sample tokens/s, {n} streams", ratio(m["tok_s"], bare_["sample_tok_s"]) or 0.0)
     add_client(b, m)
+    out |= add_ratios(b, n, bare, m, "micro ")
     if m["host_us_per_token"] is None:
         na(b, "  goal: engine-core host us per generated token", f"server has no {BUSY}")
     else:
         b.add("  goal: engine-core host us per generated token", m["host_us_per_token"], HOST_GOAL_US, higher=False)
-    single = m["engine_core_cpu_s"] is None
+    single = out["single_process"] = m["engine_core_cpu_s"] is None
     if single:
         na(b, "  engine-core process CPU us per generated token", f"no {ENGINE_CORE} process")
     else:
         b.add("  engine-core process CPU us per generated token", m["engine_core_us_per_token"] or 0.0)
     name = "  goal: frontend CPU us per streamed token" + (" (single process: INCLUDES the engine)" if single else "")
     b.add(name, m["frontend_us_per_token"] or 0.0, FRONTEND_GOAL_US, higher=False, single_process=single)
-    out["single_process"] = single
     if "--api-server-count" not in help_text:
         na(b, "  frontend tokens/s, 2 vs 1 HTTP worker processes", "gam-serve has no --api-server-count")
         return out
@@ -385,8 +419,8 @@ async def micro(b: Bench, args: argparse.Namespace, tmp: Path, help_text: str) -
         with server_for(model_dir, args, api_server_count=count) as srv:
             model_id = await resolve_model(srv.url)
             await warm(srv, model_id, eos, n)
-            runs, mc = await runs_at(srv, model_id, eos, n, args, f"micro {count} API servers")
-        scaling[count] = {"runs": runs, "served": mc}
+            scaling[count] = await alternated(None, srv, model_id, eos, n, args, f"micro {count} API servers")
+        mc = scaling[count]["served"]
         b.add(f"  micro served tokens/s, --api-server-count {count}", mc["tok_s"] or 0.0)
         b.add(f"    frontend CPU us per streamed token, --api-server-count {count}", mc["frontend_us_per_token"] or 0.0)
     out["api_servers"] = scaling
@@ -423,7 +457,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="bare,served,micro", help="comma-separated subset of bare, served, micro")
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 64, 256], help="paper config: streams = bare batch")
     ap.add_argument("--tokens", type=int, default=None, help="tokens per request (default 128; --quick 32)")
-    ap.add_argument("--reps", type=int, default=None, help="served runs per figure (default 3; --quick 1); bare: 2x+1")
+    ap.add_argument(
+        "--reps",
+        type=int,
+        default=None,
+        help="rounds per figure (default 3; --quick 1): 2 bare calls of each kind, 1 served run",
+    )
     ap.add_argument("--threads", type=int, default=2, help="torch threads, bare loop and server alike")
     ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"])
     ap.add_argument("--device", default="cpu")
@@ -435,7 +474,6 @@ def main(argv: list[str] | None = None) -> int:
     args.only = set(args.only.split(","))
     args.tokens = args.tokens or (32 if args.quick else 128)
     args.reps = args.reps or (1 if args.quick else 3)
-    args.bare_reps = 2 * args.reps + 1
     args.call_s = 0.25 if args.quick else 1.0  # seconds per timed bare call (steps per call sized to it)
     args.min_requests = 2 if args.quick else 4  # a 1-stream run still yields a few hundred ITL gaps
     args.dtype_resolved = resolve_dtype(args.dtype, torch.device(args.device))
