@@ -106,6 +106,16 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else a / b
 
 
+def medians(runs: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Per numeric field of the runs, the median over the runs that have it (None where none has)."""
+    keys = [k for k, v in runs[0].items() if isinstance(v, (int, float)) or v is None]
+    out: dict[str, float | None] = {}
+    for k in keys:
+        vals = [r[k] for r in runs if isinstance(r[k], (int, float))]
+        out[k] = statistics.median(vals) if vals else None
+    return out
+
+
 # -- processes and metrics of a running server ----------------------------------------------------------------
 def tree_cpu(pid: int) -> dict[int, tuple[str, float]]:
     """{pid: (name, user + system CPU seconds)} of a process and all its live descendants."""
@@ -255,16 +265,6 @@ async def served(srv: ServerProcess, model_id: str | None, eos_id: int | None, s
         "busy_s": busy,
         "host_us_per_token": None if host_s is None else ratio(1e6 * host_s, generated),
     }
-
-
-def medians(runs: list[dict[str, Any]]) -> dict[str, float | None]:
-    """Per numeric field of the runs, the median over the runs that have it (None where none has)."""
-    keys = [k for k, v in runs[0].items() if isinstance(v, (int, float)) or v is None]
-    out: dict[str, float | None] = {}
-    for k in keys:
-        vals = [r[k] for r in runs if isinstance(r[k], (int, float))]
-        out[k] = statistics.median(vals) if vals else None
-    return out
 
 
 async def alternated(loop: BareLoop | None, srv: ServerProcess | None, model_id: str | None, eos_id: int | None,
