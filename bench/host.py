@@ -347,9 +347,9 @@ def add_ratios(b: Bench, n: int, bare: dict[str, float], m: dict[str, float | No
         out["itl_over_bare_step"] = ratio(m["itl_p50_ms"], bare["step_ms"])
         b.add(f"  goal: {prefix}1 stream ITL p50 / bare step ms", out["itl_over_bare_step"] or 0.0, ITL_GOAL, False)
     goal = n >= 64 and not prefix
-    name = f"  {'goal: ' if goal else ''}{prefix}served / bare step tokens/s, {n} streams"
+    name = f"  {'goal: ' if goal else ''}{prefix}served / bare step tokens/s, {n} stream(s)"
     b.add(name, out["served_over_bare"] or 0.0, SERVED_GOAL if goal else None)
-    b.add(f"  {prefix}served / bare step+sample tokens/s, {n} streams", out["served_over_bare_sample"] or 0.0)
+    b.add(f"  {prefix}served / bare step+sample tokens/s, {n} stream(s)", out["served_over_bare_sample"] or 0.0)
     b.add(f"  {prefix}served / bare step+sample, tokens per CPU-second (server vs bare process)",
           out["cpu_s_ratio"] or 0.0)  # fmt: skip
     return out
@@ -370,12 +370,12 @@ async def paper(b: Bench, args: argparse.Namespace, tmp: Path) -> dict[str, Any]
         for n in args.streams:
             loop = BareLoop(model, prompts_of(tok, n, n), eos, 2 * args.reps, args.tokens, args.call_s,
                             torch.device(args.device)) if "bare" in args.only else None  # fmt: skip
-            row = {"streams": n, **await alternated(loop, srv, model_id, eos, n, args, f"{n} streams")}
+            row = {"streams": n, **await alternated(loop, srv, model_id, eos, n, args, f"{n} stream(s)")}
             if row["bare"] is not None:
                 add_bare(b, row["bare"])
             if (m := row["served"]) is not None:
-                b.add(f"served, {n} streams: tokens/s", m["tok_s"] or 0.0, runs=len(row["runs"]))
-                b.add(f"  ITL p50 ms, {n} streams", m["itl_p50_ms"] or 0.0)
+                b.add(f"served, {n} stream(s): tokens/s", m["tok_s"] or 0.0, runs=len(row["runs"]))
+                b.add(f"  ITL p50 ms, {n} stream(s)", m["itl_p50_ms"] or 0.0)
                 add_client(b, m)
             if row["bare"] is not None and m is not None:
                 row |= add_ratios(b, n, row["bare"], m)
@@ -387,14 +387,18 @@ async def micro(b: Bench, args: argparse.Namespace, tmp: Path, help_text: str) -
     """Part 2: host CPU per token in the engine core and the frontend at 256 streams; frontend scaling."""
     model_dir, model, tok, info = checkpoint(tmp, "micro", args, **MICRO)
     eos, n = info["eos_token_id"], MICRO_STREAMS
-    print(f"\n== micro model, {args.dtype_resolved}, {info['params'] / 1e6:.2f} M params, {n} streams", flush=True)
+    print(f"\n== micro model, {args.dtype_resolved}, {info['params'] / 1e6:.2f} M params, {n} stream(s)", flush=True)
     loop = BareLoop(
         model, prompts_of(tok, n, n), eos, 2 * args.reps, args.tokens, args.call_s, torch.device(args.device)
     )
     with server_for(model_dir, args) as srv:
         model_id = await resolve_model(srv.url)
         await warm(srv, model_id, eos, n)
-        out = {"model": info, "streams": n, **await alternated(loop, srv, model_id, eos, n, args, f"micro {n} streams")}
+        out = {
+            "model": info,
+            "streams": n,
+            **await alternated(loop, srv, model_id, eos, n, args, f"micro {n} stream(s)"),
+        }
     bare, m = out["bare"], out["served"]
     add_bare(b, bare, "micro ")
     b.add(f"micro served, {n} streams: tokens/s", m["tok_s"] or 0.0)
