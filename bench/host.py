@@ -307,10 +307,20 @@ def na(b: Bench, name: str, why: str) -> None:
     print(f"{name:<66}        n/a ({why})", flush=True)
 
 
+def put(
+    b: Bench, name: str, value: float | None, target: float | None = None, higher: bool = True, **extra: Any
+) -> None:
+    """b.add, or an n/a row when the value is missing (no requests completed, no figure from the server)."""
+    if value is None:
+        na(b, name, "no value")
+    else:
+        b.add(name, value, target, higher, **extra)
+
+
 def add_client(b: Bench, m: dict[str, float | None], indent: str = "  ") -> None:
     """The load generator's own CPU beside a served figure."""
-    b.add(f"{indent}load generator CPU us per token", m["client_us_per_token"] or 0.0)
-    b.add(f"{indent}load generator CPU, % of one core", m["client_core_pct"] or 0.0)
+    put(b, f"{indent}load generator CPU us per token", m["client_us_per_token"])
+    put(b, f"{indent}load generator CPU, % of one core", m["client_core_pct"])
 
 
 def model_info(model_dir: Path, model: GAM, tokenizer_source: str) -> dict[str, Any]:
@@ -345,13 +355,13 @@ def add_ratios(b: Bench, n: int, bare: dict[str, float], m: dict[str, float | No
            "cpu_s_ratio": ratio(m["server_tok_per_cpu_s"], bare["sample_tok_per_cpu_s"])}  # fmt: skip
     if n == 1:
         out["itl_over_bare_step"] = ratio(m["itl_p50_ms"], bare["step_ms"])
-        b.add(f"  goal: {prefix}1 stream ITL p50 / bare step ms", out["itl_over_bare_step"] or 0.0, ITL_GOAL, False)
+        put(b, f"  goal: {prefix}1 stream ITL p50 / bare step ms", out["itl_over_bare_step"], ITL_GOAL, False)
     goal = n >= 64 and not prefix
     name = f"  {'goal: ' if goal else ''}{prefix}served / bare step tokens/s, {n} stream(s)"
-    b.add(name, out["served_over_bare"] or 0.0, SERVED_GOAL if goal else None)
-    b.add(f"  {prefix}served / bare step+sample tokens/s, {n} stream(s)", out["served_over_bare_sample"] or 0.0)
-    b.add(f"  {prefix}served / bare step+sample, tokens per CPU-second (server vs bare process)",
-          out["cpu_s_ratio"] or 0.0)  # fmt: skip
+    put(b, name, out["served_over_bare"], SERVED_GOAL if goal else None)
+    put(b, f"  {prefix}served / bare step+sample tokens/s, {n} stream(s)", out["served_over_bare_sample"])
+    put(b, f"  {prefix}served / bare step+sample, tokens per CPU-second (server vs bare process)",
+        out["cpu_s_ratio"])  # fmt: skip
     return out
 
 
@@ -374,8 +384,8 @@ async def paper(b: Bench, args: argparse.Namespace, tmp: Path) -> dict[str, Any]
             if row["bare"] is not None:
                 add_bare(b, row["bare"])
             if (m := row["served"]) is not None:
-                b.add(f"served, {n} stream(s): tokens/s", m["tok_s"] or 0.0, runs=len(row["runs"]))
-                b.add(f"  ITL p50 ms, {n} stream(s)", m["itl_p50_ms"] or 0.0)
+                put(b, f"served, {n} stream(s): tokens/s", m["tok_s"], runs=len(row["runs"]))
+                put(b, f"  ITL p50 ms, {n} stream(s)", m["itl_p50_ms"])
                 add_client(b, m)
             if row["bare"] is not None and m is not None:
                 row |= add_ratios(b, n, row["bare"], m)
@@ -401,7 +411,7 @@ async def micro(b: Bench, args: argparse.Namespace, tmp: Path, help_text: str) -
         }
     bare, m = out["bare"], out["served"]
     add_bare(b, bare, "micro ")
-    b.add(f"micro served, {n} streams: tokens/s", m["tok_s"] or 0.0)
+    put(b, f"micro served, {n} streams: tokens/s", m["tok_s"])
     add_client(b, m)
     out |= add_ratios(b, n, bare, m, "micro ")
     if m["host_us_per_token"] is None:
@@ -412,9 +422,9 @@ async def micro(b: Bench, args: argparse.Namespace, tmp: Path, help_text: str) -
     if single:
         na(b, "  engine-core process CPU us per generated token", f"no {ENGINE_CORE} process")
     else:
-        b.add("  engine-core process CPU us per generated token", m["engine_core_us_per_token"] or 0.0)
+        put(b, "  engine-core process CPU us per generated token", m["engine_core_us_per_token"])
     name = "  goal: frontend CPU us per streamed token" + (" (single process: INCLUDES the engine)" if single else "")
-    b.add(name, m["frontend_us_per_token"] or 0.0, FRONTEND_GOAL_US, higher=False, single_process=single)
+    put(b, name, m["frontend_us_per_token"], FRONTEND_GOAL_US, higher=False, single_process=single)
     if "--api-server-count" not in help_text:
         na(b, "  frontend tokens/s, 2 vs 1 HTTP worker processes", "gam-serve has no --api-server-count")
         return out
@@ -425,11 +435,11 @@ async def micro(b: Bench, args: argparse.Namespace, tmp: Path, help_text: str) -
             await warm(srv, model_id, eos, n)
             scaling[count] = await alternated(None, srv, model_id, eos, n, args, f"micro {count} API servers")
         mc = scaling[count]["served"]
-        b.add(f"  micro served tokens/s, --api-server-count {count}", mc["tok_s"] or 0.0)
-        b.add(f"    frontend CPU us per streamed token, --api-server-count {count}", mc["frontend_us_per_token"] or 0.0)
+        put(b, f"  micro served tokens/s, --api-server-count {count}", mc["tok_s"])
+        put(b, f"    frontend CPU us per streamed token, --api-server-count {count}", mc["frontend_us_per_token"])
     out["api_servers"] = scaling
-    b.add("  frontend tokens/s, 2 / 1 HTTP worker processes (x)",
-          ratio(scaling[2]["served"]["tok_s"], scaling[1]["served"]["tok_s"]) or 0.0)  # fmt: skip
+    put(b, "  frontend tokens/s, 2 / 1 HTTP worker processes (x)",
+        ratio(scaling[2]["served"]["tok_s"], scaling[1]["served"]["tok_s"]))  # fmt: skip
     return out
 
 
