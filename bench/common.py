@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import signal
@@ -39,6 +40,18 @@ def process_cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process (Linux /proc/PID/stat fields 14 and 15)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """process_cpu_seconds of a process and all its live descendants (the engine core is a child process)."""
+    import psutil
+
+    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    total = 0.0
+    for p in procs:
+        with contextlib.suppress(OSError):  # exited meanwhile
+            total += process_cpu_seconds(p.pid)
+    return total
 
 
 PROMPTS = Path(__file__).resolve().parent.parent / "load_tests" / "prompts.txt"  # WikiText-2 excerpt
@@ -138,9 +151,10 @@ class ServerProcess:
         raise RuntimeError("gam-serve did not become healthy in 300 s")
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time the server process has used so far (all its threads), from /proc."""
+        """User + system CPU time the server has used so far: gam-serve and its children (the engine core), all
+        their threads, from /proc."""
         assert self.proc is not None
-        return process_cpu_seconds(self.proc.pid)
+        return tree_cpu_seconds(self.proc.pid)
 
     def info(self) -> dict:
         return httpx.get(self.url + "/info", timeout=10).json()

@@ -1,6 +1,6 @@
 """Prompt logprobs over HTTP: how long an N-token `echo` + `logprobs` request takes, and what it does to a stream
 decoding beside it (its inter-token gaps alone vs during the scoring). Scoring is O(prompt), so the engine does it
-in ~30 ms slices between decode steps (server/engine.py SCORE_BUDGET_S).
+in ~30 ms slices between decode steps (--score-budget-s, server/core.py ScoreBudget).
 
 gam-serve runs in a subprocess on 127.0.0.1. Per repeat: a stream of --stream-tokens alone, then the same stream
 with the echo request sent 0.3 s after it starts. The prompt is the load generator's WikiText-2 prompt file cut to

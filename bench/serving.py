@@ -1,12 +1,12 @@
-"""HTTP-served output tokens/s at N concurrent streams vs the engine alone (in-process, no HTTP) at batch N.
+"""HTTP-served output tokens/s at N concurrent streams vs the engine alone (no HTTP) at batch N.
 
 Both sides run the same workload: the same prompts (WikiText-2 excerpt, same seed), greedy decoding, the same
 max new tokens, a closed loop of N concurrent requests until --requests are done. The HTTP side is gam-serve in a
 subprocess on 127.0.0.1 driven by the load generator (TGI /generate_stream); the engine side is server.engine.Engine
-in this process with the handlers' event stream consumed directly. Runs alternate (engine, HTTP, engine, ...);
+(this process plus its engine core process) with the handlers' event stream consumed directly. Runs alternate (engine, HTTP, engine, ...);
 medians of --repeats. Tokens counted are the tokens generated (a sequence may end early at eos on both sides).
-Besides wall-clock tokens/s, tokens per CPU-second of the serving process are compared (engine: this process;
-HTTP: the gam-serve process, read from /proc): on a shared machine that isolates what HTTP costs the server from
+Besides wall-clock tokens/s, tokens per CPU-second of the serving processes are compared (engine: this process and
+its engine core; HTTP: the gam-serve process and its engine core, read from /proc): on a shared machine that isolates what HTTP costs the server from
 scheduler noise and from the load generator's own CPU use.
 
     .venv/bin/python bench/serving.py                  # bundled model if weights/ has one, else paper config random
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -27,12 +28,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import RESULTS, ServerProcess, machine, served_model
+from bench.common import RESULTS, ServerProcess, machine, served_model, tree_cpu_seconds
 from gam_model.sampling import SamplingParams
 from load_tests.metrics import summarize
 from load_tests.prompts import PromptSampler
 from load_tests.runner import LoadConfig, run_load
-from server.app import load_context
+from server.app import start_context
 from server.engine import ErrorEvent, GenerationRequest
 from server.settings import Settings
 
@@ -46,7 +47,8 @@ async def engine_alone(engine, prompts: list[list[int]], streams: int, max_new: 
         nonlocal tokens, errors
         while todo:
             ids = todo.pop()
-            h = engine.submit(GenerationRequest(ids, SamplingParams(temperature=1.0, do_sample=False), max_new))
+            req = GenerationRequest(ids, SamplingParams(temperature=1.0, do_sample=False), max_new)
+            (h,) = await engine.submit_all([req])
             async for ev in h.events():
                 if isinstance(ev, ErrorEvent):
                     errors += 1
@@ -61,9 +63,10 @@ async def engine_alone(engine, prompts: list[list[int]], streams: int, max_new: 
 async def bench(args: argparse.Namespace, model_dir: Path) -> dict:
     settings = dict(max_batch_size=args.streams, max_queue=args.requests, max_new_tokens=args.output_len,
                     dtype=args.dtype)  # fmt: skip
-    ctx = load_context(Settings.model_validate(dict(model=model_dir, device="cpu", request_timeout=600, **settings)))
+    ctx = await start_context(
+        Settings.model_validate(dict(model=model_dir, device="cpu", request_timeout=600, **settings))
+    )
     engine, tok = ctx.engine, ctx.tokenizer
-    await asyncio.to_thread(engine.start)
     rows = []
     try:
         with ServerProcess(model_dir, threads=args.threads, **settings) as srv:
@@ -71,9 +74,9 @@ async def bench(args: argparse.Namespace, model_dir: Path) -> dict:
             for rep in range(args.repeats):
                 sampler = PromptSampler(seed=rep)
                 texts = [sampler.sample(args.input_len) for _ in range(args.requests)]
-                cpu0 = time.process_time()
+                cpu0 = tree_cpu_seconds(os.getpid())
                 dt, n, err = await engine_alone(engine, [tok.encode(t) for t in texts], args.streams, args.output_len)
-                engine_cpu = time.process_time() - cpu0
+                engine_cpu = tree_cpu_seconds(os.getpid()) - cpu0
                 cfg = LoadConfig(url=srv.url, api="tgi", mode="closed", concurrency=args.streams,
                                  num_requests=args.requests, input_words=args.input_len, output_tokens=args.output_len,
                                  duration_s=600, timeout_s=600, seed=rep)  # fmt: skip

@@ -1,8 +1,7 @@
-"""A plain single-process generation loop: Decoder + sample + IncrementalDetokenizer + StopChecker.
+"""gam-generate's loop: prompts through the batch core (gam_model.batch), text made here.
 
-Used by gam-generate and the tests; the server's engine builds its own loop from the same pieces. Prompts share
-one Decoder: waiting prompts are admitted while slots are free, every running row advances one token per step,
-and a row's slot is freed as soon as it finishes.
+Prompts share one Decoder: waiting prompts are admitted while slots are free, every running row advances one token
+per step, and a row's slot is freed as soon as it finishes (the server's engine core drives the same BatchCore).
 """
 
 from __future__ import annotations
@@ -12,11 +11,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
-import torch
-
+from gam_model.batch import BatchCore, SequenceSpec
 from gam_model.decode import Decoder
 from gam_model.detokenize import IncrementalDetokenizer
-from gam_model.sampling import SamplingParams, SequenceSampler, sample
+from gam_model.sampling import SamplingParams
 from gam_model.stopping import StopChecker, advance
 from gam_model.tokenizer import Tokenizer
 
@@ -36,11 +34,9 @@ class GenerationResult:
 
 
 @dataclass
-class _Row:
-    index: int
-    slot: int
-    prompt_ids: list[int]
-    sampler: SequenceSampler
+class _Text:
+    """The consumer side of one row: its text step and what it accumulated."""
+
     detok: IncrementalDetokenizer
     stop: StopChecker
     token_ids: list[int] = field(default_factory=list)
@@ -95,60 +91,45 @@ def generate(
     for p in plist:
         p.validate()
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
-    V = decoder.config.vocab_size
+    core = BatchCore(decoder, tokenizer)
     results: list[GenerationResult | None] = [None] * n
     waiting = deque(range(n))
-    running: list[_Row] = []
-    next_tokens: list[int] = []  # token sampled for each running row, not yet fed to the decoder
-
-    while waiting or running:
-        admitted: list[_Row] = []
-        while waiting and decoder.state.free_slots > 0:
+    rows: dict[int, _Text] = {}
+    while waiting or len(core):
+        while waiting and core.free_slots > 0:
             i = waiting.popleft()
-            admitted.append(
-                _Row(
-                    index=i,
-                    slot=decoder.allocate(),
-                    prompt_ids=encoded[i],
-                    sampler=SequenceSampler(plist[i], encoded[i], V, decoder.device),
-                    detok=IncrementalDetokenizer(tokenizer, encoded[i]),
-                    stop=StopChecker(slist[i], tokenizer.eos_token_id, stop_token_ids or set(), mlist[i]),
-                )
-            )
-        parts = []
-        if running:
-            parts.append(decoder.step([r.slot for r in running], torch.tensor(next_tokens)))  # (B_run, V)
-        if admitted:
-            parts.append(decoder.prefill([r.slot for r in admitted], [r.prompt_ids for r in admitted]))  # (B_new, V)
-        rows = running + admitted
-        out = sample(torch.cat(parts), [r.sampler for r in rows])
-        tokens, logprobs = out.tokens.tolist(), out.logprobs.tolist()
-        top_ids, top_lp = out.top_ids.tolist(), out.top_logprobs.tolist()
-        running, next_tokens = [], []
-        for j, r in enumerate(rows):
-            tok = tokens[j]
-            r.sampler.observe(tok)
+            core.add(i, SequenceSpec(encoded[i], plist[i], mlist[i], slist[i], stop_token_ids or set()))
+            stopper = StopChecker(slist[i], tokenizer.eos_token_id, stop_token_ids or set(), mlist[i])
+            rows[i] = _Text(IncrementalDetokenizer(tokenizer, encoded[i]), stopper)
+        out = core.step()
+        if out.failed:
+            raise RuntimeError(out.failed[0][1])
+        for j, (i, tok, lp) in enumerate(
+            zip(out.keys.tolist(), out.tokens.tolist(), out.logprobs.tolist(), strict=True)
+        ):
+            r = rows[i]
             r.token_ids.append(tok)
-            r.logprobs.append(logprobs[j])
-            if r.sampler.params.top_n_tokens:
-                r.top_tokens.append(list(zip(top_ids[j], top_lp[j], strict=True))[: r.sampler.params.top_n_tokens])
+            r.logprobs.append(lp)
+            if j in out.top:
+                r.top_tokens.append(list(zip(*out.top[j], strict=True)))
             text, reason = advance(r.detok, r.stop, tok)
             if text:
                 r.text.append(text)
                 if on_text is not None:
-                    on_text(r.index, text)
-            if reason is None:
-                running.append(r)
-                next_tokens.append(tok)
+                    on_text(i, text)
+            fin = out.finished.get(j)
+            if fin is None:
                 continue
-            decoder.free(r.slot)
-            results[r.index] = GenerationResult(
+            if reason != fin.reason:  # one text step, two places: they cannot disagree unless a bug says so
+                raise RuntimeError(f"finish reasons disagree: {reason} (text) vs {fin.reason} (batch core)")
+            del rows[i]
+            results[i] = GenerationResult(
                 text="".join(r.text),
                 token_ids=r.token_ids,
                 logprobs=r.logprobs,
-                finish_reason=reason,
-                seed=r.sampler.seed,
-                prompt_token_ids=r.prompt_ids,
+                finish_reason=fin.reason,
+                seed=fin.seed,
+                prompt_token_ids=encoded[i],
                 matched_stop=r.stop.matched_stop,
                 top_tokens=r.top_tokens,
             )

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gam_model.checkpoint import load_checkpoint
-from gam_model.quant import quantization_of
+from gam_model.checkpoint import read_config
+from gam_model.tokenizer import Tokenizer
 from server.auth import ApiKeyMiddleware
 from server.context import ServerContext
 from server.engine import Engine
@@ -24,7 +24,6 @@ from server.errors import (
     error_response,
     install_error_handlers,
 )
-from server.metrics import Metrics
 from server.routes import misc, openai, playground, tgi
 from server.settings import Settings
 from server.version import VERSION
@@ -63,61 +62,54 @@ class BodyLimitMiddleware:
         await self.app(scope, counting_receive, send)
 
 
-def load_context(settings: Settings) -> ServerContext:
-    """Load the checkpoint and build the (not yet started) engine and metrics."""
+@dataclass(frozen=True)
+class Attach:
+    """Where a frontend worker finds the engine core another process started (--api-server-count > 1)."""
+
+    address: str
+    core_pid: int
+    frontend: int
+
+
+async def start_context(settings: Settings, attach: Attach | None = None) -> ServerContext:
+    """Read the checkpoint's config and tokenizer; start the engine core process (which loads the weights), or
+    attach to a running one, and wait until it is ready."""
     model_dir = settings.resolved_model_dir()
-    device = settings.resolved_device()
-    model, tokenizer, meta = load_checkpoint(model_dir, device, settings.requested_dtype(), settings.quantize)
-    dtype, quantization = model.token_embedding.weight.dtype, quantization_of(model)
-    engine = Engine(
-        model,
-        tokenizer,
-        max_batch_size=settings.max_batch_size,
-        max_queue=settings.max_queue,
-        request_timeout=settings.request_timeout,
-        device=device,
-        dtype=dtype,
-        shutdown_grace=settings.shutdown_grace,
-        fault_injection=settings.fault_injection,
-        cuda_graphs=settings.cuda_graphs,
-        deterministic=settings.deterministic,
-    )
-    model_id = settings.model_id or meta.model_name
-    dtype_name = str(dtype).removeprefix("torch.")
-    metrics = Metrics()
-    metrics.bind(
-        engine, model=model_id, dtype=dtype_name, device=device.type, version=VERSION, quantization=quantization
-    )
+    config, meta = read_config(model_dir)
+    tokenizer = Tokenizer.from_file(model_dir / "tokenizer.json", meta.eos_token_id, meta.bos_token_id)
+    if attach is None:
+        engine = Engine(settings, tokenizer)
+        facts = await engine.start()
+    else:
+        engine = Engine(settings, tokenizer, frontend=attach.frontend)
+        facts = await engine.attach(attach.address, attach.core_pid)
     log.info(
-        "loaded %s from %s: %d parameters, %s on %s, weights quantized: %s",
-        model_id,
+        "serving %s from %s: %d parameters, %s on %s",
+        facts.model_id,
         model_dir,
-        model.config.num_params(),
-        dtype_name,
-        device,
-        quantization,
+        facts.num_params,
+        facts.dtype,
+        facts.device,
     )
     return ServerContext(
         settings=settings,
         engine=engine,
         tokenizer=tokenizer,
-        metrics=metrics,
-        model_id=model_id,
-        model_config=model.config,
-        dtype=dtype_name,
-        quantization=quantization,
-        device=device.type,
+        model_id=facts.model_id,
+        model_config=config,
+        dtype=facts.dtype,
+        quantization=facts.quantization,
+        device=facts.device,
         created=int(time.time()),
     )
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """The gam-serve ASGI app; the model is loaded and the engine started by its lifespan."""
+def create_app(settings: Settings, attach: Attach | None = None) -> FastAPI:
+    """The gam-serve ASGI app; its lifespan starts the engine core (or attaches to one) and stops it."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        ctx = load_context(settings)
-        await asyncio.to_thread(ctx.engine.start)
+        ctx = await start_context(settings, attach)
         app.state.ctx, app.state.engine = ctx, ctx.engine
         try:
             yield

@@ -54,6 +54,9 @@ class DrainingServer(uvicorn.Server):
 
     async def on_tick(self, counter: int) -> bool:
         engine = self._engine()
+        if engine is not None and engine.crashed and not self.should_exit:
+            logging.getLogger(__name__).error("%s: stopping the server (exit status 1)", engine.crashed)
+            self.engine_crashed = self.should_exit = True
         if self._draining and not self.should_exit and (engine is None or engine.idle):
             super().handle_exit(*self._exit_signal)
         return await super().on_tick(counter)
@@ -84,18 +87,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"gam-serve: {e}", file=sys.stderr)
         raise SystemExit(2) from e
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from server.app import create_app  # imported late: `gam-serve --help` stays fast
+    # imported late: `gam-serve --help` stays fast
+    from server import frontends
+    from server.app import create_app
 
-    app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=int(settings.shutdown_grace) + 5,
-        timeout_keep_alive=settings.timeout_keep_alive,
-    )
-    DrainingServer(config).run()
+    if settings.api_server_count > 1:
+        raise SystemExit(frontends.serve(settings))
+    server = DrainingServer(frontends.uvicorn_config(create_app(settings), settings))
+    server.run()
+    if server.engine_crashed:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""What the handlers share: settings, the engine, the tokenizer, metrics and model facts (no model access)."""
+"""What the handlers share: settings, the engine client, the tokenizer and model facts (the model is in the core)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from fastapi import Request
 from gam_model.config import GAMConfig
 from gam_model.tokenizer import Tokenizer
 from server.engine import Engine
-from server.metrics import Metrics
 from server.settings import Settings
 
 
@@ -20,7 +19,6 @@ class ServerContext:
     settings: Settings
     engine: Engine
     tokenizer: Tokenizer
-    metrics: Metrics
     model_id: str
     model_config: GAMConfig
     dtype: str

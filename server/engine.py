@@ -1,86 +1,69 @@
-"""The continuous-batching engine: one thread owns the model and the slot pool; handlers await token events.
+"""The frontend's engine: a client of the engine core process (server/core_process.py), with handler-side handles.
 
-Each iteration of the loop (between two decode steps):
-  1. ends running sequences that were cancelled (client gone) or ran past their deadline, freeing their slots;
-  2. admits waiting requests into free slots and prefills them all in one call (O(R) per prompt); a request
-     that asked for prompt logprobs is first scored, about SCORE_BUDGET_S of work per iteration, then prefilled;
-  3. steps every sequence that was already running in one call;
-  4. samples the next token of all those rows in one batched call, detokenizes, checks stops, emits events.
-A failure in the prefill, step or sampling call fails only that call's requests (an ErrorEvent each); the loop
-goes on. Events cross to asyncio through `loop.call_soon_threadsafe` into per-request queues.
+The core owns the model, the slot pool, scheduling and metrics, in its own process (its own GIL and torch threads).
+This side, on the HTTP event loop:
+  - `submit_all` sends a request's sequences and awaits the core's verdict (queued, or QueueFull -> 429, ...);
+  - one reader task receives the core's per-step messages (one per engine iteration, a whole step as columns) and
+    turns each row into its request's TokenEvent: the incremental detokenization and stop-string text happen here,
+    where they cost the core nothing (`advance_token`, the same text step the core runs for rows with stop strings,
+    so both reach the same finish verdict);
+  - a cancelled handle (client gone) is dropped here at once and a Cancel goes to the core, which frees the slot
+    before its next step;
+  - if the core process dies, every in-flight request ends with a 503 error event, `alive` turns False (/health 503)
+    and `crashed` says why; the CLI then exits the server so the orchestrator restarts it (server/cli.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import itertools
 import logging
-import threading
+import multiprocessing
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import torch
+import zmq
+import zmq.asyncio
 
-from gam_model.decode import Decoder
 from gam_model.detokenize import IncrementalDetokenizer
-from gam_model.model import GAM
-from gam_model.sampling import SamplingParams, SequenceSampler, sample
-from gam_model.scoring import PromptScorer, TokenLogprobs
+from gam_model.scoring import TokenLogprobs
 from gam_model.stopping import StopChecker, advance_token
 from gam_model.tokenizer import Tokenizer
+from server import core_process
+from server import protocol as p
+from server.core import EngineUnavailable, QueueFull, TooManySequences
+from server.protocol import GenerationRequest
+from server.settings import Settings
 
+__all__ = [
+    "Engine",
+    "EngineUnavailable",
+    "ErrorEvent",
+    "Event",
+    "FinishEvent",
+    "GenerationRequest",
+    "QueueFull",
+    "RequestHandle",
+    "ScoreEvent",
+    "TokenEvent",
+    "TooManySequences",
+]
 log = logging.getLogger(__name__)
+START_TIMEOUT_S = 600.0  # model load + CUDA graph capture
+ERRORS: dict[str, Callable[[str], Exception]] = {
+    "QueueFull": QueueFull,
+    "TooManySequences": TooManySequences,
+    "EngineUnavailable": EngineUnavailable,
+    "ValueError": ValueError,
+}
 
 
-# Prompt logprobs: each engine iteration scores prompt chunks for about SCORE_BUDGET_S seconds (at least one chunk)
-# before its decode step, so running streams keep flowing. A chunk is SCORE_HEAD_CHUNK positions below block_size
-# (one forward each) or SCORE_WINDOWS R-token windows past it. (Bundled model on the 2-core dev CPU: 32 windows take
-# about 35 ms; scoring 256 windows, or the whole 1024-position head, per iteration left a concurrent stream 0.3 s
-# gaps between tokens.)
-SCORE_BUDGET_S = 0.03
-SCORE_WINDOWS = 32
-SCORE_HEAD_CHUNK = 128
-
-
-class QueueFull(RuntimeError):
-    """The waiting queue is at --max-queue; the client should retry later (429)."""
-
-
-class TooManySequences(ValueError):
-    """A request with more sequences than the server can ever hold at once (slots + queue): retrying cannot help."""
-
-
-class EngineUnavailable(RuntimeError):
-    """The engine is draining for shutdown or its loop has died (503)."""
-
-
-# -- what handlers submit and receive ----------------------------------------------------------------------
-@dataclass
-class GenerationRequest:
-    """One sequence to generate: prompt ids, sampling parameters and stop conditions."""
-
-    prompt_ids: list[int]
-    params: SamplingParams
-    max_new_tokens: int
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: set[int] = field(default_factory=set)
-    endpoint: str = "generate"  # metrics label
-    # prompt logprobs (TGI decoder_input_details, OpenAI echo + logprobs): None = not asked, n = with top-n
-    # alternatives. O(prompt) work in the engine thread at admission, unlike the O(R) prefill. With
-    # max_new_tokens 0 the request only scores its prompt (OpenAI echo + max_tokens 0): no prefill, no token.
-    prompt_logprobs: int | None = None
-
-    def validate(self) -> None:
-        """Raise ValueError for a request the engine cannot run."""
-        if not self.prompt_ids:
-            raise ValueError("empty prompt")
-        if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-
-
+# -- what handlers receive -----------------------------------------------------------------------------------
 @dataclass
 class FinishEvent:
     """How a sequence ended normally: reason is eos_token, stop_sequence or length (TGI names)."""
@@ -127,32 +110,6 @@ class ErrorEvent:
 Event = TokenEvent | ScoreEvent | ErrorEvent
 
 
-# -- plain stats the metrics module maps onto Prometheus ---------------------------------------------------
-@dataclass
-class StepStats:
-    """One engine iteration: rows sampled, of which newly prefilled, and its wall time."""
-
-    batch_size: int
-    prefilled: int
-    duration_s: float
-    generated_tokens: int
-    scored_tokens: int = 0  # prompt tokens scored for prompt logprobs in this iteration
-
-
-@dataclass
-class RequestStats:
-    """One finished request (any outcome)."""
-
-    endpoint: str
-    finish_reason: str  # length, eos_token, stop_sequence, cancelled, error
-    prompt_tokens: int
-    generated_tokens: int
-    queue_s: float | None
-    ttft_s: float | None
-    duration_s: float
-    inter_token_s: list[float]
-
-
 def is_last(ev: Event) -> bool:
     """Whether ev ends its request's stream."""
     return isinstance(ev, ErrorEvent) or ev.finish is not None
@@ -161,30 +118,22 @@ def is_last(ev: Event) -> bool:
 class RequestHandle:
     """The handler's side of a submitted request: an async stream of events and a cancel switch."""
 
-    def __init__(
-        self,
-        request_id: int,
-        request: GenerationRequest,
-        loop: asyncio.AbstractEventLoop,
-        deadline: float,
-        withdraw: Callable[[RequestHandle], None],
-    ) -> None:
+    def __init__(self, request_id: int, request: GenerationRequest, engine: Engine) -> None:
         self.id = request_id
         self.request = request
-        self.arrival = time.monotonic()
-        self.deadline = deadline
         self.cancelled = False
-        self.done = False  # its last event is on its way (set by the engine thread)
-        self.loop = loop
-        self._withdraw = withdraw  # the engine drops it from the waiting queue at once if it is still there
+        self.done = False  # its last event is queued
+        self._engine = engine
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._generated = 0
+        self._detok: IncrementalDetokenizer | None = None
+        self._stop: StopChecker | None = None
 
     def cancel(self) -> None:
-        """Ask the engine to drop this request: a waiting one leaves the queue now, a running one's slot is freed
-        within one step."""
+        """Drop this request: it leaves the queue, or its slot is freed before the core's next step."""
         if not self.done and not self.cancelled:
             self.cancelled = True
-            self._withdraw(self)
+            self._engine._cancel(self)
 
     def abort(self, message: str) -> None:
         """Cancel from the handler's side and end its event stream now (call on the event loop's thread)."""
@@ -192,9 +141,31 @@ class RequestHandle:
             self._queue.put_nowait(ErrorEvent(message, 499, "cancelled"))
             self.cancel()
 
-    def _deliver(self, ev: Event) -> None:
-        """On the event loop's thread: the engine's events, in order."""
+    def _put(self, ev: Event) -> None:
+        if is_last(ev):
+            self.done = True
         self._queue.put_nowait(ev)
+
+    def _token(self, tok: int, logprob: float, fin: p.Finish | None, top: list[tuple[int, float]]) -> TokenEvent:
+        """The text step of one generated token (detokenize, stop strings), as the event handlers get."""
+        r, eng = self.request, self._engine
+        if self._stop is None:
+            self._detok = IncrementalDetokenizer(eng.tokenizer, r.prompt_ids)
+            self._stop = StopChecker(r.stop, eng.tokenizer.eos_token_id, r.stop_token_ids, max(1, r.max_new_tokens))
+        assert self._detok is not None
+        text, emitted, reason = advance_token(self._detok, self._stop, tok)
+        if self._stop.is_stop_token(tok):
+            text = eng.tokenizer.id_to_token(tok)  # TGI shows a stop token's own text (e.g. "</s>")
+        special = tok in eng.special_ids or tok in self._stop.stop_token_ids
+        self._generated += 1
+        finish = None
+        if fin is not None:
+            if reason != fin.reason:  # one text step run in two places: they cannot disagree unless a bug says so
+                log.error(
+                    "request %d: finish reasons disagree: %s (frontend) vs %s (core)", self.id, reason, fin.reason
+                )
+            finish = FinishEvent(fin.reason, fin.generated, fin.seed, len(r.prompt_ids))
+        return TokenEvent(self._generated - 1, tok, text, emitted, logprob, special, top, finish)
 
     async def events(self) -> AsyncIterator[Event]:
         """Token events; the last one has `finish` set, or an ErrorEvent ends the stream instead."""
@@ -205,107 +176,141 @@ class RequestHandle:
                 return
 
 
-def _deliver_all(batch: list[tuple[RequestHandle, Event]]) -> None:
-    for h, ev in batch:
-        h._deliver(ev)
+# -- the client ------------------------------------------------------------------------------------------------
+def _context() -> multiprocessing.context.ForkServerContext:
+    """forkserver with the core's modules preloaded: the first core start pays for importing torch and the model
+    code, later ones (tests start many servers) fork a process that has them. Never plain fork: the frontend may
+    have started threads (and CUDA) that a forked child would inherit broken. Like spawn, it runs the parent's
+    `__main__` in the child: scripts that start an engine need an `if __name__ == "__main__":` guard."""
+    mp = multiprocessing.get_context("forkserver")
+    assert isinstance(mp, multiprocessing.context.ForkServerContext)
+    mp.set_forkserver_preload(["server.core_process"])
+    return mp
 
 
-# -- the engine ----------------------------------------------------------------------------------------------
-@dataclass
-class _Sequence:
-    handle: RequestHandle
-    slot: int
-    sampler: SequenceSampler
-    detok: IncrementalDetokenizer
-    stopper: StopChecker
-    admitted: float
-    pending: int = -1  # last sampled token, fed to the model by the next step
-    scorer: PromptScorer | None = None  # while its prompt logprobs are being computed (before prefill)
-    prompt: TokenLogprobs | None = None  # prompt logprobs, until the first token event carries them
-    generated: int = 0
-    first_token: float | None = None
-    last_token: float | None = None
-    inter_token: list[float] = field(default_factory=list)
+class CoreProcess:
+    """An engine core process (server/core_process.py) at a private ipc:// address."""
 
+    def __init__(self, settings: Settings) -> None:
+        self._dir = tempfile.mkdtemp(prefix="gam-")
+        self.address = f"ipc://{self._dir}/core"
+        self.process = _context().Process(
+            target=core_process.main, args=(settings, self.address, os.getpid()), name=core_process.PROCESS_NAME
+        )
+        self.process.daemon = True  # never outlives the process that started it
+        self.process.start()
 
-class _Faults:
-    """Test-only fault injection parsed from settings: 'step:N' (N-th decode step raises), 'crash:N'."""
-
-    def __init__(self, spec: str | None) -> None:
-        self.fail_step: set[int] = set()
-        self.crash_at: int | None = None
-        for part in (spec or "").split(","):
-            if not part.strip():
-                continue
-            kind, _, n = part.strip().partition(":")
-            if kind == "step":
-                self.fail_step.add(int(n))
-            elif kind == "crash":
-                self.crash_at = int(n)
-            else:
-                raise ValueError(f"unknown fault injection {part!r} (use step:N or crash:N)")
+    def stop(self, timeout: float) -> None:
+        """Wait up to timeout for it to exit (after a Shutdown), then kill it; remove its socket."""
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(5.0)
+        shutil.rmtree(self._dir, ignore_errors=True)
 
 
 class Engine:
-    """Continuous-batching generation over a Decoder's slot pool, driven by one background thread."""
+    """The engine core process and this frontend's view of it (counts as of its last message)."""
 
-    def __init__(
-        self,
-        model: GAM,
-        tokenizer: Tokenizer,
-        *,
-        max_batch_size: int,
-        max_queue: int,
-        request_timeout: float,
-        device: torch.device,
-        dtype: torch.dtype,
-        shutdown_grace: float = 10.0,
-        fault_injection: str | None = None,
-        cuda_graphs: bool = False,
-        deterministic: bool = False,
-    ) -> None:
-        # CUDA graphs only on CUDA: on CPU the decoder's replay stand-in is a test aid with no speed-up
-        graphs = cuda_graphs and device.type == "cuda"
-        self.decoder = Decoder(model, max_batch_size, device, dtype, cuda_graphs=graphs, deterministic=deterministic)
+    def __init__(self, settings: Settings, tokenizer: Tokenizer, frontend: int = 0) -> None:
+        self.settings = settings
         self.tokenizer = tokenizer
-        self.vocab_size = model.config.vocab_size
-        self.device = self.decoder.device
-        self.max_batch_size = max_batch_size
-        self.max_queue = max_queue
-        self.request_timeout = request_timeout
-        self.shutdown_grace = shutdown_grace
+        self.frontend = frontend
+        self.max_batch_size = settings.max_batch_size
+        self.request_timeout = settings.request_timeout
         self.special_ids = {i for i in (tokenizer.eos_token_id, tokenizer.bos_token_id) if i is not None}
-        self.on_step: Callable[[StepStats], None] | None = None
-        self.on_request: Callable[[RequestStats], None] | None = None
-        self._faults = _Faults(fault_injection)
-        self._ids = itertools.count(1)
-        self._cond = threading.Condition()
-        self._waiting: collections.deque[RequestHandle] = collections.deque()
-        self._running: list[_Sequence] = []
-        self._steps = 0
-        self._busy_iterations = 0
+        self.facts: p.Facts | None = None
+        self.crashed: str | None = None  # why the core is gone, once it is
+        self.num_running = 0
+        self.num_waiting = 0
+        self.free_slots = settings.max_batch_size
         self._draining = False
-        self._drain_deadline = float("inf")
-        self._stopping = False
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
-        self._outbox: list[tuple[RequestHandle, Event]] = []  # events of the current iteration, sent by _flush
-        self._outbox_lock = threading.Lock()
-        self.crashed: BaseException | None = None
+        self._stopped = False
+        self._ids = itertools.count(1)
+        self._tokens = itertools.count(1)
+        self._handles: dict[int, RequestHandle] = {}
+        self._pending: dict[int, asyncio.Future] = {}  # Submit / MetricsQuery token -> its answer
+        self._core: CoreProcess | None = None  # the core process, when this frontend started it
+        self._core_pid: int | None = None  # the core's pid, when another process did
+        self._poller: asyncio.Task | None = None
+        self._exit_fd: int | None = None
+        self._zctx: zmq.asyncio.Context | None = None
+        self._sock: zmq.asyncio.Socket | None = None
+        self._reader: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._exited: asyncio.Future[None] | None = None
 
     # -- lifetime ------------------------------------------------------------------------------------------
-    def start(self, timeout: float = 600.0) -> None:
-        """Start the engine thread and wait until it is warmed up (CUDA graphs captured) and looping."""
-        self._thread = threading.Thread(target=self._loop, name="gam-engine", daemon=True)
-        self._thread.start()
-        self._ready.wait(timeout)
-        if self.crashed is not None:
-            raise RuntimeError(f"the engine failed to start: {self.crashed!r}") from self.crashed
+    async def start(self) -> p.Facts:
+        """Start a core process of our own and wait until it has loaded the model (its facts) or failed
+        (RuntimeError)."""
+        self._loop = asyncio.get_running_loop()
+        self._core = CoreProcess(self.settings)
+        self._watch(self._core.process.sentinel)
+        return await self._connect(self._core.address)
+
+    async def attach(self, address: str, core_pid: int) -> p.Facts:
+        """Connect to a core process another process started (--api-server-count > 1) and watch it."""
+        self._loop = asyncio.get_running_loop()
+        self._core_pid = core_pid
+        try:
+            self._watch(os.pidfd_open(core_pid))
+        except (AttributeError, OSError):  # not Linux >= 5.3: find out by polling
+            self._poller = asyncio.create_task(self._poll_core(core_pid))
+        return await self._connect(address)
+
+    def _watch(self, fd: int) -> None:
+        assert self._loop is not None
+        self._exit_fd = fd
+        self._exited = self._loop.create_future()
+        self._loop.add_reader(fd, self._on_exit)
+
+    async def _poll_core(self, pid: int) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                self._on_exit()
+                return
+            except PermissionError:
+                pass
+
+    async def _connect(self, address: str) -> p.Facts:
+        assert self._loop is not None
+        if self._exited is None:
+            self._exited = self._loop.create_future()
+        self._zctx = zmq.asyncio.Context()
+        self._sock = self._zctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(address)
+        await self._sock.send(p.encode(p.Hello(self.frontend)))
+        first: asyncio.Future[bytes] = asyncio.ensure_future(self._sock.recv())
+        waits: list[asyncio.Future] = [first, self._exited]
+        done, _ = await asyncio.wait(waits, timeout=START_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
+        if first not in done:
+            first.cancel()
+            await self._close()
+            why = f"exited ({self._exit_status()})" if self._exited.done() else "did not start in time"
+            raise RuntimeError(f"the engine core process {why}")
+        msg = p.decode_from_core(first.result())
+        if not isinstance(msg, p.Ready):
+            await self._close()
+            raise RuntimeError(f"the engine failed to start: {getattr(msg, 'message', msg)}")
+        self.facts = msg.facts
+        self._reader = asyncio.create_task(self._read(), name="gam-engine-reader")
+        return msg.facts
+
+    def _exit_status(self) -> str:
+        if self._core is not None:
+            self._core.process.join(1.0)
+            return f"exited with code {self._core.process.exitcode}"
+        return f"pid {self._core_pid} exited"
 
     @property
     def alive(self) -> bool:
-        """Whether the loop thread is running (warmed up, and not crashed)."""
-        return self._thread is not None and self._thread.is_alive() and self._ready.is_set() and self.crashed is None
+        """Whether the core process is up and serving."""
+        return self.facts is not None and self.crashed is None and not self._stopped
 
     @property
     def draining(self) -> bool:
@@ -313,378 +318,188 @@ class Engine:
 
     @property
     def idle(self) -> bool:
-        """No request running or waiting (or the loop is gone): a draining server may stop listening."""
-        return not (self._running or self._waiting) or not self.alive
-
-    @property
-    def num_running(self) -> int:
-        return len(self._running)
-
-    @property
-    def num_waiting(self) -> int:
-        return len(self._waiting)
+        """None of this frontend's requests is in flight (or the core is gone): a draining server may stop listening."""
+        return not self._handles or not self.alive
 
     def drain(self, grace: float | None = None) -> None:
-        """Stop admitting new requests; requests still running after `grace` seconds are ended (calling it again
-        can shorten the grace, never extend it)."""
-        with self._cond:
-            deadline = time.monotonic() + (self.shutdown_grace if grace is None else grace)
-            if not self._draining:
-                self._draining = True
-                log.info("draining: %d running, %d waiting", len(self._running), len(self._waiting))
-            self._drain_deadline = min(self._drain_deadline, deadline)  # a second call can only shorten the grace
-            self._cond.notify()
+        """Stop admitting new requests; requests still running after `grace` seconds (default --shutdown-grace) are
+        ended (calling it again can shorten the grace, never extend it)."""
+        if not self._draining:
+            log.info("draining: %d running, %d waiting", self.num_running, self.num_waiting)
+        self._draining = True
+        self._send(p.Drain(grace))
 
     async def shutdown(self, grace: float | None = None) -> None:
-        """Drain, wait for in-flight requests (up to the grace period), then stop the thread."""
-        self.drain(grace)
-        while self.alive and (self._running or self._waiting) and time.monotonic() < self._drain_deadline + 1.0:
-            await asyncio.sleep(0.02)
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 10.0)
+        """Drain, wait for in-flight requests (up to the grace period), then stop the core process."""
+        if self.alive:
+            self.drain(grace)
+            limit = time.monotonic() + (self.settings.shutdown_grace if grace is None else grace) + 1.0
+            while self.alive and not self.idle and time.monotonic() < limit:
+                await asyncio.sleep(0.02)
+            if self._core is not None:  # an attached frontend leaves the core to whoever started it
+                self._send(p.Shutdown())
+        self._stopped = True
+        if self._core is not None:
+            await asyncio.to_thread(self._core.stop, 10.0)
+        await self._close()
+
+    async def _close(self) -> None:
+        self._unwatch()
+        if self._poller is not None:
+            self._poller.cancel()
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
+        self._fail_everything("the engine stopped")
+        if self._sock is not None:
+            self._sock.close(linger=0)
+        if self._zctx is not None:
+            self._zctx.term()
+        if self._core is not None:
+            self._core.stop(0.0)
+
+    def _unwatch(self) -> None:
+        if self._loop is not None and self._exit_fd is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._exit_fd)
+            if self._core is None:  # our pidfd
+                with contextlib.suppress(OSError):
+                    os.close(self._exit_fd)
+            self._exit_fd = None
 
     # -- handler side --------------------------------------------------------------------------------------
-    def submit(self, request: GenerationRequest, timeout: float | None = None) -> RequestHandle:
-        """Queue one request (see submit_all)."""
-        return self.submit_all([request], timeout)[0]
-
-    def submit_all(self, requests: list[GenerationRequest], timeout: float | None = None) -> list[RequestHandle]:
+    async def submit_all(self, requests: list[GenerationRequest], timeout: float | None = None) -> list[RequestHandle]:
         """Queue every request or none (the choices of one API call). Raises TooManySequences when they could never
         fit (more than slots + queue), QueueFull when they do not fit now, EngineUnavailable while draining or
         dead, ValueError for a request the engine cannot run."""
         if not self.alive or self._draining:
-            raise EngineUnavailable("the server is shutting down" if self._draining else "the engine is not running")
+            raise EngineUnavailable("the server is shutting down" if self._draining else self.down_reason)
         for r in requests:
             r.validate()
-        limit = self.max_batch_size + self.max_queue
-        if len(requests) > limit:
-            raise TooManySequences(
-                f"the request asks for {len(requests)} sequences (prompts x n); this server runs and queues at most "
-                f"{limit} at once (max batch size {self.max_batch_size} + max queue {self.max_queue})"
-            )
-        loop = asyncio.get_running_loop()
-        deadline = time.monotonic() + (self.request_timeout if timeout is None else timeout)
-        with self._cond:
-            capacity = self.max_queue + self.decoder.state.free_slots
-            if len(self._waiting) + len(requests) > capacity:
-                raise QueueFull(
-                    f"{len(self._waiting)} requests are waiting (max queue {self.max_queue}); "
-                    f"{len(requests)} more do not fit now"
-                )
-            handles = [RequestHandle(next(self._ids), r, loop, deadline, self._withdraw) for r in requests]
-            self._waiting.extend(handles)
-            self._cond.notify()
+        arrival = time.monotonic()
+        deadline = arrival + (self.request_timeout if timeout is None else timeout)
+        handles = [RequestHandle((self.frontend << p.FRONTEND_SHIFT) | next(self._ids), r, self) for r in requests]
+        token = next(self._tokens)
+        answer = self._expect(token)
+        for h in handles:
+            self._handles[h.id] = h
+        self._send(p.Submit(self.frontend, token, [h.id for h in handles], requests, arrival, deadline))
+        try:
+            error, message = await answer
+        except BaseException:
+            for h in handles:
+                h.cancel()
+            raise
+        if error is not None:
+            for h in handles:
+                self._handles.pop(h.id, None)
+            raise ERRORS.get(error, RuntimeError)(message)
         return handles
 
-    def _withdraw(self, h: RequestHandle) -> None:
-        """A cancelled request that is still waiting leaves the queue (and the waiting gauge) now."""
-        with self._cond:
-            try:
-                self._waiting.remove(h)
-            except ValueError:
-                return  # admitted already (the engine thread frees its slot) or ended
-            self._end_waiting(h, None, "cancelled")
+    async def metrics_text(self) -> bytes:
+        """The core's Prometheus exposition (its registry holds every gam_* metric)."""
+        if not self.alive:
+            raise EngineUnavailable(self.down_reason)
+        token = next(self._tokens)
+        answer = self._expect(token)
+        self._send(p.MetricsQuery(token))
+        text: bytes = await answer
+        return text
 
-    # -- engine thread -------------------------------------------------------------------------------------
-    def _loop(self) -> None:
-        try:
-            self.decoder.warmup()  # capture every bucket's graph up front (no-op without graphs)
-            log.info(
-                "engine loop started: %d slots on %s (cuda graphs: %s)",
-                self.max_batch_size,
-                self.device,
-                self.decoder.cuda_graphs,
-            )
-            self._ready.set()
-            while True:
-                with self._cond:
-                    while not (self._waiting or self._running or self._stopping):
-                        self._cond.wait(timeout=0.5)
-                    if self._stopping:
-                        break
-                try:
-                    self._iteration()
-                finally:
-                    self._flush()
-        except BaseException as e:
-            self.crashed = e
-            log.exception("engine loop died")
-        finally:
-            self._ready.set()  # never leave start() waiting
-            reason = "the engine stopped" if self.crashed is None else f"the engine loop died: {self.crashed!r}"
-            for seq in list(self._running):
-                self._end(seq, ErrorEvent(reason, 503, "unhealthy"), "error")
-            with self._cond:
-                waiting, self._waiting = list(self._waiting), collections.deque()
-            for h in waiting:
-                self._end_waiting(h, ErrorEvent(reason, 503, "unhealthy"), "error")
-            self._flush()
-            log.info("engine loop stopped")
+    def _expect(self, token: int) -> asyncio.Future:
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[token] = fut
+        return fut
 
-    def _iteration(self) -> None:
-        t0 = time.monotonic()
-        self._busy_iterations += 1
-        if self._faults.crash_at == self._busy_iterations:
-            raise RuntimeError("injected engine crash (fault_injection)")
-        shutting = self._draining and t0 >= self._drain_deadline
-        # 1. retire cancelled, expired (or, past the drain grace, all) running sequences
-        for seq in list(self._running):
-            h = seq.handle
-            if h.cancelled:
-                self._end(seq, None, "cancelled")
-            elif shutting:
-                self._end(seq, ErrorEvent("the server is shutting down", 503, "unhealthy"), "error")
-            elif t0 >= h.deadline:
-                self._end(seq, ErrorEvent(f"request timed out after {t0 - h.arrival:.1f}s", 504, "timeout"), "error")
-        # 2. admit waiting requests into free slots
-        stepping = [s for s in self._running if s.pending >= 0]  # not those still scoring their prompt
-        admitted: list[_Sequence] = []
-        with self._cond:
-            while self._waiting and (self.decoder.state.free_slots > 0 or shutting):
-                h = self._waiting.popleft()
-                if h.cancelled:
-                    self._end_waiting(h, None, "cancelled")
-                elif shutting:
-                    self._end_waiting(h, ErrorEvent("the server is shutting down", 503, "unhealthy"), "error")
-                elif t0 >= h.deadline:
-                    self._end_waiting(
-                        h,
-                        ErrorEvent(f"request timed out after {t0 - h.arrival:.1f}s in the queue", 504, "timeout"),
-                        "error",
-                    )
-                elif (new := self._admit(h, t0)) is not None:
-                    admitted.append(new)
-        # 2b. requests that asked for prompt logprobs are scored first, a budget per iteration; then prefilled. Those
-        # admitted just now are scored in this same call and may finish in it: each sequence is prefilled once.
-        fresh = [s for s in admitted if s.scorer is None]  # nothing to score: prefill now
-        ready, scored = self._score_prompts()  # prompts scored in full, now or over earlier iterations
-        admitted = []
-        for seq in fresh + ready:
-            if seq.handle.request.max_new_tokens == 0:  # score only (or echo only): no prefill, no token
-                fin = FinishEvent("length", 0, None, len(seq.handle.request.prompt_ids))
-                self._end(seq, ScoreEvent(seq.prompt, fin), "length")
-            else:
-                admitted.append(seq)
-        if not stepping and not admitted:
-            if scored and self.on_step is not None:  # an iteration that only scored prompts: no step, no batch
-                self.on_step(StepStats(0, 0, time.monotonic() - t0, 0, scored))
+    def _cancel(self, h: RequestHandle) -> None:
+        if self._handles.pop(h.id, None) is not None and self.alive:
+            self._send(p.Cancel([h.id]))
+
+    def _send(self, msg: p.ToCore) -> None:
+        if self._sock is None or self._stopped:
             return
-        # 3. forward: one step call for the running rows, one prefill call for the admitted ones
-        parts: list[torch.Tensor] = []
-        rows: list[_Sequence] = []
-        if stepping:
-            self._steps += 1
+        with contextlib.suppress(zmq.ZMQError):
+            self._sock.send(p.encode(msg), flags=zmq.NOBLOCK)
+
+    @property
+    def down_reason(self) -> str:
+        return f"the engine is not running ({self.crashed})" if self.crashed else "the engine is not running"
+
+    # -- the core's messages -------------------------------------------------------------------------------
+    async def _read(self) -> None:
+        assert self._sock is not None
+        while True:
+            raw = await self._sock.recv()
             try:
-                if self._steps in self._faults.fail_step:
-                    raise RuntimeError("injected decode-step failure (fault_injection)")
-                tokens = torch.tensor([s.pending for s in stepping], dtype=torch.long)
-                parts.append(self.decoder.step([s.slot for s in stepping], tokens))  # (B, V)
-                rows += stepping
-            except Exception as e:
-                log.exception("decode step failed for %d requests", len(stepping))
-                for seq in stepping:
-                    self._end(seq, ErrorEvent(f"decode step failed: {e}"), "error")
-        prefilled = 0
-        if admitted:
-            try:
-                parts.append(
-                    self.decoder.prefill([s.slot for s in admitted], [s.handle.request.prompt_ids for s in admitted])
-                )  # (P, V)
-                rows += admitted
-                prefilled = len(admitted)
-            except Exception as e:
-                log.exception("prefill failed for %d requests", len(admitted))
-                for seq in admitted:
-                    self._end(seq, ErrorEvent(f"prefill failed: {e}"), "error")
-        generated = self._sample(rows, torch.cat(parts) if len(parts) > 1 else parts[0]) if rows else 0
-        if self.on_step is not None:
-            self.on_step(StepStats(len(rows), prefilled, time.monotonic() - t0, generated, scored))
+                msg = p.decode_from_core(raw)
+                if isinstance(msg, p.CoreOutput):
+                    self._dispatch(msg)
+                elif isinstance(msg, p.MetricsText):
+                    self._answer(msg.token, msg.text)
+                elif isinstance(msg, p.Failed):  # the core's loop died; its process exits next
+                    self._crash(msg.message)
+            except Exception:  # one bad message must not stop the stream of every other request
+                log.exception("could not handle a message from the engine core")
 
-    def _admit(self, h: RequestHandle, now: float) -> _Sequence | None:
-        """Give a waiting request a slot and its per-sequence state; None (and an error event) if it cannot."""
-        r = h.request
-        try:
-            sampler = SequenceSampler(r.params, r.prompt_ids, self.vocab_size, self.device)
-            detok = IncrementalDetokenizer(self.tokenizer, r.prompt_ids)
-            stopper = StopChecker(r.stop, self.tokenizer.eos_token_id, r.stop_token_ids, max(1, r.max_new_tokens))
-        except Exception as e:  # handlers validate first; this only guards the loop against what slipped through
-            log.exception("admission failed")
-            self._end_waiting(h, ErrorEvent(f"invalid request: {e}", 422, "validation"), "error")
-            return None
-        seq = _Sequence(
-            handle=h, slot=self.decoder.allocate(), admitted=now, sampler=sampler, detok=detok, stopper=stopper
-        )
-        if r.prompt_logprobs is not None:
-            # choices of one request (OpenAI n > 1) share the prompt: score it once
-            same = (
-                s.scorer
-                for s in self._running
-                if s.scorer is not None
-                and s.scorer.top_n == r.prompt_logprobs
-                and s.handle.request.prompt_ids == r.prompt_ids
-            )
-            seq.scorer = next(same, None) or PromptScorer(
-                self.decoder.model,
-                torch.tensor(r.prompt_ids),
-                r.prompt_logprobs,
-                batch_size=SCORE_WINDOWS,
-                head_chunk=SCORE_HEAD_CHUNK,
-            )
-        self._running.append(seq)
-        return seq
+    def _answer(self, token: int, value: object) -> None:
+        fut = self._pending.pop(token, None)
+        if fut is not None and not fut.done():
+            fut.set_result(value)
 
-    def _score_prompts(self) -> tuple[list[_Sequence], int]:
-        """Advance prompt logprobs, oldest first, for about SCORE_BUDGET_S in all: (sequences done, tokens scored).
+    def _dispatch(self, out: p.CoreOutput) -> None:
+        """One core message: replies, then each row's token event, then scores and errors (one wake-up each)."""
+        for rep in out.replies:
+            self._answer(rep.token, (rep.error, rep.message))
+        handles = self._handles
+        if out.ids:
+            ids, tokens, logprobs = out.columns()
+            finished, top, prompts = out.finished, out.top, out.prompts
+            for row, rid in enumerate(ids):
+                h = handles.get(rid)
+                if h is None:  # cancelled here already
+                    continue
+                fin = finished.get(row)
+                alts = list(zip(*top[row], strict=True)) if row in top else []
+                ev = h._token(tokens[row], logprobs[row], fin, alts)
+                if prompts:
+                    ev.prompt = prompts.pop(rid, None)
+                if fin is not None:
+                    del handles[rid]
+                h._put(ev)
+        for rid in out.scored:
+            h = handles.pop(rid, None)
+            if h is not None:
+                score = FinishEvent("length", 0, None, len(h.request.prompt_ids))
+                h._put(ScoreEvent(out.prompts.get(rid), score))
+        for err in out.errors:
+            h = handles.pop(err.id, None)
+            if h is not None:
+                h._put(ErrorEvent(err.message, err.status, err.kind))
+        self.num_running, self.num_waiting, self.free_slots = out.running, out.waiting, out.free_slots
 
-        A long prompt is scored over several iterations (O(prompt) work), so the running streams keep stepping.
-        """
-        done: list[_Sequence] = []
-        start, chunks, scored = time.monotonic(), 0, 0
-        for seq in list(self._running):
-            scorer = seq.scorer
-            if scorer is None:
-                continue
-            try:
-                with torch.inference_mode():
-                    while not scorer.done and (chunks == 0 or time.monotonic() - start < SCORE_BUDGET_S):
-                        scored += scorer.advance()  # ends in .tolist(): timed right even on a GPU
-                        chunks += 1
-            except Exception as e:
-                log.exception("prompt logprobs failed")
-                self._end(seq, ErrorEvent(f"prompt logprobs failed: {e}"), "error")
-                continue
-            if scorer.done:
-                seq.prompt, seq.scorer = scorer.result, None
-                done.append(seq)
-        return done, scored
+    def _on_exit(self) -> None:
+        """The core process ended: fail what is in flight, turn unhealthy, let the CLI stop the server."""
+        self._unwatch()
+        if self._exited is not None and not self._exited.done():
+            self._exited.set_result(None)
+        if self.facts is not None and not self._stopped:
+            self._crash(f"the engine core process {self._exit_status()}")
 
-    def _sample(self, rows: list[_Sequence], logits: torch.Tensor) -> int:
-        """Sample, detokenize, stop-check and emit one token per row; returns the tokens emitted."""
-        try:
-            out = sample(logits, [s.sampler for s in rows])
-            tokens = out.tokens.tolist()
-            logprobs = out.logprobs.tolist()
-            top_ids, top_lps = out.top_ids.tolist(), out.top_logprobs.tolist()
-        except Exception as e:
-            log.exception("sampling failed for %d requests", len(rows))
-            for seq in rows:
-                self._end(seq, ErrorEvent(f"sampling failed: {e}"), "error")
-            return 0
-        now = time.monotonic()
-        emitted = 0
-        for i, seq in enumerate(rows):
-            try:
-                self._emit_token(seq, tokens[i], logprobs[i], top_ids[i], top_lps[i], now)
-                emitted += 1
-            except Exception as e:
-                log.exception("token handling failed")
-                self._end(seq, ErrorEvent(f"token handling failed: {e}"), "error")
-        return emitted
-
-    def _emit_token(
-        self, seq: _Sequence, tok: int, logprob: float, top_ids: list[int], top_lps: list[float], now: float
-    ) -> None:
-        seq.sampler.observe(tok)
-        seq.generated += 1
-        if seq.first_token is None:
-            seq.first_token = now
-        else:
-            seq.inter_token.append(now - (seq.last_token or now))
-        seq.last_token = now
-        stop = seq.stopper
-        text, emitted, reason = advance_token(seq.detok, stop, tok)
-        if stop.is_stop_token(tok):
-            text = self.tokenizer.id_to_token(tok)  # TGI shows a stop token's own text (e.g. "</s>")
-        n = seq.sampler.params.top_n_tokens
-        top = list(zip(top_ids[:n], top_lps[:n], strict=True))
-        special = tok in self.special_ids or tok in stop.stop_token_ids
-        fin = None
-        if reason is not None:
-            seed = seq.sampler.seed if seq.sampler.generator is not None else None
-            fin = FinishEvent(reason, seq.generated, seed, len(seq.handle.request.prompt_ids))
-        ev = TokenEvent(seq.generated - 1, tok, text, emitted, logprob, special, top, fin, seq.prompt)
-        seq.prompt = None
-        if fin is not None:
-            self._end(seq, ev, fin.reason)
-        else:
-            self._send(seq.handle, ev)
-            seq.pending = tok
-
-    def _end(self, seq: _Sequence, ev: Event | None, reason: str) -> None:
-        """Finish a running sequence: free its slot, send its last event, report its stats."""
-        if seq in self._running:
-            self._running.remove(seq)
-            self.decoder.free(seq.slot)
-        # stats first: a client that got its last event may read /metrics at once
-        self._report(seq.handle, reason, seq.generated, seq.admitted, seq.first_token, seq.inter_token)
-        if ev is not None:
-            self._send(seq.handle, ev)
-        else:
-            seq.handle.done = True
-
-    def _end_waiting(self, h: RequestHandle, ev: Event | None, reason: str) -> None:
-        self._report(h, reason, 0, None, None, [])
-        if ev is not None:
-            self._send(h, ev)
-        else:
-            h.done = True
-
-    def _send(self, h: RequestHandle, ev: Event) -> None:
-        """Queue an event for its handler; the iteration's events cross to asyncio together, after its stats."""
-        if is_last(ev):
-            h.done = True
-        with self._outbox_lock:
-            self._outbox.append((h, ev))
-
-    def _flush(self) -> None:
-        """Hand this iteration's events to their event loops: one wake-up per loop, after the iteration's stats were
-        reported, so a client that has its last event reads metrics that include it."""
-        with self._outbox_lock:
-            batch, self._outbox = self._outbox, []
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestHandle, Event]]] = {}
-        for h, ev in batch:
-            by_loop.setdefault(h.loop, []).append((h, ev))
-        for loop, events in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody is listening any more
-                loop.call_soon_threadsafe(_deliver_all, events)
-
-    def _report(
-        self,
-        h: RequestHandle,
-        reason: str,
-        generated: int,
-        admitted: float | None,
-        first_token: float | None,
-        inter_token: list[float],
-    ) -> None:
-        # lengths and timings only: prompts and generated text are never logged
-        log.debug(
-            "request %d %s: %s, %d prompt tokens, %d generated, %.3fs",
-            h.id,
-            h.request.endpoint,
-            reason,
-            len(h.request.prompt_ids),
-            generated,
-            time.monotonic() - h.arrival,
-        )
-        if self.on_request is None:
+    def _crash(self, why: str) -> None:
+        """Turn unhealthy first, then fail every request in flight (so a client that has its error sees /health 503)."""
+        if self.crashed is not None:
             return
-        now = time.monotonic()
-        try:
-            self.on_request(
-                RequestStats(
-                    endpoint=h.request.endpoint,
-                    finish_reason=reason,
-                    prompt_tokens=len(h.request.prompt_ids),
-                    generated_tokens=generated,
-                    queue_s=None if admitted is None else admitted - h.arrival,
-                    ttft_s=None if first_token is None else first_token - h.arrival,
-                    duration_s=now - h.arrival,
-                    inter_token_s=inter_token,
-                )
-            )
-        except Exception:  # metrics must never take the loop down
-            log.exception("request stats callback failed")
+        self.crashed = why
+        log.error("%s: failing %d requests", why, len(self._handles))
+        self._fail_everything(why)
+
+    def _fail_everything(self, message: str) -> None:
+        handles, self._handles = self._handles, {}
+        for h in handles.values():
+            h._put(ErrorEvent(message, 503, "unhealthy"))
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(EngineUnavailable(message))
+        self._pending.clear()
+        self.num_running = self.num_waiting = 0

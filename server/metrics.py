@@ -1,14 +1,22 @@
-"""Prometheus metrics (prefix `gam_`): the engine's plain stats mapped onto one registry per app (vLLM's pattern)."""
+"""Prometheus metrics (prefix `gam_`): the engine core's plain stats mapped onto one registry, in the core process.
+
+The frontend's /metrics asks the core for this registry's exposition (server/engine.py) and appends its own process
+metrics (`gam_frontend_process_*`).
+"""
 
 from __future__ import annotations
 
+import bisect
 import collections
 import threading
 import time
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
-from server.engine import Engine, RequestStats, StepStats
+from server.core import EngineCore, RequestStats, StepStats
 
 # engine finish reasons (TGI names) -> the label values dashboards alert on
 FINISH_LABELS = {
@@ -25,6 +33,37 @@ ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 
 STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5, 5.0)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 TPS_WINDOW_S = 10.0
+
+# the frontend process's own CPU and memory (gam_frontend_process_*), appended to the core's exposition by /metrics
+FRONTEND_REGISTRY = CollectorRegistry()
+ProcessCollector(namespace="gam_frontend", registry=FRONTEND_REGISTRY)
+
+
+class CountedHistogram(Collector):
+    """A histogram that takes n equal observations in one call: every running row of a step has the same
+    inter-token latency, so a step observes it once with its row count instead of once per token."""
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...], registry: CollectorRegistry) -> None:
+        self.name, self.documentation = name, documentation
+        self.bounds = [*buckets, float("inf")]
+        self.counts = [0] * len(self.bounds)
+        self.sum = 0.0
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe(self, value: float, n: int = 1) -> None:
+        with self._lock:
+            self.counts[bisect.bisect_left(self.bounds, value)] += n
+            self.sum += value * n
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            counts, total = list(self.counts), self.sum
+        cumulative, acc = [], 0
+        for bound, c in zip(self.bounds, counts, strict=True):
+            acc += c
+            cumulative.append(("+Inf" if bound == float("inf") else repr(float(bound)), acc))
+        yield HistogramMetricFamily(self.name, self.documentation, buckets=cumulative, sum_value=total)
 
 
 class Metrics:
@@ -50,10 +89,17 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.itl = Histogram(
+        self.itl = CountedHistogram(
             "gam_time_per_output_token_seconds",
             "Inter-token latency (time between two generated tokens of one request)",
-            buckets=ITL_BUCKETS,
+            ITL_BUCKETS,
+            r,
+        )
+        self.busy = Counter(
+            "gam_engine_busy_seconds",
+            "Wall time of the engine core's busy iterations: forward calls, the sampling call, and the host work "
+            "around them (scheduling, finish checks, stats, output)",
+            ["part"],
             registry=r,
         )
         self.prompt_tokens = Histogram(
@@ -105,9 +151,9 @@ class Metrics:
         self.tokens_per_second.set_function(self._tokens_per_second)
 
     def bind(
-        self, engine: Engine, model: str, dtype: str, device: str, version: str, quantization: str = "none"
+        self, engine: EngineCore, model: str, dtype: str, device: str, version: str, quantization: str = "none"
     ) -> None:
-        """Hook the engine's stats callbacks and live gauges to these metrics."""
+        """Hook the engine core's stats callbacks and live gauges to these metrics."""
         engine.on_step = self.observe_step
         engine.on_request = self.observe_request
         self.running.set_function(lambda: engine.num_running)
@@ -123,6 +169,11 @@ class Metrics:
         self.batch_size.observe(s.batch_size)
         self.step_duration.observe(s.duration_s)
         self.generated_tokens_total.inc(s.generated_tokens)
+        if s.itl_rows:
+            self.itl.observe(s.itl_s, s.itl_rows)
+        self.busy.labels(part="forward").inc(s.forward_s)
+        self.busy.labels(part="sample").inc(s.sample_s)
+        self.busy.labels(part="host").inc(max(0.0, s.duration_s - s.forward_s - s.sample_s))
         with self._lock:
             self._window.append((time.monotonic(), s.generated_tokens))
 
@@ -136,8 +187,6 @@ class Metrics:
         if s.ttft_s is not None:
             self.ttft.observe(s.ttft_s)
         self.generated_tokens.observe(s.generated_tokens)
-        for dt in s.inter_token_s:
-            self.itl.observe(dt)
 
     def count_rejected(self, endpoint: str) -> None:
         """A request refused before reaching the engine (queue full, draining)."""

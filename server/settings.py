@@ -36,6 +36,13 @@ class Settings(BaseSettings):
         description="weight quantization: int8 (per-channel weight-only, CPU and CUDA), fp8 (e4m3, CUDA sm_89+), "
         "none; auto = as the checkpoint is (gam-quantize writes pre-quantized ones)",
     )
+    api_server_count: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="HTTP frontend processes sharing one engine core and the port (each with its own event loop, "
+        "GIL, detokenization and SSE work); 1 = the engine core is started by the one HTTP process",
+    )
     max_batch_size: int = Field(32, ge=1, le=4096, description="sequences decoded together (slot pool size)")
     max_queue: int = Field(128, ge=0, description="waiting requests beyond the running batch; past it: 429")
     max_new_tokens: int = Field(1024, ge=1, description="upper limit on max_new_tokens / max_tokens per request")
@@ -51,6 +58,13 @@ class Settings(BaseSettings):
         description="batch-invariant mode: a request's logits, and so its greedy or seeded text, are bit-identical "
         "whatever else is in the batch, at a throughput cost (README)",
     )
+    # prompt logprobs (decoder_input_details, echo + logprobs) are O(prompt) work: the engine core scores a long prompt
+    # in slices between decode steps, so running streams keep flowing (bench/prompt_logprobs.py)
+    score_budget_s: float = Field(
+        0.03, ge=0, description="seconds of prompt-logprob scoring per engine iteration (at least one chunk)"
+    )
+    score_windows: int = Field(32, ge=1, description="prompt-logprob chunk past block_size: R-token windows")
+    score_head_chunk: int = Field(128, ge=1, description="prompt-logprob chunk below block_size: positions")
     shutdown_grace: float = Field(10.0, ge=0, description="seconds in-flight requests get to finish on SIGTERM")
     # uvicorn's default (5 s) equals httpx's pool expiry (openai, huggingface_hub clients): a client reusing a
     # connection the server is closing gets a reset (ReadError), seen 17 times in a 10,000-request soak. Longer than

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from fastapi import Request
 from tokenizers import Encoding
 
@@ -132,16 +133,14 @@ def check_params(params: SamplingParams) -> SamplingParams:
     return params
 
 
-def submit(ctx: ServerContext, reqs: list[GenerationRequest]) -> list[RequestHandle]:
+async def submit(ctx: ServerContext, reqs: list[GenerationRequest]) -> list[RequestHandle]:
     """Hand requests (the choices of one call) to the engine, all or none: 429 with Retry-After when they do not
     fit now, 400 when they never could, 503 when the engine is unavailable."""
-    endpoint = reqs[0].endpoint
     try:
-        return ctx.engine.submit_all(reqs)
+        return await ctx.engine.submit_all(reqs)
     except TooManySequences as e:
         raise ApiError(400, str(e), param="n") from e
-    except QueueFull as e:
-        ctx.metrics.count_rejected(endpoint)
+    except QueueFull as e:  # counted as rejected by the core
         raise ApiError(
             429,
             f"Model is overloaded: {e}",
@@ -150,7 +149,6 @@ def submit(ctx: ServerContext, reqs: list[GenerationRequest]) -> list[RequestHan
             headers={"Retry-After": str(RETRY_AFTER_S)},
         ) from e
     except EngineUnavailable as e:
-        ctx.metrics.count_rejected(endpoint)
         raise ApiError(503, str(e), error_type="unhealthy", headers={"Retry-After": str(RETRY_AFTER_S)}) from e
 
 
@@ -217,6 +215,7 @@ async def collect(request: Request, handles: list[RequestHandle]) -> list[Collec
             h.cancel()  # no-op once finished
 
 
-def sse(data: str) -> bytes:
-    """One Server-Sent Event with a data line (the framing TGI and OpenAI use)."""
-    return f"data: {data}\n\n".encode()
+def sse(data: Any) -> bytes:
+    """One Server-Sent Event with a JSON data line (the framing TGI and OpenAI use), serialised by orjson (compact,
+    UTF-8 as is: a few times cheaper per token than json.dumps + encode)."""
+    return b"data: " + orjson.dumps(data) + b"\n\n"

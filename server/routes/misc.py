@@ -9,7 +9,9 @@ from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.context import ServerContext, get_context
+from server.core import EngineUnavailable
 from server.errors import ApiError
+from server.metrics import FRONTEND_REGISTRY
 from server.routes.common import check_text, encode_text
 from server.types import DetokenizeRequest, TokenizeRequest, VLLMTokenizeRequest
 from server.version import VERSION
@@ -26,7 +28,7 @@ async def health(request: Request) -> Response:
     if ctx is None:
         raise ApiError(503, "the model is not loaded", error_type="unhealthy")
     if not ctx.engine.alive:
-        raise ApiError(503, f"the engine loop is not running ({ctx.engine.crashed!r})", error_type="unhealthy")
+        raise ApiError(503, ctx.engine.down_reason, error_type="unhealthy")
     if ctx.engine.draining:
         raise ApiError(503, "the server is shutting down", error_type="unhealthy")
     return Response(status_code=200)
@@ -67,8 +69,8 @@ async def info(ctx: Ctx) -> dict[str, Any]:
         # (2 * n_layer * n_embd * dtype_bytes per token)
         "n_layer": cfg.n_layer,
         "n_embd": cfg.n_embd,
-        "dtype_bytes": ctx.engine.decoder.dtype.itemsize,
-        "state_bytes_per_sequence": ctx.engine.decoder.state.bytes_per_sequence(),
+        "dtype_bytes": ctx.engine.facts.dtype_bytes if ctx.engine.facts else None,
+        "state_bytes_per_sequence": ctx.engine.facts.state_bytes_per_sequence if ctx.engine.facts else None,
     }
 
 
@@ -116,5 +118,9 @@ async def tokenizer_info(ctx: Ctx) -> dict[str, Any]:
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
 async def metrics(ctx: Ctx) -> Response:
-    """Prometheus text exposition of this app's registry."""
-    return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    """Prometheus text exposition: the engine core's registry (every gam_* metric), then this frontend process's."""
+    try:
+        core = await ctx.engine.metrics_text()
+    except EngineUnavailable as e:
+        raise ApiError(503, str(e), error_type="unhealthy") from e
+    return Response(core + generate_latest(FRONTEND_REGISTRY), media_type=CONTENT_TYPE_LATEST)

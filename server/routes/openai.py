@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -201,7 +200,7 @@ def _usage(prompts: list[tuple[str, list[int]]], completion_tokens: int) -> dict
 async def completions(request: Request, body: CompletionRequest, ctx: Ctx) -> Any:
     """OpenAI legacy completions; `stream` answers Server-Sent Events ending in `data: [DONE]`."""
     prompts, reqs = await requests_of(ctx, body)
-    handles = submit(ctx, reqs)
+    handles = await submit(ctx, reqs)
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         return StreamingResponse(
@@ -244,6 +243,10 @@ async def completions(request: Request, body: CompletionRequest, ctx: Ctx) -> An
 
 async def _merge(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, Event]]:
     """Events of several requests as they come, tagged with the choice index."""
+    if len(handles) == 1:  # the common case: no pump task and queue hop per token
+        async for ev in handles[0].events():
+            yield 0, ev
+        return
     queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
 
     async def pump(k: int, h: RequestHandle) -> None:
@@ -287,7 +290,7 @@ async def _stream(
         }
         if include_usage:
             data["usage"] = None
-        return sse(json.dumps(data))
+        return sse(data)
 
     def echo(k: int, prompt: TokenLogprobs | None) -> bytes:
         ptext, pids = prompts[k // body.n]
@@ -305,7 +308,7 @@ async def _stream(
                 echo_pending.discard(k)
                 yield echo(k, ev.prompt)
             if isinstance(ev, ErrorEvent):
-                yield sse(json.dumps(error_body("/v1/completions", ev.status, ev.message, error_type=None)))
+                yield sse(error_body("/v1/completions", ev.status, ev.message, error_type=None))
                 for h in handles:
                     h.cancel()
                 break
@@ -323,17 +326,15 @@ async def _stream(
         else:
             if include_usage:
                 yield sse(
-                    json.dumps(
-                        {
-                            "id": cid,
-                            "object": "text_completion",
-                            "created": created,
-                            "model": ctx.model_id,
-                            "system_fingerprint": None,
-                            "choices": [],
-                            "usage": _usage(prompts, generated),
-                        }
-                    )
+                    {
+                        "id": cid,
+                        "object": "text_completion",
+                        "created": created,
+                        "model": ctx.model_id,
+                        "system_fingerprint": None,
+                        "choices": [],
+                        "usage": _usage(prompts, generated),
+                    }
                 )
         yield b"data: [DONE]\n\n"
     finally:

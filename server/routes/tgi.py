@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -119,7 +118,7 @@ def details_json(
 
 async def generate_json(request: Request, ctx: ServerContext, body: TGIRequest, endpoint: str) -> dict[str, Any]:
     req, p = await tgi_request(ctx, body, endpoint)
-    (out,) = await collect(request, submit(ctx, [req]))
+    (out,) = await collect(request, await submit(ctx, [req]))
     assert out.finish is not None
     text = (body.inputs if p.return_full_text else "") + out.text
     res: dict[str, Any] = {"generated_text": text}
@@ -130,13 +129,13 @@ async def generate_json(request: Request, ctx: ServerContext, body: TGIRequest, 
 
 async def generate_sse(ctx: ServerContext, body: TGIRequest, endpoint: str) -> StreamingResponse:
     req, p = await tgi_request(ctx, body, endpoint, stream=True)
-    (handle,) = submit(ctx, [req])
+    (handle,) = await submit(ctx, [req])
 
     async def events() -> AsyncIterator[bytes]:
         parts = [body.inputs] if p.return_full_text else []
         async for ev in stream_events(handle):
             if isinstance(ev, ErrorEvent):
-                yield sse(json.dumps({"error": ev.message, "error_type": ev.error_type}))
+                yield sse({"error": ev.message, "error_type": ev.error_type})
                 return
             assert isinstance(ev, TokenEvent)  # TGI requests generate at least one token
             if not ev.special:
@@ -155,7 +154,7 @@ async def generate_sse(ctx: ServerContext, body: TGIRequest, endpoint: str) -> S
                         "seed": ev.finish.seed,
                         "input_length": ev.finish.prompt_tokens,
                     }
-            yield sse(json.dumps(data))
+            yield sse(data)
 
     return StreamingResponse(
         events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

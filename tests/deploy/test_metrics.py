@@ -25,6 +25,7 @@ DOCUMENTED = {
     "gam_prompt_tokens": "counter",
     "gam_generated_tokens": "counter",
     "gam_prompt_logprob_tokens": "counter",
+    "gam_engine_busy_seconds": "counter",
     "gam_requests_running": "gauge",
     "gam_requests_waiting": "gauge",
     "gam_generated_tokens_per_second": "gauge",

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from gam_model.detokenize import IncrementalDetokenizer
+from gam_model.detokenize import IncrementalDetokenizer, ReferenceDetokenizer
 from tests.gam_model.tokenizers_for_tests import byte_bpe, random_unicode_text, whitespace_bpe
 
 
@@ -75,3 +75,22 @@ def test_long_stream_keeps_window_bounded():
     d, chunks, tail = stream(tok, ids)
     assert "".join(chunks) + tail == tok.decode(ids)
     assert len(d.ids) < 16  # the decoded window does not grow with the sequence
+
+
+@pytest.mark.parametrize("make", [byte_bpe, whitespace_bpe])
+@pytest.mark.parametrize("seed", range(20))
+def test_rust_step_equals_the_reference_token_for_token(make, seed):
+    """The DecodeStream-backed detokenizer emits exactly the reference algorithm's text at every token, then the same
+    flush, for random text (multi-byte characters cut anywhere) and random ids (special tokens included), with and
+    without prompt context."""
+    tok = make()
+    rng = random.Random(seed)
+    texts = [random_unicode_text(rng, rng.randint(1, 200)) for _ in range(3)]
+    sequences = [tok.encode(t) for t in texts] + [[rng.randrange(tok.vocab_size) for _ in range(80)]]
+    for ids in sequences:
+        for prompt in (None, sequences[0][:7], [rng.randrange(tok.vocab_size) for _ in range(3)]):
+            for cut in (len(ids), max(1, len(ids) - 1), len(ids) // 2):
+                fast, ref = IncrementalDetokenizer(tok, prompt), ReferenceDetokenizer(tok, prompt)
+                assert [fast.add(i) for i in ids[:cut]] == [ref.add(i) for i in ids[:cut]]
+                assert fast.flush() == ref.flush()
+                assert fast.text == ref.text

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.server.conftest import app_client
+from tests.server.conftest import app_client, metric_values
 
 PROMPTS = [
     "The game was",
@@ -189,16 +189,14 @@ async def test_metrics_move(make_settings) -> None:
         assert values["gam_step_duration_seconds_count"] == steps + 1  # scoring-only iterations are not steps
 
 
-async def test_prompt_logprobs_are_scored_between_steps(make_settings, monkeypatch) -> None:
+async def test_prompt_logprobs_are_scored_between_steps(make_settings) -> None:
     """A long prompt's logprobs take several iterations; the running streams keep stepping meanwhile."""
-    import server.engine as engine_mod
     from gam_model.sampling import SamplingParams
     from server.engine import GenerationRequest
 
-    monkeypatch.setattr(engine_mod, "SCORE_BUDGET_S", 0.0)  # one chunk per iteration
-    monkeypatch.setattr(engine_mod, "SCORE_WINDOWS", 8)
-    monkeypatch.setattr(engine_mod, "SCORE_HEAD_CHUNK", 16)
-    async with app_client(make_settings(max_batch_size=2)) as (app, client):
+    # one chunk per iteration
+    settings = make_settings(max_batch_size=2, score_budget_s=0.0, score_windows=8, score_head_chunk=16)
+    async with app_client(settings) as (app, client):
         engine = app.state.engine
         ids = [t["id"] for t in (await client.post("/tokenize", json={"inputs": "The season . " * 40})).json()]
         assert len(ids) > 150  # block_size 48: about (len - 48) / 8 iterations of scoring
@@ -206,7 +204,8 @@ async def test_prompt_logprobs_are_scored_between_steps(make_settings, monkeypat
 
         async def consume(name: str, req: GenerationRequest) -> list:
             events = []
-            async for ev in engine.submit(req).events():
+            (handle,) = await engine.submit_all([req])
+            async for ev in handle.events():
                 order.append(name)
                 events.append(ev)
             return events
@@ -220,51 +219,45 @@ async def test_prompt_logprobs_are_scored_between_steps(make_settings, monkeypat
         prompt = scored[0].prompt
         assert len(prompt.logprobs) == len(ids) - 1 and all(len(t) == 2 for t in prompt.top_ids)
         assert len(events) == 60 and all(ev.prompt is None for ev in events)
-        assert engine.num_running == 0 and engine.decoder.state.free_slots == 2
+        assert engine.num_running == 0 and engine.free_slots == 2
 
 
-async def test_cancel_while_scoring_the_prompt_frees_the_slot(make_settings, monkeypatch) -> None:
-    import server.engine as engine_mod
+async def test_cancel_while_scoring_the_prompt_frees_the_slot(make_settings) -> None:
     from gam_model.sampling import SamplingParams
     from server.engine import GenerationRequest
 
-    monkeypatch.setattr(engine_mod, "SCORE_BUDGET_S", 0.0)  # one chunk per iteration
-    monkeypatch.setattr(engine_mod, "SCORE_WINDOWS", 1)
-    async with app_client(make_settings(max_batch_size=1)) as (app, client):
+    # one window per iteration
+    async with app_client(make_settings(max_batch_size=1, score_budget_s=0.0, score_windows=1)) as (app, client):
         engine = app.state.engine
         ids = [t["id"] for t in (await client.post("/tokenize", json={"inputs": "The season . " * 40})).json()]
-        h = engine.submit(GenerationRequest(ids, SamplingParams(), 4, prompt_logprobs=0))
+        (h,) = await engine.submit_all([GenerationRequest(ids, SamplingParams(), 4, prompt_logprobs=0)])
         while engine.num_running == 0:
             await asyncio.sleep(0.001)
         h.cancel()  # a client gone while its prompt is being scored (about 150 iterations of one window each)
         deadline = time.monotonic() + 60  # the slot is freed at the next iteration: bounded, not timed
         while engine.num_running and time.monotonic() < deadline:
             await asyncio.sleep(0.002)
-        assert engine.num_running == 0 and engine.decoder.state.free_slots == 1
+        assert engine.num_running == 0 and engine.free_slots == 1
         r = await client.post("/generate", json=tgi_body("The game", 3))  # the slot serves the next request
         assert r.status_code == 200
 
 
-async def test_choices_of_one_request_score_their_prompt_once(make_settings, monkeypatch) -> None:
-    import server.engine as engine_mod
+async def test_choices_of_one_request_score_their_prompt_once(make_settings) -> None:
+    async def scored_tokens(client) -> float:
+        return metric_values((await client.get("/metrics")).text)["gam_prompt_logprob_tokens_total"]
 
-    made = []
-
-    class Counting(engine_mod.PromptScorer):
-        def __init__(self, *a, **kw) -> None:
-            made.append(1)
-            super().__init__(*a, **kw)
-
-    monkeypatch.setattr(engine_mod, "PromptScorer", Counting)
     async with app_client(make_settings(max_batch_size=4)) as (_, client):
-        body = {"model": "tiny-gam", "prompt": "The season . " * 10, "n": 3, "max_tokens": 2, "echo": True,
-                "logprobs": 1, "seed": 1}  # fmt: skip
+        prompt = "The season . " * 10
+        n_ids = len((await client.post("/tokenize", json={"inputs": prompt})).json())
+        body = {"model": "tiny-gam", "prompt": prompt, "n": 3, "max_tokens": 2, "echo": True, "logprobs": 1, "seed": 1}
         choices = (await client.post("/v1/completions", json=body)).json()["choices"]
-        assert len(made) == 1  # one scorer for the three choices
+        assert await scored_tokens(client) == n_ids - 1  # one scorer for the three choices
         n = len(choices[0]["logprobs"]["tokens"]) - 2
         assert all(c["logprobs"]["token_logprobs"][:n] == choices[0]["logprobs"]["token_logprobs"][:n] for c in choices)
         assert choices[0]["logprobs"]["token_logprobs"][1] is not None
         body["prompt"] = ["The season .", "The game was"]  # different prompts: one scorer each
         body["n"] = 1
+        before = await scored_tokens(client)
         assert (await client.post("/v1/completions", json=body)).status_code == 200
-        assert len(made) == 3
+        lengths = [len((await client.post("/tokenize", json={"inputs": q})).json()) for q in body["prompt"]]
+        assert await scored_tokens(client) - before == sum(n - 1 for n in lengths)  # one scorer each

@@ -57,7 +57,7 @@ def test_disconnect_frees_slot(make_settings, path: str, body: dict) -> None:
                     client.post(path, json=body, timeout=0.5)
         # the slot is freed within a step or two of the disconnect being seen
         assert wait_for(lambda: s.engine.num_running == 0)
-        assert s.engine.decoder.state.free_slots == 4
+        assert s.engine.free_slots == 4
         assert wait_for(lambda: metric(s.url, "gam_requests_running") == 0)
         cancelled = f'gam_requests_total{{endpoint="{endpoint}",finish_reason="cancelled"}}'
         assert wait_for(lambda: metric(s.url, cancelled) == 1.0)

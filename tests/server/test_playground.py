@@ -306,7 +306,7 @@ def test_stop_cancels_the_stream_and_frees_the_slot(page: Page, server: LiveServ
     # the server saw the disconnect and ended the request: the slot is free again
     assert wait_for(lambda: metric(server.url, "gam_requests_running") == 0, timeout=WAIT_S)
     assert wait_for(lambda: metric(server.url, cancelled) == before + 1, timeout=WAIT_S)
-    assert wait_for(lambda: server.engine.decoder.state.free_slots == server.engine.max_batch_size, timeout=WAIT_S)
+    assert wait_for(lambda: server.engine.free_slots == server.engine.max_batch_size, timeout=WAIT_S)
     assert len(page.tokens()) < MAX_NEW
     assert page.console_errors() == []
 

@@ -157,7 +157,7 @@ async def test_bad_input_matrix(make_settings) -> None:
         assert not wrong, wrong
         assert (await client.get("/health")).status_code == 200
         engine = app.state.engine
-        assert engine.num_running == 0 and engine.num_waiting == 0 and engine.decoder.state.free_slots == 4
+        assert engine.num_running == 0 and engine.num_waiting == 0 and engine.free_slots == 4
         assert (await client.post("/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 2}})).is_success
 
 
@@ -211,14 +211,14 @@ async def test_failed_step_fails_exactly_its_requests(make_settings) -> None:
     """Three sequences in the failing step all end with an error event; a fourth, admitted after, completes."""
     async with app_client(make_settings(fault_injection="step:1")) as (app, client):
         engine = app.state.engine
-        with engine._cond:  # hold the engine's lock: all three are admitted in one iteration (RLock: re-entrant)
-            handles = [engine.submit(greedy_request(10)) for _ in range(3)]
+        # one submission: the core admits all three before its next iteration, so they share every step
+        handles = await engine.submit_all([greedy_request(10) for _ in range(3)])
         ends = [evs[-1] for evs in await asyncio.gather(*(events_of(h) for h in handles))]
         assert all(isinstance(e, ErrorEvent) and e.status == 500 and "injected" in e.message for e in ends)
         assert (await client.get("/health")).status_code == 200  # a failed step does not make the server unhealthy
-        later = await events_of(engine.submit(greedy_request(10)))
+        later = await events_of((await engine.submit_all([greedy_request(10)]))[0])
         assert len(later) == 10 and later[-1].finish is not None and later[-1].finish.reason == "length"
-        assert engine.num_running == 0 and engine.decoder.state.free_slots == 4
+        assert engine.num_running == 0 and engine.free_slots == 4
         metrics = (await client.get("/metrics")).text
         assert 'gam_requests_total{endpoint="generate",finish_reason="error"} 3.0' in metrics
 
@@ -277,4 +277,4 @@ async def test_short_soak_leaks_nothing(make_settings) -> None:
         assert report["ok"], report  # no leaked slot, no 5xx or other error, RSS growth < 5%
         assert report["requests"] == 300 and report["completed"] + report["disconnected"] == 300, report
         assert report["disconnected"] >= 10 and report["server_cancelled"] <= report["disconnected"]
-        assert s.engine.decoder.state.free_slots == 32
+        assert s.engine.free_slots == 32

@@ -63,16 +63,11 @@ FORMS = ["tgi", "tgi+prefill", "tgi-stream", "oai", "oai-stream", "oai+echo", "o
 
 
 @pytest.mark.parametrize("budget", ["default", "one-chunk-per-iteration"])
-async def test_every_request_form_generates_the_same_tokens(make_settings, monkeypatch, budget: str) -> None:
+async def test_every_request_form_generates_the_same_tokens(make_settings, budget: str) -> None:
     """Greedy tokens agree across the 7 forms for every prompt; asking for prompt logprobs never prefills or samples a
     sequence twice (it did when the prompt was scored in the iteration that admitted it)."""
-    if budget != "default":
-        import server.engine as engine_mod
-
-        monkeypatch.setattr(engine_mod, "SCORE_BUDGET_S", 0.0)
-        monkeypatch.setattr(engine_mod, "SCORE_WINDOWS", 4)
-        monkeypatch.setattr(engine_mod, "SCORE_HEAD_CHUNK", 8)
-    async with app_client(make_settings(max_batch_size=4)) as (_, client):
+    small = dict(score_budget_s=0.0, score_windows=4, score_head_chunk=8) if budget != "default" else {}
+    async with app_client(make_settings(max_batch_size=4, **small)) as (_, client):
         for prompt in PROMPTS:
             ref = await generated_tokens(client, "tgi", prompt, 6)
             assert len(ref) == 6

@@ -129,7 +129,7 @@ def test_body_limit_on_a_real_server(make_settings) -> None:
         r = c.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
         assert r.status_code == 413 and set(r.json()["error"]) == {"message", "type", "param", "code"}
         assert c.get("/health").status_code == 200
-        assert s.engine.num_running == 0 and s.engine.decoder.state.free_slots == 4
+        assert s.engine.num_running == 0 and s.engine.free_slots == 4
 
 
 async def test_prompts_are_not_logged_by_default(make_settings, caplog: pytest.LogCaptureFixture) -> None:
