@@ -42,16 +42,21 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """process_cpu_seconds of a process and all its live descendants (the engine core is a child process)."""
+def process_tree_cpu(pid: int) -> dict[int, tuple[str, float]]:
+    """{pid: (name, process_cpu_seconds)} of a process and all its live descendants (the engine core is a child)."""
     import psutil
 
-    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    total = 0.0
-    for p in procs:
-        with contextlib.suppress(OSError):  # exited meanwhile
-            total += process_cpu_seconds(p.pid)
-    return total
+    root = psutil.Process(pid)
+    out = {}
+    for p in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(OSError, psutil.Error):  # exited meanwhile
+            out[p.pid] = (p.name(), process_cpu_seconds(p.pid))
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """process_cpu_seconds of a process and all its live descendants (the engine core is a child process)."""
+    return sum(seconds for _, seconds in process_tree_cpu(pid).values())
 
 
 PROMPTS = Path(__file__).resolve().parent.parent / "load_tests" / "prompts.txt"  # WikiText-2 excerpt

@@ -42,13 +42,20 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import RESULTS, ServerProcess, bundled_model_dir, machine, random_paper_checkpoint, serve_help
+from bench.common import (
+    RESULTS,
+    ServerProcess,
+    bundled_model_dir,
+    machine,
+    process_tree_cpu,
+    random_paper_checkpoint,
+    serve_help,
+)
 from bench.decode import Bench, sync
 from gam_model.checkpoint import load_checkpoint
 from gam_model.decode import Decoder
@@ -82,8 +89,9 @@ def metric_sum(text: str, name: str, **labels: str) -> float | None:
 
 
 def cpu_split(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> tuple[float | None, float]:
-    """CPU seconds used between two `tree_cpu` snapshots: (the engine core's, None if there is no such process; every
-    other process's). A process that started in between counts from zero; one that ended in between is not seen."""
+    """CPU seconds used between two `process_tree_cpu` snapshots: (the engine core's, None if there is no such
+    process; every other process's). A process that started in between counts from zero; one that ended in between
+    is not seen."""
     core: float | None = None
     rest = 0.0
     for pid, (name, seconds) in after.items():
@@ -117,24 +125,6 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, float | None]:
 
 
 # -- processes and metrics of a running server ----------------------------------------------------------------
-def tree_cpu(pid: int) -> dict[int, tuple[str, float]]:
-    """{pid: (name, user + system CPU seconds)} of a process and all its live descendants."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return {}
-    out = {}
-    for p in procs:
-        try:
-            with p.oneshot():
-                t = p.cpu_times()
-                out[p.pid] = (p.name(), t.user + t.system)
-        except psutil.NoSuchProcess:
-            continue
-    return out
-
-
 async def scrape(url: str) -> str:
     async with httpx.AsyncClient(timeout=30) as client:
         r = await client.get(url + "/metrics")
@@ -232,9 +222,9 @@ async def served(srv: ServerProcess, model_id: str | None, eos_id: int | None, s
                      duration_s=3600, drain_s=600, timeout_s=3600, input_words=INPUT_WORDS, output_tokens=tokens,
                      model=model_id, seed=seed)  # fmt: skip
     m0 = await scrape(srv.url)
-    cpu0, client0 = tree_cpu(srv.proc.pid), time.process_time()
+    cpu0, client0 = process_tree_cpu(srv.proc.pid), time.process_time()
     res = await NoEosLoad(cfg, eos_id).run()
-    client, cpu1 = time.process_time() - client0, tree_cpu(srv.proc.pid)
+    client, cpu1 = time.process_time() - client0, process_tree_cpu(srv.proc.pid)
     m1 = await scrape(srv.url)
     s = summarize(res.records, res.duration_s)
     n = s["total_output_tokens"]  # streamed to the client, by the server's usage counts
