@@ -88,19 +88,19 @@ def metric_sum(text: str, name: str, **labels: str) -> float | None:
     return math.fsum(values) if values else None
 
 
-def cpu_split(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> tuple[float | None, float]:
-    """CPU seconds used between two `process_tree_cpu` snapshots: (the engine core's, None if there is no such
-    process; every other process's). A process that started in between counts from zero; one that ended in between
-    is not seen."""
-    core: float | None = None
-    rest = 0.0
-    for pid, (name, seconds) in after.items():
-        used = seconds - before[pid][1] if pid in before and before[pid][0] == name else seconds
-        if name == ENGINE_CORE:
-            core = (core or 0.0) + used
-        else:
-            rest += used
-    return core, rest
+def cpu_used(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[int, tuple[str, float]]:
+    """{pid: (name, CPU seconds used)} between two `process_tree_cpu` snapshots. A process that started in between
+    counts from zero (so does a reused pid under another name); one that ended in between is not seen."""
+    return {
+        pid: (name, seconds - before[pid][1] if pid in before and before[pid][0] == name else seconds)
+        for pid, (name, seconds) in after.items()
+    }
+
+
+def cpu_split(used: dict[int, tuple[str, float]]) -> tuple[float | None, float]:
+    """(CPU seconds of the engine core, None if there is no such process; of every other process) from `cpu_used`."""
+    core = [seconds for name, seconds in used.values() if name == ENGINE_CORE]
+    return (math.fsum(core) if core else None), math.fsum(s for name, s in used.values() if name != ENGINE_CORE)
 
 
 def counter_delta(before: str, after: str, name: str, **labels: str) -> float | None:
@@ -228,7 +228,8 @@ async def served(srv: ServerProcess, model_id: str | None, eos_id: int | None, s
     m1 = await scrape(srv.url)
     s = summarize(res.records, res.duration_s)
     n = s["total_output_tokens"]  # streamed to the client, by the server's usage counts
-    core_s, frontend_s = cpu_split(cpu0, cpu1)
+    used = cpu_used(cpu0, cpu1)
+    core_s, frontend_s = cpu_split(used)
     generated = counter_delta(m0, m1, GENERATED) or n
     busy = {part: counter_delta(m0, m1, BUSY, part=part) for part in ("forward", "sample", "host")}
     host_s = busy["host"]
@@ -252,6 +253,7 @@ async def served(srv: ServerProcess, model_id: str | None, eos_id: int | None, s
         "frontend_cpu_s": frontend_s,
         "frontend_us_per_token": ratio(1e6 * frontend_s, n),
         "server_tok_per_cpu_s": ratio(n, frontend_s + (core_s or 0.0)),  # every process of the server together
+        "server_processes": {f"{name} {pid}": seconds for pid, (name, seconds) in used.items()},  # CPU s used
         "busy_s": busy,
         "host_us_per_token": None if host_s is None else ratio(1e6 * host_s, generated),
     }

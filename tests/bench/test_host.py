@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.host import ENGINE_CORE, counter_delta, cpu_split, medians, metric_sum, ratio
+from bench.host import ENGINE_CORE, counter_delta, cpu_split, cpu_used, medians, metric_sum, ratio
 
 BEFORE = """\
 # HELP gam_engine_busy_seconds_total Wall seconds of the engine core's busy iterations
@@ -39,19 +39,21 @@ def test_counter_delta() -> None:
 def test_cpu_split_engine_core_and_frontends() -> None:
     before = {10: ("python", 5.0), 11: (ENGINE_CORE, 100.0), 12: ("python", 1.0)}
     after = {10: ("python", 6.5), 11: (ENGINE_CORE, 130.0), 13: ("python", 0.25)}  # 12 ended, 13 started
-    core, frontend = cpu_split(before, after)
+    used = cpu_used(before, after)
+    assert used == {10: ("python", 1.5), 11: (ENGINE_CORE, 30.0), 13: ("python", 0.25)}
+    core, frontend = cpu_split(used)
     assert core == 30.0
     assert frontend == 1.75  # 1.5 from pid 10, 0.25 from the new pid 13; what 12 used is not seen
 
 
 def test_cpu_split_single_process() -> None:
-    core, frontend = cpu_split({7: ("python", 2.0)}, {7: ("python", 3.0)})
+    core, frontend = cpu_split(cpu_used({7: ("python", 2.0)}, {7: ("python", 3.0)}))
     assert core is None
     assert frontend == 1.0
 
 
 def test_cpu_split_reused_pid_counts_from_zero() -> None:
-    assert cpu_split({7: ("python", 9.0)}, {7: (ENGINE_CORE, 4.0)}) == (4.0, 0.0)
+    assert cpu_split(cpu_used({7: ("python", 9.0)}, {7: (ENGINE_CORE, 4.0)})) == (4.0, 0.0)
 
 
 def test_ratio_and_medians() -> None:
