@@ -442,7 +442,7 @@ def side_by_side(part: dict[str, Any], dtype: str) -> None:
             "loadgen us/tok", "loadgen %core")  # fmt: skip
     print("".join(f"{h:>15}" for h in head))
     for row in part["rows"]:
-        bare_, m = row.get("bare", {}), row.get("served", {})
+        bare_, m = row.get("bare") or {}, row.get("served") or {}
         cells = (row["streams"], bare_.get("step_tok_s"), bare_.get("step_ms"), bare_.get("sample_tok_s"),
                  m.get("tok_s"), m.get("itl_p50_ms"), row.get("served_over_bare"), m.get("client_us_per_token"),
                  m.get("client_core_pct"))  # fmt: skip
@@ -491,34 +491,39 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         if args.only & {"bare", "served"}:
             doc["paper"] = asyncio.run(paper(b, args, Path(tmp)))
+            write(args, argv, info, b, doc, t0)  # a part's figures are kept even if a later part fails
         if "micro" in args.only:
             doc["micro"] = asyncio.run(micro(b, args, Path(tmp), serve_help()))
     if "paper" in doc:
         side_by_side(doc["paper"], args.dtype_resolved)
-    goals = [r for r in b.results if r["name"].strip().startswith("goal:")]
     print("\ngoals:")
-    for g in goals:
+    for g in goals_of(b):
         verdict = "n/a" if g["value"] is None else "met" if g["met"] else "not met"
         value = "n/a" if g["value"] is None else f"{g['value']:.3f}"
         print(f"  {g['name'].strip()[6:]:<70} {value:>10}  {verdict}")
+    write(args, argv, info, b, doc, t0)
+    print(f"wrote {args.out} ({info['wall_s']} s)")
+    return 0
+
+
+def goals_of(b: Bench) -> list[dict[str, Any]]:
+    return [r for r in b.results if r["name"].strip().startswith("goal:")]
+
+
+def write(args: argparse.Namespace, argv: list[str] | None, info: dict, b: Bench, doc: dict, t0: float) -> None:
+    """bench/results/host.json (or --out): the machine, the command, settings, every figure so far."""
     info |= {"loadavg_end": os.getloadavg(), "wall_s": round(time.perf_counter() - t0, 1),
              "note": "2 cores shared with other engineers' jobs: ratios were measured side by side, in one run"}  # fmt: skip
-    cmd = (
-        "OMP_NUM_THREADS="
-        + os.environ.get("OMP_NUM_THREADS", "<default>")
-        + " python bench/host.py "
-        + " ".join(sys.argv[1:] if argv is None else argv)
-    )
+    threads = os.environ.get("OMP_NUM_THREADS", "<default>")
+    cmd = f"OMP_NUM_THREADS={threads} python bench/host.py " + " ".join(sys.argv[1:] if argv is None else argv)
     settings = {k: sorted(v) if isinstance(v, set) else str(v) if isinstance(v, Path) else v
                 for k, v in vars(args).items()}  # fmt: skip
     request = {"api": "OpenAI /v1/completions, stream, stream_options.include_usage", "temperature": 0,
                "max_tokens": args.tokens, "stop": None, "logit_bias": "{eos: -100}", "prompt_words": INPUT_WORDS}  # fmt: skip
     out = dict(benchmark="issue #13 host path", command=cmd, machine=info, settings=settings, request=request,
-               results=b.results, goals=goals, **doc)  # fmt: skip
+               results=b.results, goals=goals_of(b), **doc)  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1, default=str) + "\n")
-    print(f"wrote {args.out} ({info['wall_s']} s)")
-    return 0
 
 
 if __name__ == "__main__":
