@@ -295,7 +295,10 @@ class EngineCore:
                 continue
             r.admitted = t0
             self._next_deadline = min(self._next_deadline, r.deadline)
-            if r.request.prompt_logprobs is not None:
+            if r.request.max_new_tokens == 0 and r.request.prompt_logprobs is None:  # echo only: nothing to run
+                self._out.scored.append(r.id)
+                self._end_request(r, "length", 0)
+            elif r.request.prompt_logprobs is not None:
                 self._scoring.append(r)
                 self._start_scoring(r)
             else:

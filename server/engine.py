@@ -373,8 +373,9 @@ class Engine:
         """Queue every request or none (the choices of one API call). Raises TooManySequences when they could never
         fit (more than slots + queue), QueueFull when they do not fit now, EngineUnavailable while draining or
         dead, ValueError for a request the engine cannot run."""
-        if not self.alive or self._draining:
-            raise EngineUnavailable("the server is shutting down" if self._draining else self.down_reason)
+        if not self.alive:
+            raise EngineUnavailable(self.down_reason)
+        # while draining the core refuses it (and counts it as rejected): the Drain went ahead on the same socket
         for r in requests:
             r.validate()
         arrival = time.monotonic()
