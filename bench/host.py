@@ -259,27 +259,36 @@ async def served(srv: ServerProcess, model_id: str | None, eos_id: int | None, s
     }
 
 
-async def alternated(loop: BareLoop | None, srv: ServerProcess | None, model_id: str | None, eos_id: int | None,
+async def alternated(loop: BareLoop | None, servers: list[tuple[ServerProcess, str | None]], eos_id: int | None,
                      streams: int, args: argparse.Namespace, label: str) -> dict[str, Any]:  # fmt: skip
     """args.reps rounds of: two bare calls of each kind, then one served closed-loop run at `streams` streams (one
-    round of requests, at least args.min_requests), so both sides meet the same machine. Medians; failed requests or
-    ones that ended early are reported (their tokens still count)."""
-    runs = []
+    round of requests, at least args.min_requests) on each (server, model id), so every side meets the same machine.
+    {"bare": medians, "served": [{"runs", "served": medians} per server]}; failed requests or ones that ended early
+    are reported (their tokens still count)."""
+    runs: list[list[dict[str, Any]]] = [[] for _ in servers]
     for seed in range(args.reps):
         if loop is not None:
             loop.measure()
             loop.measure()
-        if srv is not None:
+        for i, (srv, model_id) in enumerate(servers):
             requests = max(streams, args.min_requests)
-            runs.append(await served(srv, model_id, eos_id, streams, requests, args.tokens, seed))
-    out: dict[str, Any] = {"bare": None if loop is None else loop.result(), "runs": runs}
-    out["served"] = medians(runs) if runs else None
-    failed = sum(r["requests"] - r["completed"] for r in runs)
-    short = sum(r["short"] for r in runs)
-    if failed or short:
-        print(f"  WARNING {label}: {failed} failed {[r['errors'] for r in runs]}, {short} ended before {args.tokens} "
-              "tokens", flush=True)  # fmt: skip
-    return out
+            runs[i].append(await served(srv, model_id, eos_id, streams, requests, args.tokens, seed))
+    for i, rs in enumerate(runs):
+        failed, short = sum(r["requests"] - r["completed"] for r in rs), sum(r["short"] for r in rs)
+        if failed or short:
+            print(f"  WARNING {label} (server {i}): {failed} failed {[r['errors'] for r in rs]}, {short} ended "
+                  f"before {args.tokens} tokens", flush=True)  # fmt: skip
+    bare = None if loop is None else loop.result()
+    return {"bare": bare, "served": [{"runs": rs, "served": medians(rs)} for rs in runs]}
+
+
+async def started(stack: contextlib.ExitStack, model_dir: Path, args: argparse.Namespace, eos_id: int | None,
+                  streams: int, **extra: object) -> tuple[ServerProcess, str | None]:  # fmt: skip
+    """A gam-serve up (closed with the stack), its model id, warmed by one round at `streams` streams."""
+    srv = stack.enter_context(server_for(model_dir, args, **extra))
+    model_id = await resolve_model(srv.url)
+    await warm(srv, model_id, eos_id, streams)
+    return srv, model_id
 
 
 def server_for(model_dir: Path, args: argparse.Namespace, **extra: object) -> ServerProcess:
@@ -364,15 +373,13 @@ async def paper(b: Bench, args: argparse.Namespace, tmp: Path) -> dict[str, Any]
     print(f"\n== paper config, {args.dtype_resolved}, {info['params'] / 1e6:.1f} M params, {info['tokenizer']}; "
           f"{args.threads} torch threads; {args.tokens} tokens per request", flush=True)  # fmt: skip
     rows: list[dict[str, Any]] = []
-    with server_for(model_dir, args) if "served" in args.only else contextlib.nullcontext() as srv:
-        model_id = None
-        if srv is not None:
-            model_id = await resolve_model(srv.url)
-            await warm(srv, model_id, eos, max(args.streams))
+    with contextlib.ExitStack() as stack:
+        servers = [await started(stack, model_dir, args, eos, max(args.streams))] if "served" in args.only else []
         for n in args.streams:
             loop = BareLoop(model, prompts_of(tok, n, n), eos, 2 * args.reps, args.tokens, args.call_s,
                             torch.device(args.device)) if "bare" in args.only else None  # fmt: skip
-            row = {"streams": n, **await alternated(loop, srv, model_id, eos, n, args, f"{n} stream(s)")}
+            res = await alternated(loop, servers, eos, n, args, f"{n} stream(s)")
+            row = {"streams": n, "bare": res["bare"], **(res["served"][0] if servers else {"served": None})}
             if row["bare"] is not None:
                 add_bare(b, row["bare"])
             if (m := row["served"]) is not None:
@@ -393,14 +400,13 @@ async def micro(b: Bench, args: argparse.Namespace, tmp: Path, help_text: str) -
     loop = BareLoop(
         model, prompts_of(tok, n, n), eos, 2 * args.reps, args.tokens, args.call_s, torch.device(args.device)
     )
-    with server_for(model_dir, args) as srv:
-        model_id = await resolve_model(srv.url)
-        await warm(srv, model_id, eos, n)
-        out = {
-            "model": info,
-            "streams": n,
-            **await alternated(loop, srv, model_id, eos, n, args, f"micro {n} stream(s)"),
-        }
+    frontends = "--api-server-count" in help_text  # then the same runs also measure 1 vs 2 HTTP processes
+    with contextlib.ExitStack() as stack:
+        servers = [await started(stack, model_dir, args, eos, n, **({"api_server_count": 1} if frontends else {}))]
+        if frontends:
+            servers.append(await started(stack, model_dir, args, eos, n, api_server_count=2))
+        res = await alternated(loop, servers, eos, n, args, f"micro {n} stream(s)")
+    out = {"model": info, "streams": n, "bare": res["bare"], **res["served"][0]}
     bare, m = out["bare"], out["served"]
     add_bare(b, bare, "micro ")
     put(b, f"micro served, {n} streams: tokens/s", m["tok_s"])
@@ -417,21 +423,14 @@ async def micro(b: Bench, args: argparse.Namespace, tmp: Path, help_text: str) -
         put(b, "  engine-core process CPU us per generated token", m["engine_core_us_per_token"])
     name = "  goal: frontend CPU us per streamed token" + (" (single process: INCLUDES the engine)" if single else "")
     put(b, name, m["frontend_us_per_token"], FRONTEND_GOAL_US, higher=False, single_process=single)
-    if "--api-server-count" not in help_text:
+    if not frontends:
         na(b, "  frontend tokens/s, 2 vs 1 HTTP worker processes", "gam-serve has no --api-server-count")
         return out
-    scaling = {}
-    for count in (1, 2):
-        with server_for(model_dir, args, api_server_count=count) as srv:
-            model_id = await resolve_model(srv.url)
-            await warm(srv, model_id, eos, n)
-            scaling[count] = await alternated(None, srv, model_id, eos, n, args, f"micro {count} API servers")
-        mc = scaling[count]["served"]
+    two = out["api_server_count_2"] = res["served"][1]  # the runs above had --api-server-count 1; alternated
+    for count, mc in ((1, m), (2, two["served"])):
         put(b, f"  micro served tokens/s, --api-server-count {count}", mc["tok_s"])
         put(b, f"    frontend CPU us per streamed token, --api-server-count {count}", mc["frontend_us_per_token"])
-    out["api_servers"] = scaling
-    put(b, "  frontend tokens/s, 2 / 1 HTTP worker processes (x)",
-        ratio(scaling[2]["served"]["tok_s"], scaling[1]["served"]["tok_s"]))  # fmt: skip
+    put(b, "  frontend tokens/s, 2 / 1 HTTP worker processes (x)", ratio(two["served"]["tok_s"], m["tok_s"]))
     return out
 
 
