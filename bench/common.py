@@ -107,7 +107,7 @@ def random_paper_checkpoint(directory: Path, tokenizer_of: Path | None = None, *
             special_tokens=dict(src.special_tokens),
         )
     torch.manual_seed(0)
-    model = GAM(GAMConfig(**{"dropout": 0.0, **config, "vocab_size": tok.vocab_size})).eval()
+    model = GAM(GAMConfig(**{**config, "vocab_size": tok.vocab_size}, dropout=0.0)).eval()
     return save_checkpoint(directory, model, tok, meta)
 
 
