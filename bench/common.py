@@ -42,16 +42,21 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """process_cpu_seconds of a process and all its live descendants (the engine core is a child process)."""
+def process_tree_cpu(pid: int) -> dict[int, tuple[str, float]]:
+    """{pid: (name, process_cpu_seconds)} of a process and all its live descendants (the engine core is a child)."""
     import psutil
 
-    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    total = 0.0
-    for p in procs:
-        with contextlib.suppress(OSError):  # exited meanwhile
-            total += process_cpu_seconds(p.pid)
-    return total
+    root = psutil.Process(pid)
+    out = {}
+    for p in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(OSError, psutil.Error):  # exited meanwhile
+            out[p.pid] = (p.name(), process_cpu_seconds(p.pid))
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """process_cpu_seconds of a process and all its live descendants (the engine core is a child process)."""
+    return sum(seconds for _, seconds in process_tree_cpu(pid).values())
 
 
 PROMPTS = Path(__file__).resolve().parent.parent / "load_tests" / "prompts.txt"  # WikiText-2 excerpt
@@ -79,19 +84,43 @@ def bundled_model_dir() -> Path | None:
     return found[0] if len(found) == 1 else None
 
 
-def random_paper_checkpoint(directory: Path) -> Path:
-    """A checkpoint of the paper's GAM config with random weights and a byte-level BPE trained on the load_tests
-    prompt excerpt (vocab_size = that tokenizer's size, so every sampled id decodes)."""
-    from gam_model.checkpoint import CheckpointMeta, save_checkpoint
+def random_paper_checkpoint(directory: Path, tokenizer_of: Path | None = None, **config: int) -> Path:
+    """A checkpoint of the paper's GAM config (fields overridden by `config`) with random weights, and the tokenizer
+    (with its special tokens) of checkpoint `tokenizer_of`, else a byte-level BPE trained on the load_tests prompt
+    excerpt; vocab_size = that tokenizer's size, so every sampled id decodes."""
+    from gam_model.checkpoint import CheckpointMeta, read_config, save_checkpoint
     from gam_model.config import GAMConfig
     from gam_model.data import train_tokenizer
     from gam_model.model import GAM
+    from gam_model.tokenizer import Tokenizer
 
-    tok = train_tokenizer([PROMPTS], "bytelevel", vocab_size=10000)
+    if tokenizer_of is None:
+        tok = train_tokenizer([PROMPTS], "bytelevel", vocab_size=10000)
+        meta = CheckpointMeta(model_name="gam-paper-config-random", eos_token_id=tok.eos_token_id)
+    else:
+        _, src = read_config(tokenizer_of)
+        tok = Tokenizer.from_file(tokenizer_of / "tokenizer.json", src.eos_token_id, src.bos_token_id)
+        meta = CheckpointMeta(
+            model_name="gam-random",
+            eos_token_id=src.eos_token_id,
+            bos_token_id=src.bos_token_id,
+            special_tokens=dict(src.special_tokens),
+        )
     torch.manual_seed(0)
-    model = GAM(GAMConfig(vocab_size=tok.vocab_size, dropout=0.0)).eval()
-    meta = CheckpointMeta(model_name="gam-paper-config-random", eos_token_id=tok.eos_token_id)
+    model = GAM(GAMConfig(**{**config, "vocab_size": tok.vocab_size}, dropout=0.0)).eval()
     return save_checkpoint(directory, model, tok, meta)
+
+
+SERVE = "import sys; from server.cli import main; main(sys.argv[1:])"  # gam-serve, from this checkout
+
+
+def serve_help() -> str:
+    """The text of `gam-serve --help` (which flags this server has)."""
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-c", SERVE, "--help"], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    return done.stdout
 
 
 class ServerProcess:
@@ -110,9 +139,8 @@ class ServerProcess:
         for k, v in self.settings.items():
             args += [f"--{k.replace('_', '-')}", str(v)]
         env = dict(os.environ, OMP_NUM_THREADS=str(self.threads))
-        code = "import sys; from server.cli import main; main(sys.argv[1:])"
         root = Path(__file__).resolve().parent.parent
-        self.proc = subprocess.Popen([sys.executable, "-c", code, *args], cwd=root, env=env)
+        self.proc = subprocess.Popen([sys.executable, "-c", SERVE, *args], cwd=root, env=env)
         self.url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
