@@ -27,8 +27,8 @@ class ServerContext:
     quantization: str = "none"  # weights: none, int8 or fp8 (gam_model.quant)
 
 
-def get_context(request: Request) -> ServerContext:
-    """FastAPI dependency: the running server's context."""
+async def get_context(request: Request) -> ServerContext:
+    """FastAPI dependency: the running server's context (async: a sync dependency costs a thread-pool hop per request)."""
     ctx: ServerContext | None = getattr(request.app.state, "ctx", None)
     if ctx is None:
         from server.errors import ApiError
