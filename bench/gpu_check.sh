@@ -10,7 +10,8 @@
 #   2. bench/cuda_check.py: correctness on the paper config (fp32 <= 1e-4, bf16 tolerance, graphs == eager,
 #      Triton vs PyTorch), then Decoder.step latency / tokens/s at batch 1, 8, 64, 256 for eager, graphs,
 #      graphs + Triton (+ graphs + torch.compile), bf16; targets: batch 1 <= 100 us, batch 256 <= 300 us;
-#   3. end to end: gam-serve --device cuda on 127.0.0.1 and a short closed-loop load test against it.
+#   3. end to end: gam-serve --device cuda on 127.0.0.1 and a short closed-loop load test against it;
+#   4. host path (issue #13): bench/host.py --quick on the device, served vs the bare step, bf16 (at most 2 min).
 # Results land in bench/results/ (cuda_check.json, gpu_load.json/.png, gpu_check.log).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +20,7 @@ RES=bench/results
 mkdir -p "$RES"
 exec > >(tee "$RES/gpu_check.log") 2>&1
 status=0
-SECTIONS=${SECTIONS:-env tests check e2e}
+SECTIONS=${SECTIONS:-env tests check e2e host}
 DEVICE=${DEVICE:-cuda}
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 section() { printf '\n=== %s (%s) ===\n' "$1" "$(date -u +%H:%M:%S)"; }
@@ -74,5 +75,11 @@ fi
 kill -TERM "$server" 2>/dev/null; wait "$server" 2>/dev/null
 fi
 
+if want host; then
+section "host path: bench/host.py --quick --device $DEVICE"
+timeout 120 "$PY" bench/host.py --quick --device "$DEVICE" --dtype bfloat16 --out "$RES/host_$DEVICE.json" || status=1
+fi
+
 section "done: exit $status"
+
 exit $status
