@@ -177,14 +177,23 @@ class RequestHandle:
 
     async def events(self) -> AsyncIterator[Event]:
         """Token events; the last one has `finish` set, or an ErrorEvent ends the stream instead."""
+        async for batch in self.batches():
+            for ev in batch:
+                yield ev
+
+    async def batches(self) -> AsyncIterator[list[Event]]:
+        """The same events, as lists of those that arrived since the last wake-up (usually one per engine step; more
+        when the handler falls behind, so a stream writes them in one send: the per-token cost that dominates a busy
+        frontend is the HTTP stack's per-send work). The last list ends with the last event."""
         events = self._events
         while True:
             while not events:
                 self._waiter = asyncio.get_running_loop().create_future()
                 await self._waiter
-            ev = events.popleft()
-            yield ev
-            if is_last(ev):
+            batch = list(events)
+            events.clear()
+            yield batch
+            if is_last(batch[-1]):
                 return
 
 

@@ -152,11 +152,12 @@ async def submit(ctx: ServerContext, reqs: list[GenerationRequest]) -> list[Requ
         raise ApiError(503, str(e), error_type="unhealthy", headers={"Retry-After": str(RETRY_AFTER_S)}) from e
 
 
-async def stream_events(handle: RequestHandle) -> AsyncIterator[Event]:
-    """A handle's events; if the consumer goes away (client disconnect -> cancellation), cancel the request."""
+async def stream_batches(handle: RequestHandle) -> AsyncIterator[list[Event]]:
+    """A handle's events in the lists they arrived in (RequestHandle.batches); if the consumer goes away (client
+    disconnect -> cancellation), cancel the request."""
     try:
-        async for ev in handle.events():
-            yield ev
+        async for batch in handle.batches():
+            yield batch
     finally:
         handle.cancel()
 

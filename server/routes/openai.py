@@ -241,11 +241,12 @@ async def completions(request: Request, body: CompletionRequest, ctx: Ctx) -> An
     )
 
 
-async def _merge(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, Event]]:
-    """Events of several requests as they come, tagged with the choice index."""
+async def _merge(handles: list[RequestHandle]) -> AsyncIterator[list[tuple[int, Event]]]:
+    """Events of several requests as they come, tagged with the choice index, in the lists they arrived in (one write
+    each: RequestHandle.batches)."""
     if len(handles) == 1:  # the common case: no pump task and queue hop per token
-        async for ev in handles[0].events():
-            yield 0, ev
+        async for batch in handles[0].batches():
+            yield [(0, ev) for ev in batch]
         return
     queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
 
@@ -257,10 +258,11 @@ async def _merge(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, Event
     try:
         open_ = len(handles)
         while open_:
-            k, ev = await queue.get()
-            if isinstance(ev, ErrorEvent) or ev.finish is not None:
-                open_ -= 1
-            yield k, ev
+            got = [await queue.get()]
+            while not queue.empty():
+                got.append(queue.get_nowait())
+            open_ -= sum(isinstance(ev, ErrorEvent) or ev.finish is not None for _, ev in got)
+            yield got
     finally:
         for t in tasks:
             t.cancel()
@@ -299,30 +301,42 @@ async def _stream(
 
     # with logprobs, a choice's echo waits for its first event, which carries the prompt logprobs
     echo_pending = set(range(len(handles))) if body.echo and body.logprobs is not None else set()
+
+    def render(k: int, ev: Event, out: list[bytes]) -> bool:
+        """Append event ev of choice k's chunks to out; False when the stream ends here (an error)."""
+        nonlocal generated
+        if k in echo_pending and not isinstance(ev, ErrorEvent):
+            echo_pending.discard(k)
+            out.append(echo(k, ev.prompt))
+        if isinstance(ev, ErrorEvent):
+            out.append(sse(error_body("/v1/completions", ev.status, ev.message, error_type=None)))
+            return False
+        if isinstance(ev, ScoreEvent):  # max_tokens 0: the echoed prompt is the whole answer
+            out.append(chunk(k, "", None, "length"))
+            return True
+        finish = None if ev.finish is None else _finish_reason(ev.finish.reason)
+        if not ev.emitted and finish is None and body.logprobs is None:
+            return True  # text held back (a possible stop string or an unfinished character)
+        logprobs = lp.generated([ev], offsets[k]) if body.logprobs is not None else None
+        offsets[k] += len(ev.text)
+        if ev.finish is not None:
+            generated += ev.finish.generated_tokens
+        out.append(chunk(k, ev.emitted, logprobs, finish))
+        return True
+
     try:
         if body.echo and body.logprobs is None:
             for k in range(len(handles)):
                 yield echo(k, None)
-        async for k, ev in _merge(handles):
-            if k in echo_pending and not isinstance(ev, ErrorEvent):
-                echo_pending.discard(k)
-                yield echo(k, ev.prompt)
-            if isinstance(ev, ErrorEvent):
-                yield sse(error_body("/v1/completions", ev.status, ev.message, error_type=None))
+        async for batch in _merge(handles):
+            out: list[bytes] = []  # one chunk per token, as OpenAI streams; those that arrived together, one write
+            ok = all(render(k, ev, out) for k, ev in batch)  # all() stops at the first error
+            if out:
+                yield b"".join(out)
+            if not ok:
                 for h in handles:
                     h.cancel()
                 break
-            if isinstance(ev, ScoreEvent):  # max_tokens 0: the echoed prompt is the whole answer
-                yield chunk(k, "", None, "length")
-                continue
-            finish = None if ev.finish is None else _finish_reason(ev.finish.reason)
-            if not ev.emitted and finish is None and body.logprobs is None:
-                continue  # text held back (a possible stop string or an unfinished character)
-            logprobs = lp.generated([ev], offsets[k]) if body.logprobs is not None else None
-            offsets[k] += len(ev.text)
-            if ev.finish is not None:
-                generated += ev.finish.generated_tokens
-            yield chunk(k, ev.emitted, logprobs, finish)
         else:
             if include_usage:
                 yield sse(

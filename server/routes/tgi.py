@@ -22,7 +22,7 @@ from server.routes.common import (
     json_float,
     sse,
     sse_response,
-    stream_events,
+    stream_batches,
     submit,
 )
 from server.types import TGIParameters, TGIRequest
@@ -131,30 +131,38 @@ async def generate_sse(ctx: ServerContext, body: TGIRequest, endpoint: str) -> S
     req, p = await tgi_request(ctx, body, endpoint, stream=True)
     (handle,) = await submit(ctx, [req])
 
+    def render(ev: TokenEvent) -> bytes:
+        if not ev.special:
+            parts.append(ev.text)
+        data: dict[str, Any] = {"index": ev.index, "token": token_json(ctx, ev.id, ev.text, ev.logprob, ev.special)}
+        if req.params.top_n_tokens:
+            data["top_tokens"] = top_json(ctx, ev)
+        data["generated_text"] = None
+        data["details"] = None
+        if ev.finish is not None:
+            data["generated_text"] = "".join(parts)
+            if p.details:
+                data["details"] = {
+                    "finish_reason": ev.finish.reason,
+                    "generated_tokens": ev.finish.generated_tokens,
+                    "seed": ev.finish.seed,
+                    "input_length": ev.finish.prompt_tokens,
+                }
+        return sse(data)
+
+    parts = [body.inputs] if p.return_full_text else []
+
     async def events() -> AsyncIterator[bytes]:
-        parts = [body.inputs] if p.return_full_text else []
-        async for ev in stream_events(handle):
-            if isinstance(ev, ErrorEvent):
-                yield sse({"error": ev.message, "error_type": ev.error_type})
-                return
-            assert isinstance(ev, TokenEvent)  # TGI requests generate at least one token
-            if not ev.special:
-                parts.append(ev.text)
-            data: dict[str, Any] = {"index": ev.index, "token": token_json(ctx, ev.id, ev.text, ev.logprob, ev.special)}
-            if req.params.top_n_tokens:
-                data["top_tokens"] = top_json(ctx, ev)
-            data["generated_text"] = None
-            data["details"] = None
-            if ev.finish is not None:
-                data["generated_text"] = "".join(parts)
-                if p.details:
-                    data["details"] = {
-                        "finish_reason": ev.finish.reason,
-                        "generated_tokens": ev.finish.generated_tokens,
-                        "seed": ev.finish.seed,
-                        "input_length": ev.finish.prompt_tokens,
-                    }
-            yield sse(data)
+        # one event per token, as TGI sends; the events that arrived together go out in one write
+        async for batch in stream_batches(handle):
+            out = []
+            for ev in batch:
+                if isinstance(ev, ErrorEvent):
+                    out.append(sse({"error": ev.message, "error_type": ev.error_type}))
+                    break
+                assert isinstance(ev, TokenEvent)  # TGI requests generate at least one token
+                out.append(render(ev))
+            yield b"".join(out)
 
     return StreamingResponse(
         events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
