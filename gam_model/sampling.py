@@ -115,16 +115,18 @@ class SequenceSampler:
         # penalty state lives on the device, allocated only when the row uses it
         self.seen: Tensor | None = None  # (V,) bool, prompt + generated tokens (repetition penalty)
         self.counts: Tensor | None = None  # (V,) float32, generated-token counts (frequency/presence)
-        self.bias: Tensor | None = None  # (V,) float32 logit bias
+        # logit bias, sparse: the biased ids and their values (a dense (V,) row per request would cost a (B, V) stack
+        # and add every step for a handful of entries)
+        self.bias: tuple[Tensor, Tensor] | None = None  # (n,) long ids, (n,) float32 values
         if params.logit_bias:
             if max(params.logit_bias) >= vocab_size:
                 raise ValueError(
                     f"logit_bias has token id {max(params.logit_bias)} >= the vocabulary size {vocab_size}"
                 )
-            self.bias = torch.zeros(vocab_size, dtype=torch.float32, device=self.device)
-            ids = list(params.logit_bias)
-            self.bias[torch.tensor(ids, device=self.device)] = torch.tensor(
-                [float(params.logit_bias[i]) for i in ids], device=self.device
+            ids = sorted(params.logit_bias)
+            self.bias = (
+                torch.tensor(ids, dtype=torch.long, device=self.device),
+                torch.tensor([float(params.logit_bias[i]) for i in ids], dtype=torch.float32, device=self.device),
             )
         if params.repetition_penalty != 1.0:
             self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=self.device)
@@ -162,9 +164,12 @@ def apply_penalties(logits: Tensor, rows: list[SequenceSampler]) -> Tensor:
     """Logit bias, then repetition, frequency and presence penalties; returns new logits (B, V) (input untouched)."""
     V = logits.shape[-1]
     dev = logits.device
-    if any(r.bias is not None for r in rows):
-        zero = torch.zeros(V, dtype=logits.dtype, device=dev)
-        logits = logits + torch.stack([r.bias if r.bias is not None else zero for r in rows])  # (B, V)
+    biased = [(i, *r.bias) for i, r in enumerate(rows) if r.bias is not None]
+    if biased:  # the same float add as a dense bias row, at the biased entries only (each (row, id) once)
+        row_idx = torch.cat([torch.full_like(ids, i) for i, ids, _ in biased])  # (n,)
+        col_idx = torch.cat([ids for _, ids, _ in biased])  # (n,)
+        values = torch.cat([v for _, _, v in biased]).to(logits.dtype)  # (n,)
+        logits = logits.index_put((row_idx, col_idx), values, accumulate=True)  # (B, V), a new tensor
     if any(r.seen is not None for r in rows):
         none = torch.zeros(V, dtype=torch.bool, device=dev)
         seen = torch.stack([r.seen if r.seen is not None else none for r in rows])  # (B, V)

@@ -271,3 +271,17 @@ def test_top_p_head_and_full_sort_paths_agree(monkeypatch, head):
         assert torch.equal(keep, hf_keep(TopPLogitsWarper(p), logits))
         for i in range(6):  # each row alone gives the same mask as in the mixed batch
             assert torch.equal(truncation_mask(logits[i : i + 1], rows_for([SamplingParams(top_p=p)]))[0], keep[i])
+
+
+def test_sparse_logit_bias_equals_a_dense_bias_row_bit_for_bit():
+    """The bias is added at its entries only; the result is exactly logits + a dense bias row (zero elsewhere)."""
+    gen = torch.Generator().manual_seed(0)
+    V = 50
+    logits = torch.randn(6, V, generator=gen) * 5
+    biases = [{3: -100.0, 7: 2.5}, None, {0: 0.125}, {49: 100.0, 1: -0.5, 2: 3.0}, None, {3: 1e-3}]
+    rows = [SequenceSampler(SamplingParams(logit_bias=b), [], V) for b in biases]
+    dense = torch.zeros(6, V)
+    for i, b in enumerate(biases):
+        for t, v in (b or {}).items():
+            dense[i, t] = v
+    assert torch.equal(apply_penalties(logits, rows), logits + dense)
