@@ -1,5 +1,7 @@
 """logit_bias cost per sampling step: the sparse add (gam_model.sampling.apply_penalties) vs a dense (B, V) bias row
-per request, same result bit for bit; alternated, median of --reps.
+per request, same result bit for bit; alternated, median of --reps. On the development CPU the dense side is bimodal
+from run to run (2.2-2.6 ms or 14-16 ms at the defaults: whether glibc serves its fresh 8 MB stack from mmap, with a
+page fault per page, depends on the allocator's state), the sparse side 1.8-2.4 ms: 1.1x to 7.3x over six runs.
 
     .venv/bin/python bench/logit_bias.py [--batch 256] [--vocab 8192] [--ids 1] [--threads 1]
 """
