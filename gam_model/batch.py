@@ -115,9 +115,6 @@ class BatchCore:
     def __len__(self) -> int:
         return len(self._seqs)
 
-    def __contains__(self, key: int) -> bool:
-        return key in self._seqs
-
     def add(self, key: int, spec: SequenceSpec) -> None:
         """Give a sequence a slot; it is prefilled by the next step. Raises ValueError for a spec it cannot run."""
         if key in self._seqs:

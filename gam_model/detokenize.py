@@ -43,16 +43,19 @@ class ReferenceDetokenizer:
         prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
         full = self._decode(self.ids[self.prefix_offset :])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            new = full[len(prefix) :]
-            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            # drop ids before the window so memory and decode cost stay bounded
-            if self.prefix_offset > 0:
-                del self.ids[: self.prefix_offset]
-                self.read_offset -= self.prefix_offset
-                self.prefix_offset = 0
-            self._text += new
-            return new
+            return self._emit(full[len(prefix) :])
         return ""
+
+    def _emit(self, new: str) -> str:
+        """The text `new` became final with the last id: the window moves past it."""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        # drop ids before the window so memory and decode cost stay bounded
+        if self.prefix_offset > 0:
+            del self.ids[: self.prefix_offset]
+            self.read_offset -= self.prefix_offset
+            self.prefix_offset = 0
+        self._text += new
+        return new
 
     def flush(self) -> str:
         """Return the held-back text (possibly ending in U+FFFD) at the end of the sequence."""
@@ -90,13 +93,5 @@ class IncrementalDetokenizer(ReferenceDetokenizer):
             return super().add(token_id)
         self.ids.append(token_id)
         new = self._stream.step(self.tokenizer.tok, token_id)
-        if not new:
-            return ""
         # mirror the stream's window: flush() decodes what came after the last emitted token
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        if self.prefix_offset > 0:
-            del self.ids[: self.prefix_offset]
-            self.read_offset -= self.prefix_offset
-            self.prefix_offset = 0
-        self._text += new
-        return new
+        return self._emit(new) if new else ""

@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from gam_model.batch import BatchCore, SequenceSpec, StepOutput
@@ -37,11 +36,11 @@ class ScoreBudget:
     its decode step, so running streams keep flowing. A chunk is `head_chunk` positions below block_size (one forward
     each) or `windows` R-token windows past it. (Bundled model on the 2-core dev CPU: 32 windows take about 35 ms;
     scoring 256 windows, or the whole 1024-position head, per iteration left a concurrent stream 0.3 s gaps between
-    tokens.) The defaults are Settings' (--score-budget-s, --score-windows, --score-head-chunk)."""
+    tokens.) Set by Settings (--score-budget-s, --score-windows, --score-head-chunk)."""
 
-    seconds: float = 0.03
-    windows: int = 32
-    head_chunk: int = 128
+    seconds: float
+    windows: int
+    head_chunk: int
 
 
 class QueueFull(RuntimeError):
@@ -119,7 +118,7 @@ class _Req:
 class _Outbox:
     """CoreOutput under construction: the columns of this iteration's step, and the per-request extras."""
 
-    steps: list[StepOutput] = field(default_factory=list)
+    step: StepOutput | None = None  # one step per iteration, one iteration per output
     finished: dict[int, Finish] = field(default_factory=dict)  # row of the step -> how its request ended
     prompts: dict[int, TokenLogprobs] = field(default_factory=dict)
     scored: list[int] = field(default_factory=list)
@@ -127,7 +126,7 @@ class _Outbox:
     replies: list[Reply] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.steps or self.scored or self.errors or self.replies)
+        return bool(self.step is not None or self.scored or self.errors or self.replies)
 
 
 class EngineCore:
@@ -141,10 +140,10 @@ class EngineCore:
         max_queue: int,
         shutdown_grace: float = 10.0,
         fault_injection: str | None = None,
-        score_budget: ScoreBudget | None = None,
+        score_budget: ScoreBudget,
     ) -> None:
         self.decoder = decoder
-        self.score_budget = score_budget or ScoreBudget()
+        self.score_budget = score_budget
         self.batch = BatchCore(decoder, tokenizer)
         self.max_batch_size = decoder.state.num_slots
         self.max_queue = max_queue
@@ -243,10 +242,11 @@ class EngineCore:
         self._running.clear()
 
     # -- output --------------------------------------------------------------------------------------------
-    def take_output(self) -> CoreOutput | None:
-        """What happened since the last call, as one message (None if nothing did)."""
+    def take_output(self, always: bool = False) -> CoreOutput | None:
+        """What happened since the last call, as one message with the counts after it (None if nothing happened,
+        unless `always`: after inputs that changed the counts)."""
         out, self._out = self._out, _Outbox()
-        if not out:
+        if not out and not always:
             return None
         msg = CoreOutput(
             prompts=out.prompts,
@@ -257,18 +257,10 @@ class EngineCore:
             waiting=self.num_waiting,
             free_slots=self.free_slots,
         )
-        if out.steps:
-            (s,) = out.steps  # one step per iteration, one iteration per output
+        if (s := out.step) is not None:
             msg.ids, msg.tokens, msg.logprobs = s.keys.tobytes(), s.tokens.tobytes(), s.logprobs.tobytes()
             msg.top, msg.finished = s.top, out.finished
         return msg
-
-    def state_output(self) -> CoreOutput:
-        """Just the counts (after inputs that changed them)."""
-        out = self.take_output() or CoreOutput()
-        out.running, out.waiting = self.num_running, self.num_waiting
-        out.free_slots = self.free_slots
-        return out
 
     # -- the iteration -------------------------------------------------------------------------------------
     def _before_step(self) -> None:
@@ -326,7 +318,7 @@ class EngineCore:
             for row, f in out.finished.items():
                 greedy = self._running[keys[row]].request.params.greedy
                 self._out.finished[row] = Finish(f.reason, f.generated, None if greedy else f.seed)
-            self._out.steps.append(out)
+            self._out.step = out
         itl = now - self._last_sample if out.stepped else 0.0
         self._last_sample = now
         # stats before the output is sent: a client that has its last token reads metrics that include it
@@ -439,8 +431,3 @@ class EngineCore:
             )
         except Exception:  # metrics must never take the loop down
             log.exception("request stats callback failed")
-
-
-def count_ids(out: CoreOutput) -> int:
-    """Rows (generated tokens) in an output."""
-    return len(out.ids) // np.dtype(np.int64).itemsize

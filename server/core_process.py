@@ -176,7 +176,7 @@ class CoreServer:
             ident, raw = self.sock.recv_multipart()
             changed |= self._handle(ident, p.decode_to_core(raw))
         if changed:
-            self._send(self.core.state_output())
+            self._send(self.core.take_output(always=True))
         if block and not self._frontend_alive():
             log.error("the frontend process is gone: stopping")
             self.stopping = True
