@@ -13,14 +13,7 @@ from gam_model.detokenize import IncrementalDetokenizer
 from gam_model.sampling import SamplingParams
 from gam_model.stopping import StopChecker, advance_token
 from tests.conftest import tiny_model
-from tests.gam_model.tokenizers_for_tests import byte_bpe
-
-PROMPTS = ["The lobster", "Homarus gammarus is a large", "é", "In life , the lobsters are blue , only becoming red"]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return byte_bpe()
+from tests.gam_model.test_generate import PROMPTS
 
 
 @pytest.fixture(scope="module")

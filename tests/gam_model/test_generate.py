@@ -12,14 +12,8 @@ from gam_model.decode import Decoder
 from gam_model.generate import generate
 from gam_model.sampling import SamplingParams
 from tests.conftest import tiny_model
-from tests.gam_model.tokenizers_for_tests import byte_bpe
 
 PROMPTS = ["The lobster", "Homarus gammarus is a large", "é", "In life , the lobsters are blue , only becoming red"]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return byte_bpe()
 
 
 @pytest.fixture(scope="module")

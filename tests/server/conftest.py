@@ -3,8 +3,12 @@ saved as a real checkpoint directory; apps driven in-process (httpx ASGITranspor
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -24,6 +28,7 @@ from server.app import create_app
 from server.settings import Settings
 from tests.conftest import tiny_model
 
+ROOT = Path(__file__).resolve().parents[2]
 FIXTURE_TEXT = Path(__file__).resolve().parent.parent / "fixtures" / "wikitext2_train_excerpt.txt"
 MODEL_ID = "tiny-gam"
 
@@ -143,3 +148,40 @@ class LiveServer:
 def live_server(make_settings) -> Iterator[LiveServer]:
     with LiveServer(make_settings()) as s:
         yield s
+
+
+class GamServe:
+    """A real `gam-serve` process (python -m server.cli) on a free 127.0.0.1 port, killed on exit if still running;
+    its combined output is `.log` afterwards."""
+
+    def __init__(self, model: Path, *args: str, **env: str) -> None:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        sock.close()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = [sys.executable, "-m", "server.cli", "--model", str(model), "--port", str(self.port), *args]
+        self.env = {**os.environ, "OMP_NUM_THREADS": "1", "GAM_DEVICE": "cpu", **env}
+        self.log = ""
+
+    def __enter__(self) -> subprocess.Popen:
+        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        return self.proc
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.log = self.proc.stdout.read().decode(errors="replace") if self.proc.stdout else ""
+
+    async def wait_healthy(self, client: httpx.AsyncClient) -> None:
+        """Poll /health until 200 (the process must stay up; bounded)."""
+        deadline = time.monotonic() + 120
+        while True:
+            assert self.proc.poll() is None and time.monotonic() < deadline, "gam-serve did not start"
+            try:
+                if (await client.get("/health")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.2)

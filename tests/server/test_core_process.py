@@ -5,41 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import psutil
 
-from tests.server.test_shutdown import ROOT, free_port
+from tests.server.conftest import GamServe
 
 CORE_NAME = "gam-engine-core"
 
 
-async def wait_healthy(client: httpx.AsyncClient, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None and time.monotonic() < deadline, "gam-serve did not start"
-        try:
-            if (await client.get("/health")).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        await asyncio.sleep(0.2)
-
-
 async def test_killed_core_fails_streams_turns_unhealthy_and_exits_1(checkpoint_dir: Path) -> None:
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GAM_MAX_NEW_TOKENS": "1000000", "GAM_DEVICE": "cpu"}
-    cmd = [sys.executable, "-m", "server.cli", "--model", str(checkpoint_dir), "--port", str(port)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=httpx.Timeout(60, connect=5)) as c:
-            await wait_healthy(c, proc)
+    server = GamServe(checkpoint_dir, GAM_MAX_NEW_TOKENS="1000000")
+    with server as proc:
+        async with httpx.AsyncClient(base_url=server.url, timeout=httpx.Timeout(60, connect=5)) as c:
+            await server.wait_healthy(c)
             (core,) = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.name() == CORE_NAME]
             body = {"inputs": "The game", "parameters": {"max_new_tokens": 10**6}}
             events: list[dict] = []
@@ -57,26 +38,18 @@ async def test_killed_core_fails_streams_turns_unhealthy_and_exits_1(checkpoint_
             except httpx.TransportError:
                 pass
             code = await asyncio.to_thread(proc.wait, 60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    log = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
-    assert code == 1, log[-3000:]
-    assert "exited with code -9" in log and "stopping the server" in log
+    assert code == 1, server.log[-3000:]
+    assert "exited with code -9" in server.log and "stopping the server" in server.log
 
 
 async def test_two_frontends_share_one_core(checkpoint_dir: Path) -> None:
     """--api-server-count 2: two HTTP processes on one port, one engine core; concurrent requests through both get
     what each gets alone (greedy, batch-invariant mode), every output reaches the connection that asked for it,
     metrics count them all, and SIGTERM drains and exits 0."""
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GAM_DEVICE": "cpu", "GAM_DTYPE": "float32"}
-    cmd = [sys.executable, "-m", "server.cli", "--model", str(checkpoint_dir), "--port", str(port)]
     # --deterministic: a row's tokens do not depend on which requests share its steps (the batches here depend on
     # timing), so "what each gets alone" is exact, not subject to a near-tie in the logits
-    cmd += ["--api-server-count", "2", "--max-batch-size", "8", "--deterministic"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    args = ("--api-server-count", "2", "--max-batch-size", "8", "--deterministic")
+    server = GamServe(checkpoint_dir, *args, GAM_DTYPE="float32")
     prompts = [f"The {w} of the" for w in ("game", "season", "war", "album", "river", "city", "film", "song")]
 
     async def ask(c: httpx.AsyncClient, prompt: str, stream: bool) -> str:
@@ -89,10 +62,10 @@ async def test_two_frontends_share_one_core(checkpoint_dir: Path) -> None:
         events = [json.loads(b[len("data:") :]) for b in r.text.split("\n\n") if b.strip()]
         return events[-1]["generated_text"]
 
-    try:
-        limits = httpx.Limits(max_keepalive_connections=0)  # a new connection per request: both workers get some
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60, limits=limits) as c:
-            await wait_healthy(c, proc)
+    limits = httpx.Limits(max_keepalive_connections=0)  # a new connection per request: both workers get some
+    with server as proc:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as c:
+            await server.wait_healthy(c)
             tree = psutil.Process(proc.pid).children(recursive=True)
             assert sum(p.name() == CORE_NAME for p in tree) == 1
             workers = [p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
@@ -107,9 +80,4 @@ async def test_two_frontends_share_one_core(checkpoint_dir: Path) -> None:
             assert done == len(prompts) * 5
             proc.send_signal(signal.SIGTERM)
             code = await asyncio.to_thread(proc.wait, 60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    log = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
-    assert code == 0, log[-3000:]
+    assert code == 0, server.log[-3000:]

@@ -5,26 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.server.conftest import GamServe
+
 GRACE_S = 2.0
 SECRET = "walrus-obsidian-9013"  # in every prompt; must not reach the process's logs
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def metric(text: str, name: str) -> float:
@@ -74,23 +64,12 @@ def ended_properly_openai(events: list[dict | str]) -> bool:
 
 @pytest.mark.slow
 async def test_sigterm_with_32_open_streams(checkpoint_dir: Path) -> None:
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GAM_MAX_NEW_TOKENS": "100000", "GAM_DEVICE": "cpu"}
-    cmd = [sys.executable, "-m", "server.cli", "--model", str(checkpoint_dir), "--port", str(port)]
-    cmd += ["--shutdown-grace", str(GRACE_S), "--max-batch-size", "16", "--max-queue", "32", "--log-level", "debug"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
+    args = ("--shutdown-grace", str(GRACE_S), "--max-batch-size", "16", "--max-queue", "32", "--log-level", "debug")
+    server = GamServe(checkpoint_dir, *args, GAM_MAX_NEW_TOKENS="100000")
+    url = server.url
+    with server as proc:
         async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(60, connect=5)) as client:
-            deadline = time.monotonic() + 120
-            while True:
-                assert proc.poll() is None and time.monotonic() < deadline, "gam-serve did not start"
-                try:
-                    if (await client.get("/health")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                await asyncio.sleep(0.2)
+            await server.wait_healthy(client)
             started = [asyncio.Event() for _ in range(32)]
             tasks = [
                 asyncio.create_task((tgi_stream if i % 2 else openai_stream)(client, i, started[i])) for i in range(32)
@@ -111,11 +90,7 @@ async def test_sigterm_with_32_open_streams(checkpoint_dir: Path) -> None:
                 assert r.status_code == 503 and r.json()["error_type"] == "unhealthy"
             results = await asyncio.wait_for(asyncio.gather(*tasks), GRACE_S + 60)
             exit_code = await asyncio.to_thread(proc.wait, GRACE_S + 60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    log = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+    log = server.log
     tgi = [r for i, r in enumerate(results) if i % 2]
     oai = [r for i, r in enumerate(results) if not i % 2]
     assert all(ended_properly_tgi(ev) for ev in tgi), [ev[-1:] for ev in tgi]
