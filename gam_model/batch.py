@@ -86,7 +86,6 @@ class _Seq:
     sampler: SequenceSampler
     stop_ids: frozenset[int]
     texts: tuple[IncrementalDetokenizer, StopChecker] | None  # only for rows with stop strings
-    special: bool  # needs per-row work after sampling
     penalties: bool
 
 
@@ -105,6 +104,7 @@ class BatchCore:
         self._pending = np.zeros(n, np.int64)  # last sampled token per slot, fed by the next step
         self._generated = np.zeros(n, np.int64)
         self._max_new = np.zeros(n, np.int64)
+        self._special = np.zeros(n, bool)  # the slot's row needs per-row work after sampling
         self.before_step: Callable[[], None] | None = None  # test hook: raising fails the step call (fault injection)
 
     # -- sequences -----------------------------------------------------------------------------------------
@@ -128,8 +128,8 @@ class BatchCore:
             texts = (IncrementalDetokenizer(self.tokenizer, spec.prompt_ids), stopper)
         penalties = sampler.seen is not None or sampler.counts is not None
         stop_ids = frozenset(spec.stop_token_ids)
-        special = bool(stop_ids) or texts is not None or penalties or spec.params.top_n_tokens > 0
-        seq = _Seq(key, spec, self.decoder.allocate(), sampler, stop_ids, texts, special, penalties)
+        seq = _Seq(key, spec, self.decoder.allocate(), sampler, stop_ids, texts, penalties)
+        self._special[seq.slot] = bool(stop_ids) or texts is not None or penalties or spec.params.top_n_tokens > 0
         self._generated[seq.slot] = 0
         self._max_new[seq.slot] = spec.max_new_tokens
         self._seqs[key] = seq
@@ -212,9 +212,8 @@ class BatchCore:
         if self.eos is not None:
             codes[tokens == self.eos] = EOS
         # per-row work only where asked
-        for i, seq in enumerate(rows):
-            if not seq.special:
-                continue
+        for i in np.flatnonzero(self._special[slots]).tolist():
+            seq = rows[i]
             tok = int(tokens[i])
             try:
                 if seq.penalties:

@@ -95,11 +95,8 @@ async def start_context(settings: Settings, attach: Attach | None = None) -> Ser
         settings=settings,
         engine=engine,
         tokenizer=tokenizer,
-        model_id=facts.model_id,
         model_config=config,
-        dtype=facts.dtype,
-        quantization=facts.quantization,
-        device=facts.device,
+        facts=facts,
         created=int(time.time()),
     )
 

@@ -9,6 +9,7 @@ from fastapi import Request
 from gam_model.config import GAMConfig
 from gam_model.tokenizer import Tokenizer
 from server.engine import Engine
+from server.protocol import Facts
 from server.settings import Settings
 
 
@@ -19,12 +20,26 @@ class ServerContext:
     settings: Settings
     engine: Engine
     tokenizer: Tokenizer
-    model_id: str
     model_config: GAMConfig
-    dtype: str
-    device: str
+    facts: Facts  # what the engine core reported once it had loaded the model
     created: int  # unix time the model was loaded (OpenAI `created`)
-    quantization: str = "none"  # weights: none, int8 or fp8 (gam_model.quant)
+
+    @property
+    def model_id(self) -> str:
+        return self.facts.model_id
+
+    @property
+    def dtype(self) -> str:
+        return self.facts.dtype
+
+    @property
+    def device(self) -> str:
+        return self.facts.device
+
+    @property
+    def quantization(self) -> str:
+        """Weights: none, int8 or fp8 (gam_model.quant)."""
+        return self.facts.quantization
 
 
 async def get_context(request: Request) -> ServerContext:

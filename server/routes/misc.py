@@ -69,8 +69,8 @@ async def info(ctx: Ctx) -> dict[str, Any]:
         # (2 * n_layer * n_embd * dtype_bytes per token)
         "n_layer": cfg.n_layer,
         "n_embd": cfg.n_embd,
-        "dtype_bytes": ctx.engine.facts.dtype_bytes if ctx.engine.facts else None,
-        "state_bytes_per_sequence": ctx.engine.facts.state_bytes_per_sequence if ctx.engine.facts else None,
+        "dtype_bytes": ctx.facts.dtype_bytes,
+        "state_bytes_per_sequence": ctx.facts.state_bytes_per_sequence,
     }
 
 
