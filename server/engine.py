@@ -120,9 +120,12 @@ def is_last(ev: Event) -> bool:
 class RequestHandle:
     """The handler's side of a submitted request: an async stream of events and a cancel switch."""
 
-    def __init__(self, request_id: int, request: GenerationRequest, engine: Engine) -> None:
+    def __init__(self, request_id: int, request: GenerationRequest, engine: Engine, wake_every: int = 1) -> None:
         self.id = request_id
         self.request = request
+        # when an event wakes the handler: 0 = only the last (a whole answer is built at the end); k = the first
+        # token, then once k events wait, and the last (--stream-interval k for streams)
+        self.wake_every = wake_every
         self.cancelled = False
         self.done = False  # its last event is queued
         self._engine = engine
@@ -130,6 +133,7 @@ class RequestHandle:
         # event, and there is one event per request per engine step)
         self._events: collections.deque[Event] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
+        self._ready = False  # the waiting events are due to the handler (wake_every)
         self._generated = 0
         self._detok: IncrementalDetokenizer | None = None
         self._stop: StopChecker | None = None
@@ -147,12 +151,17 @@ class RequestHandle:
             self._put(ErrorEvent(message, 499, "cancelled"))
 
     def _put(self, ev: Event) -> None:
-        if is_last(ev):
+        last = is_last(ev)
+        if last:
             self.done = True
-        self._events.append(ev)
-        w = self._waiter
-        if w is not None and not w.done():
-            w.set_result(None)
+        events = self._events
+        events.append(ev)
+        k = self.wake_every
+        if last or (k and (len(events) >= k or self._generated <= 1)):
+            self._ready = True
+            w = self._waiter
+            if w is not None and not w.done():
+                w.set_result(None)
 
     def _token(self, tok: int, logprob: float, fin: p.Finish | None, top: list[tuple[int, float]]) -> TokenEvent:
         """The text step of one generated token (detokenize, stop strings), as the event handlers get."""
@@ -182,14 +191,16 @@ class RequestHandle:
                 yield ev
 
     async def batches(self) -> AsyncIterator[list[Event]]:
-        """The same events, as lists of those that arrived since the last wake-up (usually one per engine step; more
-        when the handler falls behind, so a stream writes them in one send: the per-token cost that dominates a busy
-        frontend is the HTTP stack's per-send work). The last list ends with the last event."""
+        """The same events, as lists of those that waited for the handler: usually one per engine step (per
+        --stream-interval steps for a stream; only the whole answer when not streamed); more when the handler falls
+        behind, so a stream writes them in one send (the per-token cost that dominates a busy frontend is the HTTP
+        stack's per-send work). The last list ends with the last event."""
         events = self._events
         while True:
-            while not events:
+            while not self._ready:
                 self._waiter = asyncio.get_running_loop().create_future()
                 await self._waiter
+            self._ready = False
             batch = list(events)
             events.clear()
             yield batch
@@ -406,10 +417,13 @@ class Engine:
             self._exit_fd = None
 
     # -- handler side --------------------------------------------------------------------------------------
-    async def submit_all(self, requests: list[GenerationRequest], timeout: float | None = None) -> list[RequestHandle]:
+    async def submit_all(
+        self, requests: list[GenerationRequest], timeout: float | None = None, stream: bool = True
+    ) -> list[RequestHandle]:
         """Queue every request or none (the choices of one API call). Raises TooManySequences when they could never
         fit (more than slots + queue), QueueFull when they do not fit now, EngineUnavailable while draining or
-        dead, ValueError for a request the engine cannot run."""
+        dead, ValueError for a request the engine cannot run. A stream's handler is woken by its first token, then
+        every --stream-interval events; a whole answer's (stream False) only by its last event."""
         if not self.alive:
             raise EngineUnavailable(self.down_reason)
         # while draining the core refuses it (and counts it as rejected): the Drain went ahead on the same socket
@@ -417,7 +431,10 @@ class Engine:
             r.validate()
         arrival = time.monotonic()
         deadline = arrival + (self.request_timeout if timeout is None else timeout)
-        handles = [RequestHandle((self.frontend << p.FRONTEND_SHIFT) | next(self._ids), r, self) for r in requests]
+        wake = self.settings.stream_interval if stream else 0
+        handles = [
+            RequestHandle((self.frontend << p.FRONTEND_SHIFT) | next(self._ids), r, self, wake) for r in requests
+        ]
         token = next(self._tokens)
         answer = self._expect(token)
         for h in handles:

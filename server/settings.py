@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     max_input_tokens: int = Field(8192, ge=1, description="longest accepted prompt in tokens (TGI truncate cuts it)")
     max_stop_sequences: int = Field(4, ge=0, description="most stop strings per request")
     max_top_n_tokens: int = Field(5, ge=0, description="most alternatives per token (top_n_tokens, logprobs)")
+    # vLLM's --stream-interval: on a busy server each stream's wake-up and HTTP write, not the step, is what a token
+    # costs the frontend; k > 1 spends them once per k tokens (each token keeps its own SSE event)
+    stream_interval: int = Field(
+        1, ge=1, le=1024, description="streamed tokens per write after the first (1: each token as it is made)"
+    )
     request_timeout: float = Field(300.0, gt=0, description="seconds from arrival until a request is ended")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest accepted request body; past it: 413")
     api_key: SecretStr | None = Field(None, description="bearer token required on all but /health and /metrics")

@@ -133,11 +133,12 @@ def check_params(params: SamplingParams) -> SamplingParams:
     return params
 
 
-async def submit(ctx: ServerContext, reqs: list[GenerationRequest]) -> list[RequestHandle]:
+async def submit(ctx: ServerContext, reqs: list[GenerationRequest], stream: bool) -> list[RequestHandle]:
     """Hand requests (the choices of one call) to the engine, all or none: 429 with Retry-After when they do not
-    fit now, 400 when they never could, 503 when the engine is unavailable."""
+    fit now, 400 when they never could, 503 when the engine is unavailable. `stream`: answered as it comes (else
+    the handler wakes only for the last event)."""
     try:
-        return await ctx.engine.submit_all(reqs)
+        return await ctx.engine.submit_all(reqs, stream=stream)
     except TooManySequences as e:
         raise ApiError(400, str(e), param="n") from e
     except QueueFull as e:  # counted as rejected by the core

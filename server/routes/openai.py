@@ -200,7 +200,7 @@ def _usage(prompts: list[tuple[str, list[int]]], completion_tokens: int) -> dict
 async def completions(request: Request, body: CompletionRequest, ctx: Ctx) -> Any:
     """OpenAI legacy completions; `stream` answers Server-Sent Events ending in `data: [DONE]`."""
     prompts, reqs = await requests_of(ctx, body)
-    handles = await submit(ctx, reqs)
+    handles = await submit(ctx, reqs, stream=body.stream)
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         return StreamingResponse(

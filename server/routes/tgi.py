@@ -118,7 +118,7 @@ def details_json(
 
 async def generate_json(request: Request, ctx: ServerContext, body: TGIRequest, endpoint: str) -> dict[str, Any]:
     req, p = await tgi_request(ctx, body, endpoint)
-    (out,) = await collect(request, await submit(ctx, [req]))
+    (out,) = await collect(request, await submit(ctx, [req], stream=False))
     assert out.finish is not None
     text = (body.inputs if p.return_full_text else "") + out.text
     res: dict[str, Any] = {"generated_text": text}
@@ -129,7 +129,7 @@ async def generate_json(request: Request, ctx: ServerContext, body: TGIRequest, 
 
 async def generate_sse(ctx: ServerContext, body: TGIRequest, endpoint: str) -> StreamingResponse:
     req, p = await tgi_request(ctx, body, endpoint, stream=True)
-    (handle,) = await submit(ctx, [req])
+    (handle,) = await submit(ctx, [req], stream=True)
 
     def render(ev: TokenEvent) -> bytes:
         if not ev.special:
