@@ -63,7 +63,7 @@ from gam_model.model import GAM
 from gam_model.sampling import SamplingParams, SequenceSampler, sample
 from load_tests.metrics import summarize
 from load_tests.prompts import PromptSampler
-from load_tests.runner import LoadConfig, _Load, resolve_model
+from load_tests.runner import LoadConfig, resolve_model, run_load
 
 PAPER_SERVED = dict(block_size=4096)  # over GAMConfig's defaults, which are the paper's (512 wide, 6 layers, ...)
 MICRO = dict(n_embd=40, n_layer=2, n_slots=64, block_size=4096)
@@ -199,31 +199,18 @@ class BareLoop:
 
 
 # -- served ------------------------------------------------------------------------------------------------
-class NoEosLoad(_Load):
-    """The load generator's run with every request's eos biased out (OpenAI logit_bias -100): none can end early."""
-
-    def __init__(self, cfg: LoadConfig, eos_id: int | None) -> None:
-        super().__init__(cfg, progress=False)
-        self.bias = None if eos_id is None else {str(eos_id): -100}
-
-    def _next(self) -> tuple[dict, Any, int | None]:
-        body, record, cut = super()._next()
-        if self.bias is not None:
-            body["logit_bias"] = self.bias
-        return body, record, cut
-
-
 async def served(srv: ServerProcess, model_id: str | None, eos_id: int | None, streams: int, requests: int,
-                 tokens: int, seed: int) -> dict[str, Any]:  # fmt: skip
+                 tokens: int, seed: int, client: str) -> dict[str, Any]:  # fmt: skip
     """One closed-loop run of `requests` OpenAI streaming completions at `streams` concurrent streams, with the CPU
     the server's processes and this process (the load generator) used over it, and the engine's /metrics counters."""
     assert srv.proc is not None
+    bias = {} if eos_id is None else {"logit_bias": {str(eos_id): -100}}  # no request can end early
     cfg = LoadConfig(url=srv.url, api="openai", mode="closed", concurrency=streams, num_requests=requests,
                      duration_s=3600, drain_s=600, timeout_s=3600, input_words=INPUT_WORDS, output_tokens=tokens,
-                     model=model_id, seed=seed)  # fmt: skip
+                     model=model_id, seed=seed, client=client, extra_body=bias)  # fmt: skip
     m0 = await scrape(srv.url)
     cpu0, client0 = process_tree_cpu(srv.proc.pid), time.process_time()
-    res = await NoEosLoad(cfg, eos_id).run()
+    res = await run_load(cfg, progress=False)
     client, cpu1 = time.process_time() - client0, process_tree_cpu(srv.proc.pid)
     m1 = await scrape(srv.url)
     s = summarize(res.records, res.duration_s)
@@ -272,7 +259,7 @@ async def alternated(loop: BareLoop | None, servers: list[tuple[ServerProcess, s
             loop.measure()
         for i, (srv, model_id) in enumerate(servers):
             requests = max(streams, args.min_requests)
-            runs[i].append(await served(srv, model_id, eos_id, streams, requests, args.tokens, seed))
+            runs[i].append(await served(srv, model_id, eos_id, streams, requests, args.tokens, seed, args.client))
     for i, rs in enumerate(runs):
         failed, short = sum(r["requests"] - r["completed"] for r in rs), sum(r["short"] for r in rs)
         if failed or short:
@@ -287,7 +274,7 @@ async def started(stack: contextlib.ExitStack, model_dir: Path, args: argparse.N
     """A gam-serve up (closed with the stack), its model id, warmed by one round at `streams` streams."""
     srv = stack.enter_context(server_for(model_dir, args, **extra))
     model_id = await resolve_model(srv.url)
-    await warm(srv, model_id, eos_id, streams)
+    await served(srv, model_id, eos_id, streams, streams, 8, 10_000, args.client)  # warm: first batches, allocations
     return srv, model_id
 
 
@@ -295,11 +282,6 @@ def server_for(model_dir: Path, args: argparse.Namespace, **extra: object) -> Se
     return ServerProcess(model_dir, threads=args.threads, device=args.device, dtype=args.dtype_resolved,
                          max_batch_size=MAX_BATCH, max_queue=max(MAX_BATCH, *args.streams),
                          request_timeout=3600, **extra)  # fmt: skip
-
-
-async def warm(srv: ServerProcess, model_id: str | None, eos_id: int | None, streams: int) -> None:
-    """One untimed round at `streams` streams of 8 tokens: the server's first batches and allocations."""
-    await served(srv, model_id, eos_id, streams, streams, 8, seed=10_000)
 
 
 def na(b: Bench, name: str, why: str) -> None:
@@ -405,6 +387,9 @@ async def micro(b: Bench, args: argparse.Namespace, tmp: Path, help_text: str) -
         servers = [await started(stack, model_dir, args, eos, n, **({"api_server_count": 1} if frontends else {}))]
         if frontends:
             servers.append(await started(stack, model_dir, args, eos, n, api_server_count=2))
+        interval = args.stream_interval if args.stream_interval > 1 and "--stream-interval" in help_text else None
+        if interval:
+            servers.append(await started(stack, model_dir, args, eos, n, stream_interval=interval))
         res = await alternated(loop, servers, eos, n, args, f"micro {n} stream(s)")
     out = {"model": info, "streams": n, "bare": res["bare"], **res["served"][0]}
     bare, m = out["bare"], out["served"]
@@ -423,6 +408,14 @@ async def micro(b: Bench, args: argparse.Namespace, tmp: Path, help_text: str) -
         put(b, "  engine-core process CPU us per generated token", m["engine_core_us_per_token"])
     name = "  goal: frontend CPU us per streamed token" + (" (single process: INCLUDES the engine)" if single else "")
     put(b, name, m["frontend_us_per_token"], FRONTEND_GOAL_US, higher=False, single_process=single)
+    floor = out["send_floor_us"] = send_floor_us(n)
+    put(b, "    of which the floor: CPU us per send() of one event to a loopback TCP socket", floor)
+    if interval:
+        si = out[f"stream_interval_{interval}"] = res["served"][-1]
+        put(b, f"  micro served tokens/s, --stream-interval {interval}", si["served"]["tok_s"])
+        put(b, f"    frontend CPU us per streamed token, --stream-interval {interval}",
+            si["served"]["frontend_us_per_token"])  # fmt: skip
+        add_client(b, si["served"], "    ")
     if not frontends:
         na(b, "  frontend tokens/s, 2 vs 1 HTTP worker processes", "gam-serve has no --api-server-count")
         return out
@@ -432,6 +425,50 @@ async def micro(b: Bench, args: argparse.Namespace, tmp: Path, help_text: str) -
         put(b, f"    frontend CPU us per streamed token, --api-server-count {count}", mc["frontend_us_per_token"])
     put(b, "  frontend tokens/s, 2 / 1 HTTP worker processes (x)", ratio(two["served"]["tok_s"], m["tok_s"]))
     return out
+
+
+def send_floor_us(streams: int, rounds: int = 200, size: int = 330) -> float:
+    """CPU microseconds this thread spends per send() of one SSE event (size bytes, an OpenAI chunk) to one of
+    `streams` loopback TCP connections, round robin, while a thread drains them: what one HTTP write per token
+    per stream costs in the kernel alone, whatever the server does in Python."""
+    import selectors
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    senders, receivers = [], []
+    for _ in range(streams):
+        senders.append(socket.create_connection(listener.getsockname()))
+        receivers.append(listener.accept()[0])
+    for sock in senders:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as uvicorn's transports
+    stop = threading.Event()
+
+    def drain() -> None:
+        sel = selectors.DefaultSelector()
+        for r in receivers:
+            r.setblocking(False)
+            sel.register(r, selectors.EVENT_READ)
+        while not stop.is_set():
+            for key, _ in sel.select(0.05):
+                with contextlib.suppress(BlockingIOError):
+                    key.fileobj.recv(1 << 16)  # type: ignore[union-attr]
+
+    t = threading.Thread(target=drain, daemon=True)
+    t.start()
+    data = b"x" * size
+    try:
+        c0 = time.thread_time()
+        for _ in range(rounds):
+            for sock in senders:
+                sock.send(data)
+        cpu = time.thread_time() - c0
+    finally:
+        stop.set()
+        t.join()
+        for sock in senders + receivers + [listener]:
+            sock.close()
+    return 1e6 * cpu / (rounds * streams)
 
 
 def side_by_side(part: dict[str, Any], dtype: str) -> None:
@@ -471,6 +508,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads, bare loop and server alike")
     ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"])
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--client", default="raw", choices=["raw", "httpx"], help="the load generator's HTTP client")
+    ap.add_argument("--stream-interval", type=int, default=8,
+                    help="micro: also a server with this --stream-interval (1: skip)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=RESULTS / "host.json")
     args = ap.parse_args(argv)
     unknown = set(args.only.split(",")) - {"bare", "served", "micro"}

@@ -46,6 +46,12 @@ def parser() -> argparse.ArgumentParser:
         default="tgi",
         help="tgi: POST /generate_stream; openai: POST /v1/completions with stream=true",
     )
+    p.add_argument(
+        "--client",
+        choices=["httpx", "raw"],
+        default="httpx",
+        help="httpx, or raw: a lean asyncio + httptools client (http:// only) using a few times less CPU per token",
+    )
     p.add_argument("--scenario", choices=sorted(SCENARIOS), default="smoke", help="preset; flags below override it")
     p.add_argument("--mode", choices=["closed", "open"], help="closed: N concurrent streams; open: arrivals at --rate")
     p.add_argument("--concurrency", type=int, help="closed: streams; open: cap on requests in flight (0 = none)")
@@ -97,7 +103,13 @@ def build_config(args: argparse.Namespace) -> tuple[LoadConfig, str | None]:
         else:
             preset["rate"] = float(rate)
     cfg = LoadConfig(
-        url=args.url, api=args.api, ignore_eos=args.ignore_eos, model=args.model, api_key=args.api_key, **preset
+        url=args.url,
+        api=args.api,
+        client=args.client,
+        ignore_eos=args.ignore_eos,
+        model=args.model,
+        api_key=args.api_key,
+        **preset,
     )
     if relative is not None:
         cfg.rate = 1.0  # placeholder until calibration; validate() checks the rest

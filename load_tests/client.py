@@ -1,4 +1,5 @@
-"""One streaming request over httpx, timed per token event."""
+"""One streaming request, timed per token event: over httpx (any server, TLS, proxies), or over the raw client
+(load_tests/rawclient.py: a few times less CPU per token). Both fold events into a record with `observe`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,30 @@ import httpx
 
 from load_tests import protocols
 from load_tests.metrics import RequestRecord
+
+
+def observe(api: str, ev: protocols.Event, record: RequestRecord, now: float, cut_after: int | None) -> bool:
+    """Fold one parsed SSE event, arrived at `now`, into record; True when the request is over for the client (its
+    final event, [DONE], an error event, or the cut after cut_after token events)."""
+    if ev.kind == "error":
+        record.error = ev.error
+        record.end = now
+        return True
+    if ev.kind in ("token", "final"):
+        record.token_times.append(now)
+        record.text += ev.text
+    if ev.output_tokens is not None:
+        record.output_tokens = ev.output_tokens
+    if ev.prompt_tokens is not None:
+        record.prompt_tokens = ev.prompt_tokens
+    if cut_after is not None and len(record.token_times) >= cut_after and ev.kind == "token":
+        record.disconnected = True  # the caller closes the connection mid-stream: the server sees a disconnect
+        record.end = now
+        return True
+    if ev.kind in ("final", "done"):  # TGI's final event ends the request; OpenAI's [DONE]
+        record.end = now
+        return True
+    return False
 
 
 async def stream_request(
@@ -29,36 +54,12 @@ async def stream_request(
                 record.error = f"http_{resp.status_code}"
                 record.end = clock()
                 return record
-            finished = False
             async for line in resp.aiter_lines():
                 ev = protocols.parse_line(api, line)
-                if ev is None:
-                    continue
-                now = clock()
-                if ev.kind == "error":
-                    record.error = ev.error
-                    record.end = now
-                    return record
-                if ev.kind in ("token", "final"):
-                    record.token_times.append(now)
-                    record.text += ev.text
-                if ev.output_tokens is not None:
-                    record.output_tokens = ev.output_tokens
-                if ev.prompt_tokens is not None:
-                    record.prompt_tokens = ev.prompt_tokens
-                if cut_after is not None and len(record.token_times) >= cut_after and ev.kind == "token":
-                    # leaving the `async with` closes the connection mid-stream: the server sees a disconnect
-                    record.disconnected = True
-                    record.end = now
-                    return record
-                if ev.kind in ("final", "done"):
-                    finished = True
-                    record.end = now
-                    if api == "tgi":
-                        break  # TGI's final event ends the request
-            if not finished:
-                record.error = "stream:truncated"  # the server closed the stream without its final event
-                record.end = clock()
+                if ev is not None and observe(api, ev, record, clock(), cut_after):
+                    return record  # leaving the `async with` closes a stream that was cut
+            record.error = "stream:truncated"  # the server closed the stream without its final event
+            record.end = clock()
     except httpx.HTTPError as e:
         record.error = type(e).__name__
         record.end = clock()

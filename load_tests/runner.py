@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -19,6 +20,9 @@ from load_tests import protocols
 from load_tests.client import stream_request
 from load_tests.metrics import RequestRecord
 from load_tests.prompts import DEFAULT_PROMPTS, PromptSampler
+from load_tests.rawclient import RawClient
+
+CLIENTS = ("httpx", "raw")
 
 
 class RemoteTargetError(ValueError):
@@ -64,10 +68,14 @@ class LoadConfig:
     api_key: str | None = None
     seed: int = 0
     prompts: Path = field(default_factory=lambda: DEFAULT_PROMPTS)
+    client: str = "httpx"  # "raw": load_tests/rawclient.py, a few times less CPU per token (http:// only)
+    extra_body: dict[str, Any] = field(default_factory=dict)  # merged into every request body (e.g. logit_bias)
 
     def validate(self) -> None:
         if self.api not in protocols.APIS:
             raise ValueError(f"api must be one of {', '.join(protocols.APIS)}")
+        if self.client not in CLIENTS:
+            raise ValueError(f"client must be one of {', '.join(CLIENTS)}")
         if self.mode not in ("closed", "open"):
             raise ValueError("mode must be closed or open")
         if self.num_requests < 1 or self.duration_s <= 0 or self.output_tokens < 1 or self.input_words < 1:
@@ -103,6 +111,9 @@ def intervals(rate: float, burstiness: float, rng: np.random.Generator) -> Itera
         yield float(rng.gamma(shape=burstiness, scale=theta))
 
 
+Client = httpx.AsyncClient | RawClient
+
+
 class _Load:
     def __init__(self, cfg: LoadConfig, progress: bool) -> None:
         cfg.validate()
@@ -128,14 +139,20 @@ class _Load:
             seed=seed,
             ignore_eos=cfg.ignore_eos,
         )
+        body.update(cfg.extra_body)
         rec = RequestRecord(start=0.0, prompt_words=cfg.input_words, max_tokens=cfg.output_tokens)
         self.records.append(rec)
         return body, rec, cut
 
-    async def _one(self, client: httpx.AsyncClient, body: dict, rec: RequestRecord, cut: int | None) -> None:
+    async def _one(self, client: Client, body: dict, rec: RequestRecord, cut: int | None) -> None:
         rec.start = time.perf_counter()
+        api, path = self.cfg.api, self.path
+        if isinstance(client, RawClient):
+            request = client.stream(api, path, body, rec, cut)
+        else:
+            request = stream_request(client, api, path, body, rec, cut)
         try:
-            await asyncio.wait_for(stream_request(client, self.cfg.api, self.path, body, rec, cut), self.cfg.timeout_s)
+            await asyncio.wait_for(request, self.cfg.timeout_s)
         except TimeoutError:
             rec.error, rec.end = "timeout", time.perf_counter()
         except asyncio.CancelledError:
@@ -144,14 +161,14 @@ class _Load:
         finally:
             self.bar.update(1)
 
-    async def _closed(self, client: httpx.AsyncClient, deadline: float) -> None:
+    async def _closed(self, client: Client, deadline: float) -> None:
         async def worker() -> None:
             while len(self.records) < self.cfg.num_requests and time.perf_counter() < deadline:
                 await self._one(client, *self._next())
 
         await asyncio.gather(*(worker() for _ in range(self.cfg.concurrency)))
 
-    async def _open(self, client: httpx.AsyncClient, deadline: float) -> list[asyncio.Task]:
+    async def _open(self, client: Client, deadline: float) -> list[asyncio.Task]:
         cfg = self.cfg
         sem = asyncio.Semaphore(cfg.concurrency) if cfg.concurrency > 0 else None
         gaps = intervals(cfg.rate, cfg.burstiness, np.random.default_rng(cfg.seed))
@@ -175,29 +192,38 @@ class _Load:
     async def run(self) -> RunResult:
         cfg = self.cfg
         headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=max(cfg.concurrency, 16))
-        timeout = httpx.Timeout(cfg.timeout_s, connect=min(10.0, cfg.timeout_s))
-        async with httpx.AsyncClient(base_url=cfg.url, headers=headers, limits=limits, timeout=timeout) as client:
-            t0 = time.perf_counter()
-            deadline = t0 + cfg.duration_s
-            if cfg.mode == "closed":
-                main = asyncio.create_task(self._closed(client, deadline))
-                done, _ = await asyncio.wait([main], timeout=cfg.duration_s + cfg.drain_s)
-                if not done:
-                    main.cancel()
-                    await asyncio.gather(main, return_exceptions=True)
-            else:
-                tasks = await self._open(client, deadline)
-                if tasks:
-                    _, pending = await asyncio.wait(
-                        tasks, timeout=max(0.0, deadline + cfg.drain_s - time.perf_counter())
-                    )
-                    for t in pending:
-                        t.cancel()
-                    await asyncio.gather(*tasks, return_exceptions=True)
-            t1 = time.perf_counter()
+        if cfg.client == "raw":
+            raw = RawClient(cfg.url, headers)
+            try:
+                t0, t1 = await self._run(raw)
+            finally:
+                await raw.aclose()
+        else:
+            limits = httpx.Limits(max_connections=None, max_keepalive_connections=max(cfg.concurrency, 16))
+            timeout = httpx.Timeout(cfg.timeout_s, connect=min(10.0, cfg.timeout_s))
+            async with httpx.AsyncClient(base_url=cfg.url, headers=headers, limits=limits, timeout=timeout) as client:
+                t0, t1 = await self._run(client)
         self.bar.close()
         return RunResult(cfg, self.records, t0, t1)
+
+    async def _run(self, client: Client) -> tuple[float, float]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        deadline = t0 + cfg.duration_s
+        if cfg.mode == "closed":
+            main = asyncio.create_task(self._closed(client, deadline))
+            done, _ = await asyncio.wait([main], timeout=cfg.duration_s + cfg.drain_s)
+            if not done:
+                main.cancel()
+                await asyncio.gather(main, return_exceptions=True)
+        else:
+            tasks = await self._open(client, deadline)
+            if tasks:
+                _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline + cfg.drain_s - time.perf_counter()))
+                for t in pending:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        return t0, time.perf_counter()
 
 
 async def run_load(cfg: LoadConfig, progress: bool = True) -> RunResult:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import logging
 import os
 import signal
@@ -143,6 +144,8 @@ class CoreServer:
     def run(self) -> int:
         """Serve until Shutdown; returns the exit code (1 if the loop died)."""
         log.info("engine core ready: %d slots on %s (pid %d)", self.core.max_batch_size, self.facts.device, os.getpid())
+        gc.collect()  # the model, torch and the tokenizer live as long as the process: out of the collector's view
+        gc.freeze()
         try:
             while not self.stopping:
                 self._inputs(block=not self.core.has_work)

@@ -40,12 +40,14 @@ def gam_server(tiny_checkpoint: Path) -> Iterator[tuple[str, object]]:
         yield server.url, server.app
 
 
+@pytest.mark.parametrize("client", ["httpx", "raw"])
 @pytest.mark.parametrize("api", ["tgi", "openai"])
-async def test_load_run_against_gam_serve(gam_server, api: str) -> None:
+async def test_load_run_against_gam_serve(gam_server, api: str, client: str) -> None:
     url, _ = gam_server
     cfg = LoadConfig(
         url=url,
         api=api,
+        client=client,
         mode="closed",
         concurrency=4,
         num_requests=8,
@@ -66,12 +68,14 @@ async def test_load_run_against_gam_serve(gam_server, api: str) -> None:
     assert s["output_throughput"] > 0 and s["itl"]["count"] > 0
 
 
-async def test_disconnects_free_the_servers_slots(gam_server) -> None:
+@pytest.mark.parametrize("client", ["httpx", "raw"])
+async def test_disconnects_free_the_servers_slots(gam_server, client: str) -> None:
     url, app = gam_server
     # 100k tokens each would keep the 4 slots busy for minutes: only cancellation frees them within seconds
     cfg = LoadConfig(
         url=url,
         api="tgi",
+        client=client,
         mode="closed",
         concurrency=4,
         num_requests=8,

@@ -26,12 +26,15 @@ def expected_e2e() -> float:
     return TTFT_S + (N_TOKENS - 1) * GAP_S
 
 
+@pytest.mark.parametrize("client", ["httpx", "raw"])
 @pytest.mark.parametrize("api", ["tgi", "openai"])
-async def test_closed_loop_timings_and_counts(scripted, api: str) -> None:
+async def test_closed_loop_timings_and_counts(scripted, api: str, client: str) -> None:
     url, script = scripted
     cfg = LoadConfig(
         url=url,
         api=api,
+        client=client,
+        extra_body={"logit_bias": {"7": -100}},
         mode="closed",
         concurrency=2,
         num_requests=6,
@@ -64,12 +67,14 @@ async def test_closed_loop_timings_and_counts(scripted, api: str) -> None:
     if api == "openai":
         assert all(r.prompt_tokens == 20 for r in res.records)  # from the usage chunk
         assert all(b["model"] == "scripted" and b["stream_options"]["include_usage"] for b in script.bodies)
+    assert all(b["logit_bias"] == {"7": -100} for b in script.bodies)
 
 
-async def test_errors_are_counted_by_status(scripted) -> None:
+@pytest.mark.parametrize("client", ["httpx", "raw"])
+async def test_errors_are_counted_by_status(scripted, client: str) -> None:
     url, script = scripted
     script.reject = True
-    cfg = LoadConfig(url=url, api="tgi", concurrency=2, num_requests=8, output_tokens=3, duration_s=30)
+    cfg = LoadConfig(url=url, api="tgi", client=client, concurrency=2, num_requests=8, output_tokens=3, duration_s=30)
     res = await run_load(cfg, progress=False)
     s = summarize(res.records, res.duration_s)
     assert script.rejected == 8 // REJECT_EVERY
@@ -77,11 +82,13 @@ async def test_errors_are_counted_by_status(scripted) -> None:
     assert s["completed"] == 8 - 8 // REJECT_EVERY
 
 
-async def test_disconnects_cut_the_stream_and_the_server_sees_it(scripted) -> None:
+@pytest.mark.parametrize("client", ["httpx", "raw"])
+async def test_disconnects_cut_the_stream_and_the_server_sees_it(scripted, client: str) -> None:
     url, script = scripted
     cfg = LoadConfig(
         url=url,
         api="tgi",
+        client=client,
         concurrency=4,
         num_requests=8,
         output_tokens=20,
@@ -134,12 +141,33 @@ async def test_bounded_by_duration(scripted) -> None:
     assert all(r.start - res.t0 < 0.5 for r in res.records)  # nothing starts after the duration
 
 
-async def test_drain_cancels_requests_still_running(scripted) -> None:
+@pytest.mark.parametrize("client", ["httpx", "raw"])
+async def test_drain_cancels_requests_still_running(scripted, client: str) -> None:
     url, _ = scripted
-    cfg = LoadConfig(url=url, api="tgi", concurrency=2, num_requests=2, output_tokens=1000, duration_s=0.2, drain_s=0.3)
+    cfg = LoadConfig(
+        url=url,
+        api="tgi",
+        client=client,
+        concurrency=2,
+        num_requests=2,
+        output_tokens=1000,
+        duration_s=0.2,
+        drain_s=0.3,
+    )
     res = await run_load(cfg, progress=False)
     assert [r.error for r in res.records] == ["cancelled_at_deadline"] * 2
     assert all(len(r.token_times) < 1000 for r in res.records)
+
+
+async def test_raw_client_records_a_refused_connection_and_refuses_https() -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = LoadConfig(url=f"http://127.0.0.1:{port}", client="raw", concurrency=1, num_requests=1, duration_s=5)
+    res = await run_load(cfg, progress=False)
+    assert [r.error for r in res.records] == ["ConnectionRefusedError"]
+    with pytest.raises(ValueError, match="plain http"):
+        await run_load(LoadConfig(url="https://127.0.0.1:1", client="raw", num_requests=1), progress=False)
 
 
 def test_cli_writes_json_png_and_table(scripted, tmp_path, capsys) -> None:
