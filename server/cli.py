@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import socket
 import sys
@@ -16,6 +15,7 @@ from pydantic_settings import CliApp, SettingsConfigDict
 
 from gam_model.checkpoint import CheckpointError, read_config
 from gam_model.quant import QuantizationError, resolve
+from server.heap import settle_heap
 from server.settings import Settings
 
 if TYPE_CHECKING:
@@ -33,14 +33,6 @@ class CliSettings(Settings):
         cli_avoid_json=True,
         cli_enforce_required=False,
     )
-
-
-def freeze_startup_heap() -> None:
-    """Move every object alive after start-up (torch, the tokenizer, the app) out of the garbage collector's view, as
-    vLLM's API server does: they live as long as the process, and without this each oldest-generation collection
-    walks all of them. Measured on a busy frontend (256 streams, micro model): collections took 44 % of its CPU."""
-    gc.collect()
-    gc.freeze()
 
 
 class DrainingServer(uvicorn.Server):
@@ -62,7 +54,7 @@ class DrainingServer(uvicorn.Server):
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
-        freeze_startup_heap()
+        settle_heap()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         engine = self._engine()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import gc
 import logging
 import os
 import signal
@@ -27,6 +26,7 @@ from gam_model.decode import Decoder
 from gam_model.quant import quantization_of
 from server import protocol as p
 from server.core import EngineCore, EngineUnavailable, QueueFull, ScoreBudget, TooManySequences
+from server.heap import settle_heap
 from server.metrics import Metrics
 from server.settings import Settings
 from server.version import VERSION
@@ -144,8 +144,7 @@ class CoreServer:
     def run(self) -> int:
         """Serve until Shutdown; returns the exit code (1 if the loop died)."""
         log.info("engine core ready: %d slots on %s (pid %d)", self.core.max_batch_size, self.facts.device, os.getpid())
-        gc.collect()  # the model, torch and the tokenizer live as long as the process: out of the collector's view
-        gc.freeze()
+        settle_heap()
         try:
             while not self.stopping:
                 self._inputs(block=not self.core.has_work)
