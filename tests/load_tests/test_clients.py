@@ -34,7 +34,7 @@ def chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hung: asyncio.Event) -> None:
     """HTTP/1.1 keep-alive: each POST's `inputs` says how to answer it."""
     while True:
         try:
@@ -43,6 +43,11 @@ async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
             return
         length = next(int(ln.split(b":")[1]) for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length"))
         how = json.loads(await reader.readexactly(length))["inputs"]
+        if how == "hang":  # headers, then nothing: the client gives up (a timeout)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            await writer.drain()
+            hung.set()
+            await asyncio.Event().wait()
         if how == "429":
             body = json.dumps({"error": "Model is overloaded", "error_type": "overloaded"}).encode()
             writer.write(b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\n")
@@ -92,13 +97,15 @@ async def outcomes(kind: str, url: str, plan: list[str]) -> list[tuple]:
 
 
 @contextlib.asynccontextmanager
-async def server() -> AsyncIterator[str]:
+async def server(hung: asyncio.Event | None = None) -> AsyncIterator[str]:
+    """A server answering by `answer` on 127.0.0.1; `hung` is set once a "hang" request has its headers."""
+    hung = asyncio.Event() if hung is None else hung
     tasks: set[asyncio.Task] = set()
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         tasks.add(asyncio.current_task())  # type: ignore[arg-type]
         try:
-            await answer(reader, writer)
+            await answer(reader, writer, hung)
         finally:
             writer.close()
 
@@ -138,3 +145,21 @@ async def test_a_refused_connection_is_a_connect_error(kind: str) -> None:
         s.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{s.getsockname()[1]}"
     assert await outcomes(kind, url, ["x"]) == [("x", None, "ConnectError", "", 0, None, True)]
+
+
+@pytest.mark.parametrize("kind", ["httpx", "raw"])
+async def test_a_request_given_up_mid_stream_leaves_the_client_usable(kind: str) -> None:
+    hung_up = asyncio.Event()
+    async with server(hung_up) as url:
+        stack: list = []
+        send = await client_for(kind, url, stack)
+        try:
+            hung = asyncio.create_task(send("hang"))
+            await hung_up.wait()
+            hung.cancel()  # what the runner's wait_for does at --timeout
+            await asyncio.gather(hung, return_exceptions=True)
+            r = await send("bytewise")
+            assert (r.status, r.error, r.text, r.output_tokens) == (200, None, "".join(TEXTS), 3)
+        finally:
+            for close in stack:
+                await close()
