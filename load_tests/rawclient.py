@@ -41,14 +41,17 @@ class _Exchange:
                 self.cut = self.record.disconnected
                 return
 
-    def complete(self, now: float) -> None:
-        """The response ended (its last chunk, or the connection closed)."""
+    def complete(self, now: float, whole: bool) -> None:
+        """The response ended: whole (its last chunk came), or cut (the connection closed before it). Errors are
+        named as the httpx client names them, so both report the same statistics."""
         rec = self.record
-        if self.status and self.status != 200:
-            rec.error = f"http_{self.status}"
-            rec.end = now
-        elif not self.over:
-            rec.error = "stream:truncated" if self.status else "RemoteProtocolError"
+        if not self.over:
+            if not whole:  # httpx: the peer closed the connection without a response or a whole body
+                rec.error = "RemoteProtocolError"
+            elif self.status != 200:
+                rec.error = f"http_{self.status}"
+            else:
+                rec.error = "stream:truncated"  # a whole 200 response without its final event
             rec.end = now
         if not self.done.done():
             self.done.set_result(None)
@@ -87,7 +90,7 @@ class _Connection(asyncio.Protocol):
         self.reusable = False
         ex, self.exchange = self.exchange, None
         if ex is not None:
-            ex.complete(time.perf_counter())
+            ex.complete(time.perf_counter(), whole=False)
 
     # httptools
     def on_headers_complete(self) -> None:
@@ -103,7 +106,7 @@ class _Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         ex, self.exchange = self.exchange, None
         if ex is not None:
-            ex.complete(self._now)
+            ex.complete(self._now, whole=True)
 
     def close(self) -> None:
         self.reusable = False
@@ -141,8 +144,8 @@ class RawClient:
         payload = json.dumps(body).encode()
         try:
             conn = await self._acquire()
-        except OSError as e:
-            record.error, record.end = type(e).__name__, time.perf_counter()
+        except OSError:  # refused, unreachable: httpx's name for it, as the httpx client reports it
+            record.error, record.end = "ConnectError", time.perf_counter()
             return record
         ex = conn.exchange = _Exchange(api, record, cut_after)
         head = f"POST {self.base}{path} HTTP/1.1\r\n{self._head}Content-Length: {len(payload)}\r\n\r\n"
