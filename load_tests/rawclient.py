@@ -133,6 +133,7 @@ class RawClient:
             conn = self._idle.pop()
             if conn.reusable and conn.transport is not None and not conn.transport.is_closing():
                 return conn
+            self._all.discard(conn)  # closed by the server while idle
         _, conn = await asyncio.get_running_loop().create_connection(_Connection, self.host, self.port)
         self._all.add(conn)
         return conn
