@@ -115,3 +115,58 @@ async def test_batched_openai_choices_equal_single_tgi_requests(make_settings) -
                     assert got["text"] == full[:cut]
             assert u1 == u2 and u1["completion_tokens"] == total
             assert after["gam_generated_tokens_total"] - before["gam_generated_tokens_total"] == 2 * total
+
+
+async def test_prompt_logprobs_agree_across_forms_and_shared_scoring(make_settings) -> None:
+    """The prompt's logprobs (and top alternatives) are the same in every form that asks for them, whatever shares
+    its scoring: n choices, a batch of prompts, max_tokens 0, streamed or not, TGI decoder_input_details; scored over
+    many iterations (small budget) while other requests decode. The generated part still equals a lone request."""
+    long = "The season . " * 30  # past the tiny model's block_size (48): head chunks and windows
+    small = dict(score_budget_s=0.0, score_windows=3, score_head_chunk=7, deterministic=True)
+    async with app_client(make_settings(max_batch_size=4, max_queue=32, **small)) as (_, client):
+        n_prompt = len((await client.post("/tokenize", json={"inputs": long})).json())
+        base = {"model": MODEL, "echo": True, "logprobs": 2, "temperature": 0.8, "seed": 5}
+        r = await client.post("/v1/completions", json={**base, "prompt": long, "max_tokens": 0})
+        ref = r.json()["choices"][0]["logprobs"]
+        assert len(ref["token_logprobs"]) == n_prompt and ref["token_logprobs"][0] is None
+        lone = (await client.post("/v1/completions", json={**base, "prompt": long, "max_tokens": 8})).json()
+
+        async def oai(prompt, n: int, max_tokens: int, stream: bool) -> list[dict]:
+            body = {**base, "prompt": prompt, "n": n, "max_tokens": max_tokens, "stream": stream}
+            r = await client.post("/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            if not stream:
+                return [c["logprobs"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])]
+            k = (len(prompt) if isinstance(prompt, list) else 1) * n
+            out = [{"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []} for _ in range(k)]
+            for ch in sse_data(r.text):
+                for c in ch["choices"]:
+                    for key in out[c["index"]]:
+                        out[c["index"]][key] += (c["logprobs"] or {}).get(key, [])
+            return out
+
+        async def tgi() -> list[float | None]:
+            params = {"max_new_tokens": 4, "details": True, "decoder_input_details": True}
+            r = await client.post("/generate", json={"inputs": long, "parameters": params})
+            return [t["logprob"] for t in r.json()["details"]["prefill"]]
+
+        results = await asyncio.gather(
+            oai(long, 3, 8, False),
+            oai(long, 3, 8, True),
+            oai([long, "A", long], 2, 0, False),
+            oai([long, "A", long], 2, 0, True),
+            oai(long, 1, 4, True),
+            tgi(),
+        )
+        *openai, prefill = results
+        assert prefill == ref["token_logprobs"]
+        for choices in openai:
+            for lp in choices:
+                if len(lp["tokens"]) == 1:  # the prompt "A"
+                    continue
+                for key in ref:
+                    assert lp[key][:n_prompt] == ref[key], key
+        first = openai[0][0]  # choice 0 of n=3 draws with seed 5: the lone request's tokens
+        assert first["tokens"][n_prompt:] == lone["choices"][0]["logprobs"]["tokens"][n_prompt:]
+        assert first["token_logprobs"][n_prompt:] == lone["choices"][0]["logprobs"]["token_logprobs"][n_prompt:]
+        assert openai[1][0] == first
