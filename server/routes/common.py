@@ -69,25 +69,34 @@ async def encode_text(ctx: ServerContext, text: str, add_special_tokens: bool = 
     return await asyncio.to_thread(ctx.tokenizer.encode_releasing_gil, text, add_special_tokens)
 
 
-async def encode_prompt(ctx: ServerContext, text: str, param: str, truncate: int | None = None) -> list[int]:
+async def encode_prompt(
+    ctx: ServerContext, text: str, param: str, truncate: int | None = None, *, truncatable: bool = True
+) -> list[int]:
     """Tokenize a prompt; apply TGI `truncate` (keep the last N tokens) and the --max-input-tokens limit. A prompt
-    that is certainly too long (by a bound on bytes per token) is refused before it is tokenized."""
+    that is certainly too long (by a bound on bytes per token) is refused before it is tokenized. `truncatable`: the
+    API has a `truncate` parameter (TGI), so the error suggests it."""
     check_text(text, param)
     limit = ctx.settings.max_input_tokens
     if truncate is None and (at_least := ctx.tokenizer.min_tokens(text)) > limit:
-        raise ApiError(
-            422,
-            f"{param} has at least {at_least} tokens, more than the limit of {limit} (max input tokens)"
-            " - shorten it or set truncate",
-            param=param,
-        )
+        raise too_long(ctx, param, f"at least {at_least}", truncatable)
     ids = (await encode_text(ctx, text)).ids
     if not ids:
         raise ApiError(422, f"{param} has no tokens after tokenization", param=param)
-    return check_ids(ctx, ids, param, truncate)
+    return check_ids(ctx, ids, param, truncate, truncatable=truncatable)
 
 
-def check_ids(ctx: ServerContext, ids: list[int], param: str, truncate: int | None = None) -> list[int]:
+def too_long(ctx: ServerContext, param: str, count: str, truncatable: bool) -> ApiError:
+    """The error of a prompt over --max-input-tokens; it suggests `truncate` only where the API has it."""
+    fix = "shorten it or set truncate" if truncatable else "shorten it"
+    limit = ctx.settings.max_input_tokens
+    return ApiError(
+        422, f"{param} has {count} tokens, more than the limit of {limit} (max input tokens) - {fix}", param=param
+    )
+
+
+def check_ids(
+    ctx: ServerContext, ids: list[int], param: str, truncate: int | None = None, *, truncatable: bool = True
+) -> list[int]:
     limit = ctx.settings.max_input_tokens
     if truncate is not None:
         if truncate > limit:
@@ -96,12 +105,7 @@ def check_ids(ctx: ServerContext, ids: list[int], param: str, truncate: int | No
     if not ids:
         raise ApiError(422, f"{param} must not be empty", param=param)
     if len(ids) > limit:
-        raise ApiError(
-            422,
-            f"{param} has {len(ids)} tokens, more than the limit of {limit} (max input tokens)"
-            " - shorten it or set truncate",
-            param=param,
-        )
+        raise too_long(ctx, param, str(len(ids)), truncatable)
     if max(ids) >= ctx.model_config.vocab_size:
         raise ApiError(422, f"{param} has a token id >= the vocabulary size {ctx.model_config.vocab_size}", param=param)
     return ids

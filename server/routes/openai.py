@@ -57,9 +57,9 @@ async def prompts_of(ctx: ServerContext, body: CompletionRequest) -> list[tuple[
         if isinstance(t, str):
             if not t:
                 raise ApiError(400, f"{param} must not be empty", param="prompt")
-            out.append((t, await encode_prompt(ctx, t, param)))
+            out.append((t, await encode_prompt(ctx, t, param, truncatable=False)))
         else:
-            ids = check_ids(ctx, list(t), param)
+            ids = check_ids(ctx, list(t), param, truncatable=False)
             out.append((ctx.tokenizer.decode(ids), ids))
     return out
 

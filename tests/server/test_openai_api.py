@@ -207,3 +207,15 @@ async def test_text_offset_is_where_each_token_starts(client: httpx.AsyncClient)
             for off, tok in zip(offsets, tokens, strict=True):
                 if "\ufffd" not in tok:  # a byte piece of a character has no text of its own
                     assert text[off : off + len(tok)] == tok, (prompt, echo, off, tok)
+
+
+async def test_over_long_prompt_error_suggests_only_what_the_api_has(client: httpx.AsyncClient) -> None:
+    """An over-long prompt's 400 says to shorten it; `truncate` (TGI's, which this API lacks and ignores) is not
+    suggested, for string and token-id prompts alike, tokenized or refused on its byte count. TGI's 422 suggests it."""
+    for prompt in ("word " * 300, "word " * 200_000, [5] * 257):
+        r = await client.post("/v1/completions", json={"model": "tiny-gam", "prompt": prompt, "max_tokens": 2})
+        message = r.json()["error"]["message"]
+        assert r.status_code == 400 and "max input tokens" in message and "shorten it" in message
+        assert "truncate" not in message
+    r = await client.post("/generate", json={"inputs": "word " * 300, "parameters": {"max_new_tokens": 2}})
+    assert r.status_code == 422 and "set truncate" in r.json()["error"]
