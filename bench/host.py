@@ -11,13 +11,15 @@
      streaming /v1/completions, N concurrent streams in a closed loop, --tokens per request. A request cannot end
      early: greedy, no stop strings, eos biased out with OpenAI `logit_bias` -100 (gam-serve has no ignore_eos),
      and every request's usage.completion_tokens is checked. Tokens/s, ITL p50, served/bare, and beside each figure
-     the load generator's own CPU (this process) per token and in % of one core.
+     the load generator's own CPU (this process; its raw client unless --client httpx) per token and in % of one
+     core. At >= 64 streams a second server with --stream-interval (default 8) runs alternated with the first.
 2. Micro model (width 40, 2 layers, 0.53 M parameters; the same tokenizer) at 256 streams, a step cheap enough
    for the host path to show, as a GPU-sized step would:
    - engine-core host µs per generated token, forward and sampling excluded: gam_engine_busy_seconds_total
      {part="host"} from /metrics over the measured window / generated tokens (n/a when the server has no counter);
    - frontend CPU µs per streamed token: CPU time of every process in the gam-serve tree but gam-engine-core;
-   - frontend tokens/s with --api-server-count 1 and 2 (skipped when gam-serve has no such flag).
+   - frontend tokens/s with --api-server-count 1 and 2 (skipped when gam-serve has no such flag);
+   - the same with --stream-interval; and the floor: kernel CPU per send() of one event to a loopback socket.
 
 dtype auto = bfloat16 where bf16 is native (CUDA, or a CPU with avx512_bf16 / amx_bf16), else float32: without it
 bf16 GEMMs take a slow path and a step that slow would hide the host path this measures.
@@ -357,11 +359,17 @@ async def paper(b: Bench, args: argparse.Namespace, tmp: Path) -> dict[str, Any]
     rows: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
         servers = [await started(stack, model_dir, args, eos, max(args.streams))] if "served" in args.only else []
+        # beside it, at >= 64 streams: a server with --stream-interval (how much of the gap is per-token host work)
+        interval = args.stream_interval if args.stream_interval > 1 and "--stream-interval" in serve_help() else None
+        if servers and interval and max(args.streams) >= 64:
+            servers.append(await started(stack, model_dir, args, eos, max(args.streams), stream_interval=interval))
         for n in args.streams:
             loop = BareLoop(model, prompts_of(tok, n, n), eos, 2 * args.reps, args.tokens, args.call_s,
                             torch.device(args.device)) if "bare" in args.only else None  # fmt: skip
-            res = await alternated(loop, servers, eos, n, args, f"{n} stream(s)")
+            res = await alternated(loop, servers if n >= 64 else servers[:1], eos, n, args, f"{n} stream(s)")
             row = {"streams": n, "bare": res["bare"], **(res["served"][0] if servers else {"served": None})}
+            if len(res["served"]) > 1:
+                row[f"stream_interval_{interval}"] = res["served"][1]
             if row["bare"] is not None:
                 add_bare(b, row["bare"])
             if (m := row["served"]) is not None:
@@ -370,6 +378,15 @@ async def paper(b: Bench, args: argparse.Namespace, tmp: Path) -> dict[str, Any]
                 add_client(b, m)
             if row["bare"] is not None and m is not None:
                 row |= add_ratios(b, n, row["bare"], m)
+            if (si := row.get(f"stream_interval_{interval}")) is not None:
+                ms = si["served"]
+                put(b, f"  served, {n} streams, --stream-interval {interval}: tokens/s", ms["tok_s"])
+                add_client(b, ms, "    ")
+                if row["bare"] is not None:
+                    put(b, f"    served / bare step tokens/s, --stream-interval {interval}",
+                        ratio(ms["tok_s"], row["bare"]["step_tok_s"]))  # fmt: skip
+                    put(b, f"    served / bare step+sample tokens/s, --stream-interval {interval}",
+                        ratio(ms["tok_s"], row["bare"]["sample_tok_s"]))  # fmt: skip
             rows.append(row)
     return {"model": info, "rows": rows}
 
@@ -510,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--client", default="raw", choices=["raw", "httpx"], help="the load generator's HTTP client")
     ap.add_argument("--stream-interval", type=int, default=8,
-                    help="micro: also a server with this --stream-interval (1: skip)")  # fmt: skip
+                    help="also a server with this --stream-interval: micro, and paper config at >= 64 streams (1: none)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=RESULTS / "host.json")
     args = ap.parse_args(argv)
     unknown = set(args.only.split(",")) - {"bare", "served", "micro"}
