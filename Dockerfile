@@ -1,4 +1,4 @@
-# gam-serve for NVIDIA GPU hosts (docs/deploy.md).
+# gam-serve for NVIDIA GPU hosts (README.md, Deploy).
 #   docker build -t gam-serve .
 #   docker run --gpus all -p 8000:8000 --stop-timeout 30 gam-serve
 # CUDA 13.0: the default Linux build of torch 2.13.0 on PyPI is a CUDA 13.0 build (its metadata pins
