@@ -11,7 +11,8 @@
 #      Triton vs PyTorch), then Decoder.step latency / tokens/s at batch 1, 8, 64, 256 for eager, graphs,
 #      graphs + Triton (+ graphs + torch.compile), bf16; targets: batch 1 <= 100 us, batch 256 <= 300 us;
 #   3. end to end: gam-serve --device cuda on 127.0.0.1 and a short closed-loop load test against it;
-#   4. host path (issue #13): bench/host.py --quick on the device, served vs the bare step, bf16, with the --stream-interval and 2-frontend variants (at most 3 min; 92 s on the 2-core CPU).
+#   4. host path (issue #13): bench/host.py --quick on the device, served vs the bare step, bf16, with the
+#      --stream-interval and 2-frontend variants (at most 3 min; 92 s on the 2-core CPU).
 # Results land in bench/results/ (cuda_check.json, gpu_load.json/.png, gpu_check.log).
 set -uo pipefail
 cd "$(dirname "$0")/.."
