@@ -19,7 +19,8 @@
      {part="host"} from /metrics over the measured window / generated tokens (n/a when the server has no counter);
    - frontend CPU µs per streamed token: CPU time of every process in the gam-serve tree but gam-engine-core;
    - frontend tokens/s with --api-server-count 1 and 2 (skipped when gam-serve has no such flag);
-   - the same with --stream-interval; and the floor: kernel CPU per send() of one event to a loopback socket.
+   - the same with --stream-interval; and a lower bound: kernel CPU per send() of one event to a loopback socket
+     whose reader is busy (a send that must wake a sleeping reader costs more).
 
 dtype auto = bfloat16 where bf16 is native (CUDA, or a CPU with avx512_bf16 / amx_bf16), else float32: without it
 bf16 GEMMs take a slow path and a step that slow would hide the host path this measures.
@@ -426,7 +427,7 @@ async def micro(b: Bench, args: argparse.Namespace, tmp: Path, help_text: str) -
     name = "  goal: frontend CPU us per streamed token" + (" (single process: INCLUDES the engine)" if single else "")
     put(b, name, m["frontend_us_per_token"], FRONTEND_GOAL_US, higher=False, single_process=single)
     floor = out["send_floor_us"] = send_floor_us(n)
-    put(b, "    of which the floor: CPU us per send() of one event to a loopback TCP socket", floor)
+    put(b, "    lower bound: CPU us per send() of one event, loopback TCP, reader busy (no wake-up)", floor)
     if interval:
         si = out[f"stream_interval_{interval}"] = res["served"][-1]
         put(b, f"  micro served tokens/s, --stream-interval {interval}", si["served"]["tok_s"])
@@ -446,8 +447,9 @@ async def micro(b: Bench, args: argparse.Namespace, tmp: Path, help_text: str) -
 
 def send_floor_us(streams: int, rounds: int = 200, size: int = 330) -> float:
     """CPU microseconds this thread spends per send() of one SSE event (size bytes, an OpenAI chunk) to one of
-    `streams` loopback TCP connections, round robin, while a thread drains them: what one HTTP write per token
-    per stream costs in the kernel alone, whatever the server does in Python."""
+    `streams` loopback TCP connections, round robin, while a thread drains them: a lower bound of what one HTTP
+    write per token per stream costs in the kernel, whatever the server does in Python (the drain thread is mostly
+    busy, so few sends wake it; a send that wakes a sleeping reader process costs more)."""
     import selectors
     import socket
     import threading
