@@ -79,7 +79,7 @@ async def bench(args: argparse.Namespace, model_dir: Path) -> dict:
                 engine_cpu = tree_cpu_seconds(os.getpid()) - cpu0
                 cfg = LoadConfig(url=srv.url, api="tgi", mode="closed", concurrency=args.streams,
                                  num_requests=args.requests, input_words=args.input_len, output_tokens=args.output_len,
-                                 duration_s=600, timeout_s=600, seed=rep)  # fmt: skip
+                                 duration_s=600, timeout_s=600, seed=rep, client=args.client)  # fmt: skip
                 server_cpu0, client_cpu0 = srv.cpu_seconds(), time.process_time()
                 res = await run_load(cfg, progress=False)
                 server_cpu, client_cpu = srv.cpu_seconds() - server_cpu0, time.process_time() - client_cpu0
@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input-len", type=int, default=64, help="prompt words")
     p.add_argument("--output-len", type=int, default=64, help="max new tokens")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--client", default="raw", choices=["raw", "httpx"], help="the load generator's HTTP client")
     p.add_argument("--dtype", default="float32", help="server dtype, both sides (the server's CPU default: float32)")
     p.add_argument("--threads", type=int, default=1, help="torch threads on both sides")
     p.add_argument("--out", type=Path, default=RESULTS / "serving.json")
