@@ -66,7 +66,7 @@ from gam_model.model import GAM
 from gam_model.sampling import SamplingParams, SequenceSampler, sample
 from load_tests.metrics import summarize
 from load_tests.prompts import PromptSampler
-from load_tests.runner import LoadConfig, resolve_model, run_load
+from load_tests.runner import CLIENTS, LoadConfig, resolve_model, run_load
 
 PAPER_SERVED = dict(block_size=4096)  # over GAMConfig's defaults, which are the paper's (512 wide, 6 layers, ...)
 MICRO = dict(n_embd=40, n_layer=2, n_slots=64, block_size=4096)
@@ -527,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads, bare loop and server alike")
     ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--client", default="raw", choices=["raw", "httpx"], help="the load generator's HTTP client")
+    ap.add_argument("--client", default="raw", choices=CLIENTS, help="the load generator's HTTP client")
     ap.add_argument("--stream-interval", type=int, default=8,
                     help="also a server with this --stream-interval: micro, and paper config at >= 64 streams (1: none)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=RESULTS / "host.json")

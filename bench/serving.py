@@ -32,7 +32,7 @@ from bench.common import RESULTS, ServerProcess, machine, served_model, tree_cpu
 from gam_model.sampling import SamplingParams
 from load_tests.metrics import summarize
 from load_tests.prompts import PromptSampler
-from load_tests.runner import LoadConfig, run_load
+from load_tests.runner import CLIENTS, LoadConfig, run_load
 from server.app import start_context
 from server.engine import ErrorEvent, GenerationRequest
 from server.settings import Settings
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input-len", type=int, default=64, help="prompt words")
     p.add_argument("--output-len", type=int, default=64, help="max new tokens")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--client", default="raw", choices=["raw", "httpx"], help="the load generator's HTTP client")
+    p.add_argument("--client", default="raw", choices=CLIENTS, help="the load generator's HTTP client")
     p.add_argument("--dtype", default="float32", help="server dtype, both sides (the server's CPU default: float32)")
     p.add_argument("--threads", type=int, default=1, help="torch threads on both sides")
     p.add_argument("--out", type=Path, default=RESULTS / "serving.json")

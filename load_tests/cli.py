@@ -13,7 +13,15 @@ from typing import Any
 
 from load_tests.metrics import parse_goodput, summarize
 from load_tests.report import document, table, write
-from load_tests.runner import LoadConfig, RemoteTargetError, check_target, health, resolve_model, run_load
+from load_tests.runner import (
+    CLIENTS,
+    LoadConfig,
+    RemoteTargetError,
+    check_target,
+    health,
+    resolve_model,
+    run_load,
+)
 from load_tests.scenarios import SCENARIOS
 
 # flag -> LoadConfig field, for the overrides shared by every scenario
@@ -48,7 +56,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--client",
-        choices=["httpx", "raw"],
+        choices=CLIENTS,
         default="httpx",
         help="httpx, or raw: a lean asyncio + httptools client (http:// only) using a few times less CPU per token",
     )

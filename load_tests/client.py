@@ -1,5 +1,6 @@
-"""One streaming request, timed per token event: over httpx (any server, TLS, proxies), or over the raw client
-(load_tests/rawclient.py: a few times less CPU per token). Both fold events into a record with `observe`."""
+"""One streaming request, timed per token event: over httpx (`HttpxClient`: any server, TLS, proxies), or over the raw
+client (load_tests/rawclient.py: a few times less CPU per token). Both fold events into a record with `observe` and
+offer the same `stream(api, path, body, record, cut_after)` and `aclose()`."""
 
 from __future__ import annotations
 
@@ -64,3 +65,20 @@ async def stream_request(
         record.error = type(e).__name__
         record.end = clock()
     return record
+
+
+class HttpxClient:
+    """stream_request over one pooled httpx.AsyncClient."""
+
+    def __init__(self, url: str, headers: dict[str, str], connections: int, timeout_s: float) -> None:
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=max(connections, 16))
+        timeout = httpx.Timeout(timeout_s, connect=min(10.0, timeout_s))
+        self.http = httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=timeout)
+
+    async def stream(
+        self, api: str, path: str, body: dict[str, Any], record: RequestRecord, cut_after: int | None = None
+    ) -> RequestRecord:
+        return await stream_request(self.http, api, path, body, record, cut_after)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()

@@ -17,12 +17,12 @@ import numpy as np
 from tqdm import tqdm
 
 from load_tests import protocols
-from load_tests.client import stream_request
+from load_tests.client import HttpxClient
 from load_tests.metrics import RequestRecord
 from load_tests.prompts import DEFAULT_PROMPTS, PromptSampler
 from load_tests.rawclient import RawClient
 
-CLIENTS = ("httpx", "raw")
+CLIENTS = ("httpx", "raw")  # LoadConfig.client: HttpxClient (any server) or RawClient (lean, http:// only)
 
 
 class RemoteTargetError(ValueError):
@@ -111,7 +111,7 @@ def intervals(rate: float, burstiness: float, rng: np.random.Generator) -> Itera
         yield float(rng.gamma(shape=burstiness, scale=theta))
 
 
-Client = httpx.AsyncClient | RawClient
+Client = HttpxClient | RawClient
 
 
 class _Load:
@@ -146,13 +146,8 @@ class _Load:
 
     async def _one(self, client: Client, body: dict, rec: RequestRecord, cut: int | None) -> None:
         rec.start = time.perf_counter()
-        api, path = self.cfg.api, self.path
-        if isinstance(client, RawClient):
-            request = client.stream(api, path, body, rec, cut)
-        else:
-            request = stream_request(client, api, path, body, rec, cut)
         try:
-            await asyncio.wait_for(request, self.cfg.timeout_s)
+            await asyncio.wait_for(client.stream(self.cfg.api, self.path, body, rec, cut), self.cfg.timeout_s)
         except TimeoutError:
             rec.error, rec.end = "timeout", time.perf_counter()
         except asyncio.CancelledError:
@@ -192,17 +187,15 @@ class _Load:
     async def run(self) -> RunResult:
         cfg = self.cfg
         headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
-        if cfg.client == "raw":
-            raw = RawClient(cfg.url, headers)
-            try:
-                t0, t1 = await self._run(raw)
-            finally:
-                await raw.aclose()
-        else:
-            limits = httpx.Limits(max_connections=None, max_keepalive_connections=max(cfg.concurrency, 16))
-            timeout = httpx.Timeout(cfg.timeout_s, connect=min(10.0, cfg.timeout_s))
-            async with httpx.AsyncClient(base_url=cfg.url, headers=headers, limits=limits, timeout=timeout) as client:
-                t0, t1 = await self._run(client)
+        client: Client = (
+            RawClient(cfg.url, headers)
+            if cfg.client == "raw"
+            else HttpxClient(cfg.url, headers, cfg.concurrency, cfg.timeout_s)
+        )
+        try:
+            t0, t1 = await self._run(client)
+        finally:
+            await client.aclose()
         self.bar.close()
         return RunResult(cfg, self.records, t0, t1)
 
