@@ -24,23 +24,6 @@ class ServerContext:
     facts: Facts  # what the engine core reported once it had loaded the model
     created: int  # unix time the model was loaded (OpenAI `created`)
 
-    @property
-    def model_id(self) -> str:
-        return self.facts.model_id
-
-    @property
-    def dtype(self) -> str:
-        return self.facts.dtype
-
-    @property
-    def device(self) -> str:
-        return self.facts.device
-
-    @property
-    def quantization(self) -> str:
-        """Weights: none, int8 or fp8 (gam_model.quant)."""
-        return self.facts.quantization
-
 
 async def get_context(request: Request) -> ServerContext:
     """FastAPI dependency: the running server's context (async: a sync dependency costs a thread-pool hop per request)."""

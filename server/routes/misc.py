@@ -39,11 +39,11 @@ async def info(ctx: Ctx) -> dict[str, Any]:
     """TGI-like /info: model id, dtype, device, limits, version; plus GAM's own shape facts."""
     s, cfg = ctx.settings, ctx.model_config
     return {
-        "model_id": ctx.model_id,
+        "model_id": ctx.facts.model_id,
         "model_sha": None,
-        "model_dtype": f"torch.{ctx.dtype}",
-        "quantization": ctx.quantization,
-        "model_device_type": ctx.device,
+        "model_dtype": f"torch.{ctx.facts.dtype}",
+        "quantization": ctx.facts.quantization,
+        "model_device_type": ctx.facts.device,
         "model_pipeline_tag": "text-generation",
         "max_concurrent_requests": s.max_batch_size + s.max_queue,
         "max_best_of": 1,

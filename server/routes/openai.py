@@ -68,10 +68,10 @@ async def requests_of(
     ctx: ServerContext, body: CompletionRequest
 ) -> tuple[list[tuple[str, list[int]]], list[GenerationRequest]]:
     """Validate a completion body into one engine request per (prompt, n) choice (400 on bad values)."""
-    if body.model != ctx.model_id:
+    if body.model != ctx.facts.model_id:
         raise ApiError(
             404,
-            f"The model `{body.model}` does not exist; this server serves `{ctx.model_id}`",
+            f"The model `{body.model}` does not exist; this server serves `{ctx.facts.model_id}`",
             param="model",
             code="model_not_found",
         )
@@ -233,7 +233,7 @@ async def completions(request: Request, body: CompletionRequest, ctx: Ctx) -> An
             "id": cid,
             "object": "text_completion",
             "created": created,
-            "model": ctx.model_id,
+            "model": ctx.facts.model_id,
             "system_fingerprint": None,
             "choices": choices,
             "usage": usage,
@@ -286,7 +286,7 @@ async def _stream(
             "id": cid,
             "object": "text_completion",
             "created": created,
-            "model": ctx.model_id,
+            "model": ctx.facts.model_id,
             "system_fingerprint": None,
             "choices": [{"index": k, "text": text, "logprobs": logprobs, "finish_reason": finish}],
         }
@@ -344,7 +344,7 @@ async def _stream(
                         "id": cid,
                         "object": "text_completion",
                         "created": created,
-                        "model": ctx.model_id,
+                        "model": ctx.facts.model_id,
                         "system_fingerprint": None,
                         "choices": [],
                         "usage": _usage(prompts, generated),
@@ -363,13 +363,13 @@ async def models(ctx: Ctx) -> dict[str, Any]:
         "object": "list",
         "data": [
             {
-                "id": ctx.model_id,
+                "id": ctx.facts.model_id,
                 "object": "model",
                 "created": ctx.created,
                 "owned_by": "gam-serve",
                 "max_model_len": ctx.settings.max_input_tokens,
-                "dtype": ctx.dtype,
-                "quantization": ctx.quantization,
+                "dtype": ctx.facts.dtype,
+                "quantization": ctx.facts.quantization,
             }
         ],
     }
