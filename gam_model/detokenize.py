@@ -86,12 +86,18 @@ class IncrementalDetokenizer(ReferenceDetokenizer):
         # emitted window do, but a prompt context can (token-id prompts): such a sequence keeps the reference step
         partial = bool(self.ids) and self._decode(self.ids).endswith("\ufffd")
         self._stream = None if partial else DecodeStream(self.ids, skip_special_tokens=skip_special_tokens)
+        self._tok = tokenizer.tok
 
     def add(self, token_id: int) -> str:
         """Append a generated token; return the text that became final (may be "")."""
         if self._stream is None:
             return super().add(token_id)
-        self.ids.append(token_id)
-        new = self._stream.step(self.tokenizer.tok, token_id)
-        # mirror the stream's window: flush() decodes what came after the last emitted token
-        return self._emit(new) if new else ""
+        ids = self.ids
+        ids.append(token_id)
+        new = self._stream.step(self._tok, token_id)
+        if new:  # mirror the stream's window (ReferenceDetokenizer._emit, inline: once per token)
+            del ids[: self.read_offset]
+            self.prefix_offset, self.read_offset = 0, len(ids)
+            self._text += new
+            return new
+        return ""

@@ -49,9 +49,11 @@ class StopChecker:
         if self.finish_reason is not None:
             raise RuntimeError("feed() after the sequence finished")
         self.generated += 1
-        if self.is_stop_token(token_id):
+        if token_id == self.eos_token_id or token_id in self.stop_token_ids:
             self.matched_token = token_id
             return self._finish(self._release(), EOS_TOKEN)
+        if not self.stop_sequences:  # nothing to hold back or find (the common case, once per token)
+            return (text, None) if self.generated < self.max_new_tokens else self._finish(text, LENGTH)
         buf = self.held + text
         hit = self._find_stop(buf)
         if hit is not None:

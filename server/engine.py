@@ -28,6 +28,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import zmq
 import zmq.asyncio
@@ -52,6 +53,7 @@ __all__ = [
     "QueueFull",
     "RequestHandle",
     "ScoreEvent",
+    "Sink",
     "TokenEvent",
     "TooManySequences",
 ]
@@ -117,6 +119,14 @@ def is_last(ev: Event) -> bool:
     return isinstance(ev, ErrorEvent) or ev.finish is not None
 
 
+class Sink(Protocol):
+    """Where a streamed request's events go as they come, instead of waking its handler (an HTTP stream written from
+    the engine's reader: server/routes/stream.py)."""
+
+    def deliver(self) -> None:
+        """Take the due events of its handles (RequestHandle.take) and write them; never raises."""
+
+
 class RequestHandle:
     """The handler's side of a submitted request: an async stream of events and a cancel switch."""
 
@@ -134,9 +144,11 @@ class RequestHandle:
         self._events: collections.deque[Event] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
         self._ready = False  # the waiting events are due to the handler (wake_every)
+        self._sink: Sink | None = None  # set: due events go to the sink, on the reader's turn, not to a waiter
         self._generated = 0
         self._detok: IncrementalDetokenizer | None = None
         self._stop: StopChecker | None = None
+        self._special: set[int] = set()  # eos, bos and this request's stop token ids
 
     def cancel(self) -> None:
         """Drop this request: it leaves the queue, or its slot is freed before the core's next step."""
@@ -151,7 +163,7 @@ class RequestHandle:
             self._put(ErrorEvent(message, 499, "cancelled"))
 
     def _put(self, ev: Event) -> None:
-        last = is_last(ev)
+        last = isinstance(ev, ErrorEvent) or ev.finish is not None  # is_last, inline: once per token
         if last:
             self.done = True
         events = self._events
@@ -159,21 +171,41 @@ class RequestHandle:
         k = self.wake_every
         if last or (k and (len(events) >= k or self._generated <= 1)):
             self._ready = True
+            if self._sink is not None:
+                self._engine._due(self._sink)
+                return
             w = self._waiter
             if w is not None and not w.done():
                 w.set_result(None)
 
+    def attach(self, sink: Sink) -> None:
+        """Send due events to `sink` from now on (those already due go at the reader's next turn)."""
+        self._sink = sink
+        if self._ready:
+            self._engine._due(sink)
+
+    def take(self) -> list[Event]:
+        """The events due now (RequestHandle.batches' lists), or [] if none are due yet."""
+        if not self._ready:
+            return []
+        self._ready = False
+        batch = list(self._events)
+        self._events.clear()
+        return batch
+
     def _token(self, tok: int, logprob: float, fin: p.Finish | None, top: list[tuple[int, float]]) -> TokenEvent:
         """The text step of one generated token (detokenize, stop strings), as the event handlers get."""
-        r, eng = self.request, self._engine
-        if self._stop is None:
-            self._detok = IncrementalDetokenizer(eng.tokenizer, r.prompt_ids)
-            self._stop = StopChecker(r.stop, eng.tokenizer.eos_token_id, r.stop_token_ids, max(1, r.max_new_tokens))
+        r, stop = self.request, self._stop
+        if stop is None:
+            tokenizer = self._engine.tokenizer
+            self._detok = IncrementalDetokenizer(tokenizer, r.prompt_ids)
+            stop = self._stop = StopChecker(r.stop, tokenizer.eos_token_id, r.stop_token_ids, max(1, r.max_new_tokens))
+            self._special = self._engine.special_ids | stop.stop_token_ids
         assert self._detok is not None
-        text, emitted, reason = advance_token(self._detok, self._stop, tok)
-        if self._stop.is_stop_token(tok):
-            text = eng.tokenizer.id_to_token(tok)  # TGI shows a stop token's own text (e.g. "</s>")
-        special = tok in eng.special_ids or tok in self._stop.stop_token_ids
+        text, emitted, reason = advance_token(self._detok, stop, tok)
+        special = tok in self._special
+        if special and stop.is_stop_token(tok):
+            text = self._engine.tokenizer.id_to_token(tok)  # TGI shows a stop token's own text (e.g. "</s>")
         self._generated += 1
         finish = None
         if fin is not None:
@@ -195,14 +227,11 @@ class RequestHandle:
         --stream-interval steps for a stream; only the whole answer when not streamed); more when the handler falls
         behind, so a stream writes them in one send (the per-token cost that dominates a busy frontend is the HTTP
         stack's per-send work). The last list ends with the last event."""
-        events = self._events
         while True:
             while not self._ready:
                 self._waiter = asyncio.get_running_loop().create_future()
                 await self._waiter
-            self._ready = False
-            batch = list(events)
-            events.clear()
+            batch = self.take()
             yield batch
             if is_last(batch[-1]):
                 return
@@ -285,6 +314,8 @@ class Engine:
         self._reader: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._exited: asyncio.Future[None] | None = None
+        self._sinks: dict[Sink, None] = {}  # sinks with due events, in order (a dict as an ordered set)
+        self._flush_soon = False  # a _flush is scheduled on the loop
 
     # -- lifetime ------------------------------------------------------------------------------------------
     async def start(self) -> p.Facts:
@@ -502,6 +533,24 @@ class Engine:
         if fut is not None and not fut.done():
             fut.set_result(value)
 
+    def _due(self, sink: Sink) -> None:
+        """Sink has due events: it gets them at the end of this step's dispatch, or at the loop's next turn."""
+        self._sinks[sink] = None
+        if not self._flush_soon:
+            self._flush_soon = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Every due sink writes what its handles have (once per step: one write per stream, not per token)."""
+        self._flush_soon = False
+        while self._sinks:
+            sinks, self._sinks = self._sinks, {}
+            for sink in sinks:
+                try:
+                    sink.deliver()
+                except Exception:  # a bug in one stream's writer must not stall the others
+                    log.exception("a stream's writer failed")
+
     def _dispatch(self, out: p.CoreOutput) -> None:
         """One core message: replies, then each row's token event, then scores and errors (one wake-up each)."""
         for rep in out.replies:
@@ -514,9 +563,9 @@ class Engine:
                 h = handles.get(rid)
                 if h is None:  # cancelled here already
                     continue
-                fin = finished.get(row)
+                fin = finished.get(row) if finished else None
                 try:
-                    alts = list(zip(*top[row], strict=True)) if row in top else []
+                    alts = list(zip(*top[row], strict=True)) if top and row in top else []
                     tev = h._token(tokens[row], logprobs[row], fin, alts)
                     if prompts:
                         tev.prompt = prompts.pop(rid, None)
@@ -541,6 +590,7 @@ class Engine:
                         err.status, err.kind, err.message)  # fmt: skip
                 h._put(ErrorEvent(err.message, err.status, err.kind))
         self.num_running, self.num_waiting, self.free_slots = out.running, out.waiting, out.free_slots
+        self._flush()
 
     def _on_exit(self) -> None:
         """The core process ended: fail what is in flight, turn unhealthy, let the CLI stop the server."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +17,6 @@ from server.context import ServerContext
 from server.engine import (
     EngineUnavailable,
     ErrorEvent,
-    Event,
     FinishEvent,
     GenerationRequest,
     QueueFull,
@@ -155,16 +153,6 @@ async def submit(ctx: ServerContext, reqs: list[GenerationRequest], stream: bool
         ) from e
     except EngineUnavailable as e:
         raise ApiError(503, str(e), error_type="unhealthy", headers={"Retry-After": str(RETRY_AFTER_S)}) from e
-
-
-async def stream_batches(handle: RequestHandle) -> AsyncIterator[list[Event]]:
-    """A handle's events in the lists they arrived in (RequestHandle.batches); if the consumer goes away (client
-    disconnect -> cancellation), cancel the request."""
-    try:
-        async for batch in handle.batches():
-            yield batch
-    finally:
-        handle.cancel()
 
 
 @dataclass

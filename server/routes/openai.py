@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
+import orjson
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from gam_model.detokenize import IncrementalDetokenizer
 from gam_model.sampling import SamplingParams
@@ -30,6 +29,7 @@ from server.routes.common import (
     sse_response,
     submit,
 )
+from server.routes.stream import EventStream
 from server.types import CompletionRequest
 
 router = APIRouter(prefix="/v1", tags=["OpenAI"])
@@ -203,11 +203,7 @@ async def completions(request: Request, body: CompletionRequest, ctx: Ctx) -> An
     handles = await submit(ctx, reqs, stream=body.stream)
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
-        return StreamingResponse(
-            _stream(ctx, body, prompts, handles, cid, created),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        return _stream(ctx, body, prompts, handles, cid, created)
     results: list[Collected] = await collect(request, handles)
     lp = LogprobsBuilder(ctx)
     choices = []
@@ -241,58 +237,38 @@ async def completions(request: Request, body: CompletionRequest, ctx: Ctx) -> An
     )
 
 
-async def _merge(handles: list[RequestHandle]) -> AsyncIterator[list[tuple[int, Event]]]:
-    """Events of several requests as they come, tagged with the choice index, in the lists they arrived in (one write
-    each: RequestHandle.batches)."""
-    if len(handles) == 1:  # the common case: no pump task and queue hop per token
-        async for batch in handles[0].batches():
-            yield [(0, ev) for ev in batch]
-        return
-    queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
-
-    async def pump(k: int, h: RequestHandle) -> None:
-        async for ev in h.events():
-            await queue.put((k, ev))
-
-    tasks = [asyncio.create_task(pump(k, h)) for k, h in enumerate(handles)]
-    try:
-        open_ = len(handles)
-        while open_:
-            got = [await queue.get()]
-            while not queue.empty():
-                got.append(queue.get_nowait())
-            open_ -= sum(isinstance(ev, ErrorEvent) or ev.finish is not None for _, ev in got)
-            yield got
-    finally:
-        for t in tasks:
-            t.cancel()
-
-
-async def _stream(
+def _stream(
     ctx: ServerContext,
     body: CompletionRequest,
     prompts: list[tuple[str, list[int]]],
     handles: list[RequestHandle],
     cid: str,
     created: int,
-) -> AsyncIterator[bytes]:
+) -> EventStream:
+    """The streamed answer: one chunk per token (as OpenAI streams), an echoed prompt first, the usage chunk (if
+    asked) and [DONE] last."""
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     lp = LogprobsBuilder(ctx)
     offsets = [0] * len(handles)
     generated = 0
 
+    # every chunk of the stream is this frame around its one choice: serialised once, not once per token
+    frame: dict[str, Any] = {
+        "id": cid,
+        "object": "text_completion",
+        "created": created,
+        "model": ctx.facts.model_id,
+        "system_fingerprint": None,
+        "choices": [None],
+    }
+    if include_usage:
+        frame["usage"] = None
+    before, after = sse(frame).split(b'"choices":[null]')
+    before, after = before + b'"choices":[', b"]" + after
+
     def chunk(k: int, text: str, logprobs: dict[str, Any] | None, finish: str | None) -> bytes:
-        data: dict[str, Any] = {
-            "id": cid,
-            "object": "text_completion",
-            "created": created,
-            "model": ctx.facts.model_id,
-            "system_fingerprint": None,
-            "choices": [{"index": k, "text": text, "logprobs": logprobs, "finish_reason": finish}],
-        }
-        if include_usage:
-            data["usage"] = None
-        return sse(data)
+        choice = {"index": k, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        return before + orjson.dumps(choice) + after
 
     def echo(k: int, prompt: TokenLogprobs | None) -> bytes:
         ptext, pids = prompts[k // body.n]
@@ -324,36 +300,12 @@ async def _stream(
         out.append(chunk(k, ev.emitted, logprobs, finish))
         return True
 
-    try:
-        if body.echo and body.logprobs is None:
-            for k in range(len(handles)):
-                yield echo(k, None)
-        async for batch in _merge(handles):
-            out: list[bytes] = []  # one chunk per token, as OpenAI streams; those that arrived together, one write
-            ok = all(render(k, ev, out) for k, ev in batch)  # all() stops at the first error
-            if out:
-                yield b"".join(out)
-            if not ok:
-                for h in handles:
-                    h.cancel()
-                break
-        else:
-            if include_usage:
-                yield sse(
-                    {
-                        "id": cid,
-                        "object": "text_completion",
-                        "created": created,
-                        "model": ctx.facts.model_id,
-                        "system_fingerprint": None,
-                        "choices": [],
-                        "usage": _usage(prompts, generated),
-                    }
-                )
-        yield b"data: [DONE]\n\n"
-    finally:
-        for h in handles:
-            h.cancel()
+    def tail(ok: bool) -> bytes:
+        usage = sse({**frame, "choices": [], "usage": _usage(prompts, generated)}) if ok and include_usage else b""
+        return usage + b"data: [DONE]\n\n"
+
+    head = [echo(k, None) for k in range(len(handles))] if body.echo and body.logprobs is None else []
+    return EventStream(handles, render, head, tail)
 
 
 @router.get("/models", summary="List the served model")

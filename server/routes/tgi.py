@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from gam_model.sampling import SamplingParams
 from gam_model.scoring import TokenLogprobs
 from server.context import ServerContext, get_context
-from server.engine import ErrorEvent, FinishEvent, GenerationRequest, TokenEvent
+from server.engine import ErrorEvent, Event, FinishEvent, GenerationRequest, TokenEvent
 from server.errors import ApiError
 from server.routes.common import (
     check_max_new_tokens,
@@ -22,9 +21,9 @@ from server.routes.common import (
     json_float,
     sse,
     sse_response,
-    stream_batches,
     submit,
 )
+from server.routes.stream import EventStream
 from server.types import TGIParameters, TGIRequest
 
 router = APIRouter(tags=["Text Generation Inference"])
@@ -127,11 +126,18 @@ async def generate_json(request: Request, ctx: ServerContext, body: TGIRequest, 
     return res
 
 
-async def generate_sse(ctx: ServerContext, body: TGIRequest, endpoint: str) -> StreamingResponse:
+async def generate_sse(ctx: ServerContext, body: TGIRequest, endpoint: str) -> EventStream:
+    """One SSE event per token, as TGI sends: the last carries generated_text (and details if asked); an error ends
+    the stream with an {"error", "error_type"} event."""
     req, p = await tgi_request(ctx, body, endpoint, stream=True)
-    (handle,) = await submit(ctx, [req], stream=True)
+    handles = await submit(ctx, [req], stream=True)
+    parts = [body.inputs] if p.return_full_text else []
 
-    def render(ev: TokenEvent) -> bytes:
+    def render(k: int, ev: Event, out: list[bytes]) -> bool:
+        if isinstance(ev, ErrorEvent):
+            out.append(sse({"error": ev.message, "error_type": ev.error_type}))
+            return False
+        assert isinstance(ev, TokenEvent)  # TGI requests generate at least one token
         if not ev.special:
             parts.append(ev.text)
         data: dict[str, Any] = {"index": ev.index, "token": token_json(ctx, ev.id, ev.text, ev.logprob, ev.special)}
@@ -148,25 +154,10 @@ async def generate_sse(ctx: ServerContext, body: TGIRequest, endpoint: str) -> S
                     "seed": ev.finish.seed,
                     "input_length": ev.finish.prompt_tokens,
                 }
-        return sse(data)
+        out.append(sse(data))
+        return True
 
-    parts = [body.inputs] if p.return_full_text else []
-
-    async def events() -> AsyncIterator[bytes]:
-        # one event per token, as TGI sends; the events that arrived together go out in one write
-        async for batch in stream_batches(handle):
-            out = []
-            for ev in batch:
-                if isinstance(ev, ErrorEvent):
-                    out.append(sse({"error": ev.message, "error_type": ev.error_type}))
-                    break
-                assert isinstance(ev, TokenEvent)  # TGI requests generate at least one token
-                out.append(render(ev))
-            yield b"".join(out)
-
-    return StreamingResponse(
-        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    )
+    return EventStream(handles, render, [], lambda ok: b"")
 
 
 Ctx = Annotated[ServerContext, Depends(get_context)]
@@ -214,10 +205,11 @@ async def generate(request: Request, body: TGIRequest, ctx: Ctx) -> JSONResponse
 @router.post(
     "/generate_stream",
     summary="Generate text (Server-Sent Events)",
-    response_class=StreamingResponse,
+    response_class=EventStream,
+    status_code=200,
     responses=SSE_EVENTS,
 )
-async def generate_stream(body: TGIRequest, ctx: Ctx) -> StreamingResponse:
+async def generate_stream(body: TGIRequest, ctx: Ctx) -> EventStream:
     """TGI /generate_stream: one `data:` event per token; the last has generated_text and details."""
     return await generate_sse(ctx, body, "generate_stream")
 
