@@ -1,0 +1,190 @@
+"""Streams written from the engine's reader (server/routes/stream.py): a send that must wait for the client (its
+socket buffer full) keeps every event exactly once and in order while other streams go on; a client that leaves
+while a send waits frees its slot; `run_now` runs a coroutine on the spot and hands over its rest intact."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+from starlette.types import ASGIApp
+
+from server.routes.stream import run_now
+from tests.server.conftest import app_client
+
+PROMPT = "The game was"
+
+
+# -- run_now ---------------------------------------------------------------------------------------------------
+async def test_run_now_finishes_on_the_spot_or_hands_over_the_rest() -> None:
+    log: list[str] = []
+
+    async def quick() -> None:
+        log.append("quick")
+
+    assert run_now(quick()) is None and log == ["quick"]  # no task, no loop turn
+
+    async def failing() -> None:
+        raise OSError("gone")
+
+    with pytest.raises(OSError, match="gone"):
+        run_now(failing())
+
+    gate = asyncio.get_running_loop().create_future()
+
+    async def waits() -> None:
+        log.append("before")
+        log.append(await gate)
+
+    rest = run_now(waits())
+    assert rest is not None and log[-1] == "before"
+    task = asyncio.ensure_future(rest)
+    await asyncio.sleep(0)
+    assert not task.done()
+    gate.set_result("after")
+    await task
+    assert log[-1] == "after"
+
+    gate2 = asyncio.get_running_loop().create_future()
+    seen: list[str] = []
+
+    async def cancelled() -> None:
+        try:
+            await gate2
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+
+    task = asyncio.ensure_future(run_now(cancelled()))  # type: ignore[arg-type]
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert seen == ["cancelled"]
+
+
+# -- an ASGI client whose sends can wait -------------------------------------------------------------------------
+class SlowClient:
+    """Calls the app directly; body sends number `hold` (1-based) and after wait until released, as uvicorn's send
+    waits while the socket's buffer is full."""
+
+    def __init__(self, hold: set[int] | None = None, leave_after: int | None = None) -> None:
+        self.hold = hold or set()
+        self.leave_after = leave_after  # the client disconnects once this many body sends were made
+        self.status: int | None = None
+        self.bodies: list[bytes] = []
+        self.ended = False
+        self.waiting = asyncio.Event()  # a send is waiting now
+        self.release = asyncio.Event()
+        self.left = asyncio.Event()
+
+    async def run(self, app: ASGIApp, path: str, body: dict) -> None:
+        raw = json.dumps(body).encode()
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
+                 "headers": [(b"host", b"test"), (b"content-type", b"application/json"),
+                             (b"content-length", str(len(raw)).encode())],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}  # fmt: skip
+        first = [{"type": "http.request", "body": raw, "more_body": False}]
+        done = asyncio.Event()
+
+        async def receive() -> dict:
+            if first:
+                return first.pop()
+            stop = asyncio.ensure_future(done.wait())
+            leave = asyncio.ensure_future(self.left.wait())
+            await asyncio.wait([stop, leave], return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel(), leave.cancel()
+            return {"type": "http.disconnect"}
+
+        async def send(msg: dict) -> None:
+            if msg["type"] == "http.response.start":
+                self.status = msg["status"]
+            if msg["type"] != "http.response.body":
+                return
+            assert not self.ended, "a send after the end of the body"
+            n = len(self.bodies) + 1
+            if n in self.hold:
+                self.waiting.set()
+                await self.release.wait()
+            self.bodies.append(msg.get("body", b""))
+            if not msg.get("more_body", False):
+                self.ended = True
+                done.set()
+            if self.leave_after is not None and n >= self.leave_after:
+                self.left.set()
+
+        await app(scope, receive, send)
+
+    def events(self) -> list[str]:
+        text = b"".join(self.bodies).decode()
+        return [b[len("data: ") :] for b in text.split("\n\n") if b]
+
+
+def tgi_tokens(events: list[str]) -> list[dict]:
+    return [json.loads(e)["token"] for e in events]
+
+
+def openai_choices(events: list[str]) -> dict[int, str]:
+    out: dict[int, str] = {}
+    for e in events:
+        if e != "[DONE]":
+            for c in json.loads(e)["choices"]:
+                out[c["index"]] = out.get(c["index"], "") + c["text"]
+    return out
+
+
+async def wait_for(condition, what: str, limit_s: float = 30.0) -> None:
+    """Poll a condition that must become true (a bounded wait, never a timing assertion)."""
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        assert time.monotonic() < deadline, f"never: {what}"
+        await asyncio.sleep(0.01)
+
+
+TGI = {"inputs": PROMPT, "parameters": {"max_new_tokens": 24, "details": True}}
+OPENAI = {"model": "tiny-gam", "prompt": [PROMPT, "A"], "n": 2, "max_tokens": 24, "temperature": 0.9, "seed": 3,
+          "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+
+
+async def test_sends_that_wait_keep_every_event_in_order(make_settings) -> None:
+    """Writes 2 and 3 wait (the socket buffer full) while tokens keep coming: what queues behind them goes out after,
+    in order, once each; the answer is the one an unhindered client gets; another stream is not held up."""
+    async with app_client(make_settings(max_batch_size=8, deterministic=True)) as (app, _):  # batch-invariant
+        ref_tgi, ref_oai = SlowClient(), SlowClient()
+        await ref_tgi.run(app, "/generate_stream", TGI)
+        await ref_oai.run(app, "/v1/completions", OPENAI)
+        assert ref_tgi.ended and ref_oai.events()[-1] == "[DONE]"
+
+        slow, other = SlowClient(hold={2, 3}), SlowClient()
+        slow_run = asyncio.create_task(slow.run(app, "/v1/completions", OPENAI))
+        await slow.waiting.wait()
+        await other.run(app, "/generate_stream", TGI)  # completes while the slow stream's send waits
+        assert tgi_tokens(other.events()) == tgi_tokens(ref_tgi.events())
+        slow.release.set()
+        await slow_run
+        assert slow.status == 200 and slow.ended and slow.events()[-1] == "[DONE]"
+        assert openai_choices(slow.events()) == openai_choices(ref_oai.events())
+        usage = [json.loads(e)["usage"] for e in slow.events()[:-1] if json.loads(e).get("usage")]
+        assert usage == [json.loads(ref_oai.events()[-2])["usage"]]
+        assert app.state.engine.idle
+
+
+async def test_client_leaving_while_a_send_waits_frees_its_slot(make_settings) -> None:
+    async with app_client(make_settings(max_batch_size=4, max_new_tokens=4000)) as (app, client):
+        engine = app.state.engine
+        body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 4000}}
+        slow = SlowClient(hold={3}, leave_after=2)  # leaves after its second write; a third may start and wait
+        run = asyncio.create_task(slow.run(app, "/generate_stream", body))
+        left = asyncio.create_task(slow.left.wait())
+        await asyncio.wait([run, left], return_when=asyncio.FIRST_COMPLETED)  # a refused request never leaves
+        assert slow.status == 200 and slow.left.is_set(), (slow.status, slow.bodies)
+        await wait_for(lambda: engine.idle, "the request is dropped once the client left")
+        slow.release.set()  # the connection's send gives up, as uvicorn's does once the client is gone
+        await run
+        assert len(tgi_tokens(slow.events())) < 4000
+        await wait_for(lambda: engine.num_running == 0, "the core frees the slot")
+        r = await client.post("/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 2}})
+        assert r.status_code == 200
