@@ -312,7 +312,9 @@ def sample(logits: Tensor, rows: list[SequenceSampler]) -> SampleOutput:
     temp = torch.tensor(
         [[1.0 if g else float(r.params.temperature)] for g, r in zip(greedy, rows, strict=True)], device=dev
     )  # (B, 1)
-    scaled = logits / temp  # (B, V)
+    # shifted by the row max first (softmax is shift-invariant): a tiny temperature then sends the other logits to
+    # -inf, never the best one to +inf (l / 1e-39 overflows, and softmax of +inf is NaN)
+    scaled = (logits - logits.amax(dim=-1, keepdim=True)) / temp  # (B, V), max 0
     logprobs_all = scaled.log_softmax(dim=-1)  # (B, V) the reported distribution
     tokens = logits.argmax(dim=-1)  # (B,)
     sampled = [i for i, g in enumerate(greedy) if not g]
