@@ -174,7 +174,10 @@ def apply_penalties(logits: Tensor, rows: list[SequenceSampler]) -> Tensor:
         none = torch.zeros(V, dtype=torch.bool, device=dev)
         seen = torch.stack([r.seen if r.seen is not None else none for r in rows])  # (B, V)
         rp = _column(rows, "repetition_penalty", dev, logits.dtype)  # (B, 1)
-        logits = torch.where(seen, torch.where(logits > 0, logits / rp, logits * rp), logits)
+        # a tiny penalty (1e-300 is 0 in float32) would send a seen logit to +inf, whose softmax is NaN: the largest
+        # float stands in for it (the seen tokens that overflow tie)
+        boosted = (logits / rp).clamp(max=torch.finfo(logits.dtype).max)
+        logits = torch.where(seen, torch.where(logits > 0, boosted, logits * rp), logits)
     if any(r.counts is not None for r in rows):
         zero = torch.zeros(V, dtype=logits.dtype, device=dev)
         counts = torch.stack([r.counts if r.counts is not None else zero for r in rows])  # (B, V)
