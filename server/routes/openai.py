@@ -34,6 +34,7 @@ from server.types import CompletionRequest
 
 router = APIRouter(prefix="/v1", tags=["OpenAI"])
 Ctx = Annotated[ServerContext, Depends(get_context)]
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default
 
 
 def _finish_reason(reason: str) -> str:
@@ -92,7 +93,8 @@ async def requests_of(
             400, "max_tokens must be >= 1 (0 is only allowed with echo: score the prompt)", param="max_tokens"
         )
     # max_tokens 0 + echo: the engine scores the prompt if logprobs are asked, and generates nothing
-    max_new = check_max_new_tokens(ctx, 16 if body.max_tokens is None else body.max_tokens, "max_tokens")
+    default = min(DEFAULT_MAX_TOKENS, ctx.settings.max_new_tokens)  # as TGI's default, never over the limit
+    max_new = check_max_new_tokens(ctx, default if body.max_tokens is None else body.max_tokens, "max_tokens")
     prompts = await prompts_of(ctx, body)
     bias = logit_bias(ctx, body.logit_bias)
     reqs = []
