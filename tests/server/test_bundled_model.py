@@ -28,3 +28,33 @@ async def test_bundled_model_serves_both_apis() -> None:
             json={"model": info["model_id"], "prompt": "The history of", "max_tokens": 16, "temperature": 0},
         )
         assert r.status_code == 200 and r.json()["choices"][0]["text"]
+
+
+# the bundled model's greedy continuation of this prompt is Thai script: 3-byte characters split over byte tokens,
+# whose alternatives are more byte tokens that decode alone to the same U+FFFD
+SPLIT_CHARS = "and weighing up to 5 – 6 kilograms ( 11 "
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(len(BUNDLED) != 1, reason="no single bundled model under weights/ yet")
+async def test_top_logprobs_keep_the_best_of_tokens_with_the_same_text() -> None:
+    """OpenAI top_logprobs map a token's text to its logprob: where several alternatives have the same text (byte
+    tokens that decode alone to U+FFFD), the text keeps the best of them (it kept the worst, so the argmax looked
+    less likely than another alternative). Checked on a greedy continuation scored as a prompt (echo): each token
+    was the argmax, so its own entry is its logprob and the best of the step."""
+    settings = Settings(device="cpu", max_batch_size=2)
+    async with app_client(settings) as (_, client):
+        body = {"model": "gam-wikitext2", "prompt": SPLIT_CHARS, "max_tokens": 12, "temperature": 0}
+        r = await client.post(
+            "/generate", json={"inputs": SPLIT_CHARS, "parameters": {"max_new_tokens": 12, "details": True}}
+        )
+        gen = [t["id"] for t in r.json()["details"]["tokens"]]
+        ids = (await client.post("/tokenize", json={"prompt": SPLIT_CHARS, "add_special_tokens": False})).json()[
+            "tokens"
+        ]
+        body = {**body, "prompt": ids + gen, "max_tokens": 0, "echo": True, "logprobs": 5}
+        lp = (await client.post("/v1/completions", json=body)).json()["choices"][0]["logprobs"]
+        steps = list(zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], strict=True))[len(ids) :]
+        assert sum(len(top) < 5 for _, _, top in steps) > 0  # texts do collide here
+        for tok, logprob, top in steps:
+            assert top[tok] == logprob == max(top.values()), (tok, logprob, top)
