@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from server.settings import WEIGHTS_DIR, Settings
@@ -39,22 +41,19 @@ SPLIT_CHARS = "and weighing up to 5 – 6 kilograms ( 11 "
 @pytest.mark.skipif(len(BUNDLED) != 1, reason="no single bundled model under weights/ yet")
 async def test_top_logprobs_keep_the_best_of_tokens_with_the_same_text() -> None:
     """OpenAI top_logprobs map a token's text to its logprob: where several alternatives have the same text (byte
-    tokens that decode alone to U+FFFD), the text keeps the best of them (it kept the worst, so the argmax looked
-    less likely than another alternative). Checked on a greedy continuation scored as a prompt (echo): each token
-    was the argmax, so its own entry is its logprob and the best of the step."""
-    settings = Settings(device="cpu", max_batch_size=2)
-    async with app_client(settings) as (_, client):
-        body = {"model": "gam-wikitext2", "prompt": SPLIT_CHARS, "max_tokens": 12, "temperature": 0}
-        r = await client.post(
-            "/generate", json={"inputs": SPLIT_CHARS, "parameters": {"max_new_tokens": 12, "details": True}}
-        )
-        gen = [t["id"] for t in r.json()["details"]["tokens"]]
-        ids = (await client.post("/tokenize", json={"prompt": SPLIT_CHARS, "add_special_tokens": False})).json()[
-            "tokens"
-        ]
-        body = {**body, "prompt": ids + gen, "max_tokens": 0, "echo": True, "logprobs": 5}
-        lp = (await client.post("/v1/completions", json=body)).json()["choices"][0]["logprobs"]
-        steps = list(zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], strict=True))[len(ids) :]
-        assert sum(len(top) < 5 for _, _, top in steps) > 0  # texts do collide here
-        for tok, logprob, top in steps:
-            assert top[tok] == logprob == max(top.values()), (tok, logprob, top)
+    tokens that decode alone to U+FFFD), the text keeps the best of them (it kept the worst, so a greedy token looked
+    less likely than another alternative). TGI's top_tokens of the same request list every alternative."""
+    async with app_client(Settings(device="cpu", max_batch_size=2, deterministic=True)) as (_, client):
+        params = {"max_new_tokens": 12, "details": True, "top_n_tokens": 5}
+        r = await client.post("/generate", json={"inputs": SPLIT_CHARS, "parameters": params})
+        tgi = r.json()["details"]["top_tokens"]
+        body = {"model": "gam-wikitext2", "prompt": SPLIT_CHARS, "max_tokens": 12, "temperature": 0, "logprobs": 5}
+        r = await client.post("/v1/completions", json=body)
+        tops = r.json()["choices"][0]["logprobs"]["top_logprobs"]
+        assert len(tops) == len(tgi) == 12
+        assert any(len(top) < 5 for top in tops)  # texts do collide here
+        for top, alts in zip(tops, tgi, strict=True):
+            best: dict[str, float] = {}
+            for a in alts:
+                best[a["text"]] = max(best.get(a["text"], -math.inf), a["logprob"])
+            assert top == best
