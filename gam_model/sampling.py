@@ -174,7 +174,10 @@ def apply_penalties(logits: Tensor, rows: list[SequenceSampler]) -> Tensor:
         none = torch.zeros(V, dtype=torch.bool, device=dev)
         seen = torch.stack([r.seen if r.seen is not None else none for r in rows])  # (B, V)
         rp = _column(rows, "repetition_penalty", dev, logits.dtype)  # (B, 1)
-        logits = torch.where(seen, torch.where(logits > 0, logits / rp, logits * rp), logits)
+        # a tiny penalty (1e-300 is 0 in float32) would send a seen logit to +inf, whose softmax is NaN: the largest
+        # float stands in for it (the seen tokens that overflow tie)
+        boosted = (logits / rp).clamp(max=torch.finfo(logits.dtype).max)
+        logits = torch.where(seen, torch.where(logits > 0, boosted, logits * rp), logits)
     if any(r.counts is not None for r in rows):
         zero = torch.zeros(V, dtype=logits.dtype, device=dev)
         counts = torch.stack([r.counts if r.counts is not None else zero for r in rows])  # (B, V)
@@ -312,7 +315,9 @@ def sample(logits: Tensor, rows: list[SequenceSampler]) -> SampleOutput:
     temp = torch.tensor(
         [[1.0 if g else float(r.params.temperature)] for g, r in zip(greedy, rows, strict=True)], device=dev
     )  # (B, 1)
-    scaled = logits / temp  # (B, V)
+    # shifted by the row max first (softmax is shift-invariant): a tiny temperature then sends the other logits to
+    # -inf, never the best one to +inf (l / 1e-39 overflows, and softmax of +inf is NaN)
+    scaled = (logits - logits.amax(dim=-1, keepdim=True)) / temp  # (B, V), max 0
     logprobs_all = scaled.log_softmax(dim=-1)  # (B, V) the reported distribution
     tokens = logits.argmax(dim=-1)  # (B,)
     sampled = [i for i, g in enumerate(greedy) if not g]

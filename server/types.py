@@ -85,7 +85,8 @@ class CompletionRequest(_Body):
 
     model: str
     prompt: Prompt = Field(examples=["The meaning of life is"])
-    max_tokens: int | None = Field(16, ge=0)  # 0 only with echo: score the prompt, generate nothing
+    # default: OpenAI's 16, at most --max-new-tokens; 0 only with echo: score the prompt, generate nothing
+    max_tokens: int | None = Field(None, ge=0)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=16)

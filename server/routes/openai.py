@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterable
 from typing import Annotated, Any
 
 import orjson
@@ -34,6 +35,7 @@ from server.types import CompletionRequest
 
 router = APIRouter(prefix="/v1", tags=["OpenAI"])
 Ctx = Annotated[ServerContext, Depends(get_context)]
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default
 
 
 def _finish_reason(reason: str) -> str:
@@ -92,7 +94,8 @@ async def requests_of(
             400, "max_tokens must be >= 1 (0 is only allowed with echo: score the prompt)", param="max_tokens"
         )
     # max_tokens 0 + echo: the engine scores the prompt if logprobs are asked, and generates nothing
-    max_new = check_max_new_tokens(ctx, 16 if body.max_tokens is None else body.max_tokens, "max_tokens")
+    default = min(DEFAULT_MAX_TOKENS, ctx.settings.max_new_tokens)  # as TGI's default, never over the limit
+    max_new = check_max_new_tokens(ctx, default if body.max_tokens is None else body.max_tokens, "max_tokens")
     prompts = await prompts_of(ctx, body)
     bias = logit_bias(ctx, body.logit_bias)
     reqs = []
@@ -163,22 +166,30 @@ class LogprobsBuilder:
                 out["top_logprobs"].append(None)
             else:
                 out["token_logprobs"].append(json_float(prompt.logprobs[j - 1]))
-                alts = zip(prompt.top_ids[j - 1], prompt.top_logprobs[j - 1], strict=True)
-                out["top_logprobs"].append({tok.decode([a]): json_float(lp) for a, lp in alts})
+                out["top_logprobs"].append(
+                    self._top(zip(prompt.top_ids[j - 1], prompt.top_logprobs[j - 1], strict=True))
+                )
             out["text_offset"].append(len(detok.text))
             detok.add(i)
         return out
 
     def generated(self, tokens: list[TokenEvent], offset: int) -> dict[str, Any]:
         """Generated tokens' entries, the first at character `offset` (after the echoed prompt, or 0)."""
-        tok = self.ctx.tokenizer
         out = self._empty()
         for ev in tokens:
             out["tokens"].append(ev.text)
             out["token_logprobs"].append(json_float(ev.logprob))
-            out["top_logprobs"].append({tok.decode([i]): json_float(lp) for i, lp in ev.top})
+            out["top_logprobs"].append(self._top(ev.top))
             out["text_offset"].append(offset)
             offset += len(ev.text)
+        return out
+
+    def _top(self, alternatives: Iterable[tuple[int, float]]) -> dict[str, float | None]:
+        """One step's alternatives (best first) as {text: logprob}; tokens with the same text (byte tokens that decode
+        alone to U+FFFD) share an entry, which keeps the best logprob."""
+        out: dict[str, float | None] = {}
+        for i, lp in alternatives:
+            out.setdefault(self.ctx.tokenizer.decode([i]), json_float(lp))
         return out
 
     @staticmethod

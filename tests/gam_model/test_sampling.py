@@ -174,6 +174,34 @@ def test_logprobs_are_log_softmax_after_penalties_and_temperature():
     assert out.top_ids[1, 0] == out.tokens[1]  # greedy: the best alternative is the chosen token
 
 
+@pytest.mark.parametrize("temperature", [1e-45, 1e-39, 1e-30])
+@pytest.mark.parametrize("warper", [{}, {"top_k": 3}, {"top_p": 0.5}, {"typical_p": 0.5}])
+def test_a_tiny_temperature_samples_the_argmax(temperature: float, warper: dict):
+    """The limit of temperature -> 0 is the argmax with logprob 0, however small the (accepted) temperature: logits /
+    1e-39 overflow to +-inf, whose softmax was NaN, and the draw then took the last vocabulary id."""
+    logits = logits_batch(4, seed=13)
+    out = sample(
+        logits, rows_for([SamplingParams(temperature=temperature, seed=s, top_n_tokens=2, **warper) for s in range(4)])
+    )
+    assert out.tokens.tolist() == logits.argmax(-1).tolist()
+    assert out.logprobs.tolist() == [0.0] * 4
+    assert out.top_ids[:, 0].tolist() == out.tokens.tolist() and bool((out.top_logprobs[:, 1] < -1e20).all())
+
+
+@pytest.mark.parametrize("penalty", [1e-300, 1e-40])
+def test_a_tiny_repetition_penalty_picks_a_seen_token(penalty: float):
+    """A repetition penalty -> 0 boosts the seen tokens with a positive logit without bound: one of them is chosen,
+    with a finite logprob (logits / 1e-40 overflowed to +inf, softmax gave NaN and the draw the last vocabulary id)."""
+    logits = logits_batch(1, seed=14).expand(2, V).contiguous()
+    seen = [int(logits[0].argsort()[-3]), int(logits[0].argsort()[-2]), int(logits[0].argmin())]
+    params = [
+        SamplingParams(repetition_penalty=penalty, seed=1, temperature=0.8),
+        SamplingParams(repetition_penalty=penalty, temperature=0),
+    ]
+    out = sample(logits, rows_for(params, seen))
+    assert set(out.tokens.tolist()) <= set(seen[:2]) and bool(out.logprobs.isfinite().all())
+
+
 def test_no_top_n_gives_empty_alternatives():
     out = sample(logits_batch(2), rows_for([SamplingParams(seed=1), SamplingParams(temperature=0)]))
     assert out.top_ids.shape == (2, 0) and out.top_logprobs.shape == (2, 0)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import math
+
 import pytest
 
 from server.settings import WEIGHTS_DIR, Settings
@@ -28,3 +32,76 @@ async def test_bundled_model_serves_both_apis() -> None:
             json={"model": info["model_id"], "prompt": "The history of", "max_tokens": 16, "temperature": 0},
         )
         assert r.status_code == 200 and r.json()["choices"][0]["text"]
+
+
+# the bundled model's greedy continuation of this prompt is Thai script: 3-byte characters split over byte tokens,
+# whose alternatives are more byte tokens that decode alone to the same U+FFFD
+SPLIT_CHARS = "and weighing up to 5 – 6 kilograms ( 11 "
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(len(BUNDLED) != 1, reason="no single bundled model under weights/ yet")
+async def test_top_logprobs_keep_the_best_of_tokens_with_the_same_text() -> None:
+    """OpenAI top_logprobs map a token's text to its logprob: where several alternatives have the same text (byte
+    tokens that decode alone to U+FFFD), the text keeps the best of them (it kept the worst, so a greedy token looked
+    less likely than another alternative). TGI's top_tokens of the same request list every alternative."""
+    async with app_client(Settings(device="cpu", max_batch_size=2, deterministic=True)) as (_, client):
+        params = {"max_new_tokens": 12, "details": True, "top_n_tokens": 5}
+        r = await client.post("/generate", json={"inputs": SPLIT_CHARS, "parameters": params})
+        tgi = r.json()["details"]["top_tokens"]
+        body = {"model": "gam-wikitext2", "prompt": SPLIT_CHARS, "max_tokens": 12, "temperature": 0, "logprobs": 5}
+        r = await client.post("/v1/completions", json=body)
+        tops = r.json()["choices"][0]["logprobs"]["top_logprobs"]
+        assert len(tops) == len(tgi) == 12
+        assert any(len(top) < 5 for top in tops)  # texts do collide here
+        for top, alts in zip(tops, tgi, strict=True):
+            best: dict[str, float] = {}
+            for a in alts:
+                best[a["text"]] = max(best.get(a["text"], -math.inf), a["logprob"])
+            assert top == best
+
+
+def sse_events(text: str) -> list[dict]:
+    return [json.loads(b[6:]) for b in text.split("\n\n") if b.startswith("data: ") and b != "data: [DONE]"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(len(BUNDLED) != 1, reason="no single bundled model under weights/ yet")
+async def test_stop_strings_on_characters_split_over_byte_tokens_agree_in_every_form() -> None:
+    """Stop strings on the bundled model's real output of 3-byte characters, each spread over byte tokens (text
+    held back until it is complete): TGI and OpenAI, streamed (--stream-interval 4) or not, n 2, all in flight
+    together, agree; a matched stop cuts the OpenAI text once, at its first match, and TGI keeps the tokens through
+    the one that completed it; a stop that only starts to match holds text back and then releases it whole."""
+    settings = Settings(device="cpu", max_batch_size=8, deterministic=True, stream_interval=4)
+    async with app_client(settings) as (_, client):
+        params = {"max_new_tokens": 9, "details": True}
+        r = await client.post("/generate", json={"inputs": SPLIT_CHARS, "parameters": params})
+        toks = [t["text"] for t in r.json()["details"]["tokens"]]
+        full = "".join(toks)
+        assert "" in toks and any(ord(c) > 127 for c in full)  # characters split over tokens
+        for stop in (full[1:3], full[1] + "\x00"):  # two characters over tokens (the last one's), a partial match
+            cut = full.find(stop)
+            through = next(k for k in range(len(toks) + 1) if len("".join(toks[:k])) >= cut + len(stop))
+            tgi_text = "".join(toks[:through]) if cut >= 0 else full
+            p = {**params, "stop": [stop]}
+            body = {"model": "gam-wikitext2", "prompt": SPLIT_CHARS, "max_tokens": 9, "temperature": 0, "stop": [stop]}
+            plain, streamed, oai, oai_streamed = await asyncio.gather(
+                client.post("/generate", json={"inputs": SPLIT_CHARS, "parameters": p}),
+                client.post("/generate_stream", json={"inputs": SPLIT_CHARS, "parameters": p}),
+                client.post("/v1/completions", json={**body, "n": 2}),
+                client.post("/v1/completions", json={**body, "n": 2, "stream": True}),
+            )
+            finish = "stop_sequence" if cut >= 0 else "length"
+            assert plain.json()["generated_text"] == tgi_text and plain.json()["details"]["finish_reason"] == finish
+            events = sse_events(streamed.text)
+            assert "".join(e["token"]["text"] for e in events) == events[-1]["generated_text"] == tgi_text
+            want = [full[:cut] if cut >= 0 else full, "stop" if cut >= 0 else "length"]
+            assert [[c["text"], c["finish_reason"]] for c in oai.json()["choices"]] == [want, want]
+            got = [["", None], ["", None]]
+            for e in sse_events(oai_streamed.text):
+                for c in e["choices"]:
+                    got[c["index"]][0] += c["text"]
+                    if c["finish_reason"] is not None:
+                        assert got[c["index"]][1] is None  # one finish per choice
+                        got[c["index"]][1] = c["finish_reason"]
+            assert got == [want, want], stop

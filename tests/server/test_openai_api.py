@@ -11,6 +11,7 @@ import torch
 
 from gam_model.checkpoint import load_checkpoint
 from gam_model.scoring import token_logprobs
+from tests.server.conftest import app_client
 
 MODEL = "tiny-gam"
 
@@ -219,3 +220,17 @@ async def test_over_long_prompt_error_suggests_only_what_the_api_has(client: htt
         assert "truncate" not in message
     r = await client.post("/generate", json={"inputs": "word " * 300, "parameters": {"max_new_tokens": 2}})
     assert r.status_code == 422 and "set truncate" in r.json()["error"]
+
+
+async def test_max_tokens_left_out_defaults_within_the_server_limit(make_settings) -> None:
+    """OpenAI's default of 16 tokens, capped by --max-new-tokens as TGI's default is: a body without max_tokens is
+    never refused for a value the client did not send (it was a 400 "max_tokens must be <= 8, got 16")."""
+    async with app_client(make_settings(max_new_tokens=8)) as (_, client):
+        for body in ({}, {"max_tokens": None}):
+            r = await client.post(
+                "/v1/completions", json={"model": MODEL, "prompt": "The game", "temperature": 0, **body}
+            )
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["completion_tokens"] <= 8
+        r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "The game", "max_tokens": 9})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
