@@ -188,3 +188,25 @@ async def test_client_leaving_while_a_send_waits_frees_its_slot(make_settings) -
         await wait_for(lambda: engine.num_running == 0, "the core frees the slot")
         r = await client.post("/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 2}})
         assert r.status_code == 200
+
+
+async def test_an_error_while_a_send_waits_ends_the_stream_once(make_settings) -> None:
+    """A failed step ends every choice while the stream's first write waits on the client: what queued behind it
+    (tokens, then one error event and [DONE], no usage) goes out once, in order, and nothing after; slots free."""
+    async with app_client(make_settings(max_batch_size=8, fault_injection="step:3")) as (app, _):
+        engine = app.state.engine
+        body = {**OPENAI, "echo": True, "logprobs": 2}
+        slow = SlowClient(hold={1})
+        run = asyncio.create_task(slow.run(app, "/v1/completions", body))
+        await slow.waiting.wait()
+        await wait_for(lambda: engine.idle, "the failed step ends the requests")
+        slow.release.set()
+        await asyncio.wait_for(run, 60)  # bounded: a stream whose queued end is lost never returns
+        events = slow.events()
+        assert slow.status == 200 and slow.ended and events[-1] == "[DONE]"
+        assert [i for i, e in enumerate(events) if e != "[DONE]" and "error" in json.loads(e)] == [len(events) - 2]
+        chunks = [json.loads(e)["choices"][0] for e in events[:-2]]
+        for k in range(4):  # each choice: its echoed prompt first, then its tokens; none finished
+            mine = [c for c in chunks if c["index"] == k]
+            assert mine and mine[0]["text"] == body["prompt"][k // 2] and all(c["finish_reason"] is None for c in mine)
+        await wait_for(lambda: engine.num_running == 0, "the core frees the slots")
