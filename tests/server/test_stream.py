@@ -136,6 +136,11 @@ def openai_choices(events: list[str]) -> dict[int, str]:
     return out
 
 
+async def bounded(aw, limit_s: float = 60.0):
+    """Await something that must end: a stream that never ends fails the test instead of hanging the suite."""
+    return await asyncio.wait_for(aw, limit_s)
+
+
 async def wait_for(condition, what: str, limit_s: float = 30.0) -> None:
     """Poll a condition that must become true (a bounded wait, never a timing assertion)."""
     deadline = time.monotonic() + limit_s
@@ -154,17 +159,17 @@ async def test_sends_that_wait_keep_every_event_in_order(make_settings) -> None:
     in order, once each; the answer is the one an unhindered client gets; another stream is not held up."""
     async with app_client(make_settings(max_batch_size=8, deterministic=True)) as (app, _):  # batch-invariant
         ref_tgi, ref_oai = SlowClient(), SlowClient()
-        await ref_tgi.run(app, "/generate_stream", TGI)
-        await ref_oai.run(app, "/v1/completions", OPENAI)
+        await bounded(ref_tgi.run(app, "/generate_stream", TGI))
+        await bounded(ref_oai.run(app, "/v1/completions", OPENAI))
         assert ref_tgi.ended and ref_oai.events()[-1] == "[DONE]"
 
         slow, other = SlowClient(hold={2, 3}), SlowClient()
         slow_run = asyncio.create_task(slow.run(app, "/v1/completions", OPENAI))
-        await slow.waiting.wait()
-        await other.run(app, "/generate_stream", TGI)  # completes while the slow stream's send waits
+        await bounded(slow.waiting.wait())
+        await bounded(other.run(app, "/generate_stream", TGI))  # completes while the slow stream's send waits
         assert tgi_tokens(other.events()) == tgi_tokens(ref_tgi.events())
         slow.release.set()
-        await slow_run
+        await bounded(slow_run)
         assert slow.status == 200 and slow.ended and slow.events()[-1] == "[DONE]"
         assert openai_choices(slow.events()) == openai_choices(ref_oai.events())
         usage = [json.loads(e)["usage"] for e in slow.events()[:-1] if json.loads(e).get("usage")]
@@ -179,11 +184,13 @@ async def test_client_leaving_while_a_send_waits_frees_its_slot(make_settings) -
         slow = SlowClient(hold={3}, leave_after=2)  # leaves after its second write; a third may start and wait
         run = asyncio.create_task(slow.run(app, "/generate_stream", body))
         left = asyncio.create_task(slow.left.wait())
-        await asyncio.wait([run, left], return_when=asyncio.FIRST_COMPLETED)  # a refused request never leaves
+        await asyncio.wait(
+            [run, left], timeout=60, return_when=asyncio.FIRST_COMPLETED
+        )  # a refused request never leaves
         assert slow.status == 200 and slow.left.is_set(), (slow.status, slow.bodies)
         await wait_for(lambda: engine.idle, "the request is dropped once the client left")
         slow.release.set()  # the connection's send gives up, as uvicorn's does once the client is gone
-        await run
+        await bounded(run)
         assert len(tgi_tokens(slow.events())) < 4000
         await wait_for(lambda: engine.num_running == 0, "the core frees the slot")
         r = await client.post("/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 2}})
@@ -198,10 +205,10 @@ async def test_an_error_while_a_send_waits_ends_the_stream_once(make_settings) -
         body = {**OPENAI, "echo": True, "logprobs": 2}
         slow = SlowClient(hold={1})
         run = asyncio.create_task(slow.run(app, "/v1/completions", body))
-        await slow.waiting.wait()
+        await bounded(slow.waiting.wait())
         await wait_for(lambda: engine.idle, "the failed step ends the requests")
         slow.release.set()
-        await asyncio.wait_for(run, 60)  # bounded: a stream whose queued end is lost never returns
+        await bounded(run)  # a stream whose queued end is lost never returns
         events = slow.events()
         assert slow.status == 200 and slow.ended and events[-1] == "[DONE]"
         assert [i for i, e in enumerate(events) if e != "[DONE]" and "error" in json.loads(e)] == [len(events) - 2]
