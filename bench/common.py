@@ -124,10 +124,12 @@ def serve_help() -> str:
 
 
 class ServerProcess:
-    """`gam-serve` in a subprocess on 127.0.0.1 at a free port; a context manager that waits for /health."""
+    """`gam-serve` in a subprocess on 127.0.0.1 at a free port; a context manager that waits for /health. `checkout`:
+    serve that checkout's code (another commit's worktree) instead of this one's."""
 
-    def __init__(self, model_dir: Path, threads: int = 1, **settings: object) -> None:
+    def __init__(self, model_dir: Path, threads: int = 1, checkout: Path | None = None, **settings: object) -> None:
         self.model_dir, self.threads, self.settings = model_dir, threads, settings
+        self.checkout = checkout
         self.proc: subprocess.Popen | None = None
         self.url = ""
 
@@ -140,6 +142,9 @@ class ServerProcess:
             args += [f"--{k.replace('_', '-')}", str(v)]
         env = dict(os.environ, OMP_NUM_THREADS=str(self.threads))
         root = Path(__file__).resolve().parent.parent
+        if self.checkout is not None:
+            root = self.checkout.resolve()
+            env["PYTHONPATH"] = str(root)
         self.proc = subprocess.Popen([sys.executable, "-c", SERVE, *args], cwd=root, env=env)
         self.url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 300

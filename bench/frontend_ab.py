@@ -17,54 +17,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
-import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import SERVE, bundled_model_dir, process_tree_cpu, random_paper_checkpoint
-from bench.host import ENGINE_CORE, MICRO
+from bench.common import ServerProcess, bundled_model_dir, process_tree_cpu, random_paper_checkpoint
+from bench.host import ENGINE_CORE, MAX_BATCH, MICRO
 from load_tests.runner import LoadConfig, RunResult, resolve_model, run_load
 
 
-def start(label: str, spec: str, model_dir: Path) -> tuple[str, subprocess.Popen, str]:
-    checkout, _, flags = spec.partition(":")
-    root = str(Path(checkout).resolve())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    args = ["--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-            "--max-batch-size", "256", "--max-queue", "1024", "--request-timeout", "3600"]  # fmt: skip
-    for flag in filter(None, flags.split(",")):
-        name, value = flag.split("=", 1)
-        args += [f"--{name}", value]
-    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=root)
-    proc = subprocess.Popen([sys.executable, "-c", SERVE, *args], cwd=root, env=env)
-    return label, proc, f"http://127.0.0.1:{port}"
-
-
-def wait_healthy(proc: subprocess.Popen, url: str) -> None:
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"gam-serve at {url} exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"gam-serve at {url} did not become healthy")
+def server(spec: str, model_dir: Path) -> ServerProcess:
+    """LABEL=CHECKOUT[:flag=value,...] -> a gam-serve of that checkout (not started)."""
+    checkout, _, flags = spec.split("=", 1)[1].partition(":")
+    extra = dict(flag.split("=", 1) for flag in filter(None, flags.split(",")))
+    return ServerProcess(model_dir, threads=2, checkout=Path(checkout), max_batch_size=MAX_BATCH, max_queue=1024,
+                         request_timeout=3600, **{k.replace("-", "_"): v for k, v in extra.items()})  # fmt: skip
 
 
 async def load(url: str, args: argparse.Namespace, seconds: float) -> RunResult:
@@ -86,37 +59,32 @@ def main(argv: list[str] | None = None) -> int:
     bundled = bundled_model_dir()
     if bundled is None:
         raise SystemExit("needs the bundled model's tokenizer (weights/*/tokenizer.json)")
-    with tempfile.TemporaryDirectory() as tmp:
+    labels = [spec.split("=", 1)[0] for spec in args.specs]
+    rows: dict[str, list[tuple[float, float, float]]] = {label: [] for label in labels}
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         model_dir = random_paper_checkpoint(Path(tmp) / "micro", bundled, **MICRO)
         args.eos = json.loads((model_dir / "config.json").read_text())["eos_token_id"]
-        servers = [start(*spec.split("=", 1), model_dir) for spec in args.specs]
-        rows: dict[str, list[tuple[float, float, float]]] = {label: [] for label, _, _ in servers}
-        try:
-            for _, proc, url in servers:
-                wait_healthy(proc, url)
-                asyncio.run(load(url, args, 2.0))  # warm
-            for rep in range(args.reps):
-                for label, proc, url in servers:
-                    before, t0 = process_tree_cpu(proc.pid), time.monotonic()
-                    res = asyncio.run(load(url, args, args.seconds))
-                    after, wall = process_tree_cpu(proc.pid), time.monotonic() - t0
-                    tokens = sum(len(r.token_times) for r in res.records)
-                    used = {pid: s - before.get(pid, (name, 0.0))[1] for pid, (name, s) in after.items()}
-                    core = sum(u for pid, u in used.items() if after[pid][0] == ENGINE_CORE)
-                    front = sum(used.values()) - core
-                    rows[label].append((front / tokens * 1e6, core / tokens * 1e6, tokens / wall))
-                    print(f"{label:>12} rep {rep}: frontend {rows[label][-1][0]:6.1f} us/token, engine core "
-                          f"{rows[label][-1][1]:6.1f} us/token, {rows[label][-1][2]:8.0f} tokens/s", flush=True)  # fmt: skip
-        finally:
-            for _, proc, _ in servers:
-                proc.send_signal(signal.SIGTERM)
-            for _, proc, _ in servers:
-                proc.wait()
-    first = statistics.median(r[0] for r in rows[servers[0][0]])
+        servers = [stack.enter_context(server(spec, model_dir)) for spec in args.specs]
+        for srv in servers:
+            asyncio.run(load(srv.url, args, 2.0))  # warm
+        for rep in range(args.reps):
+            for label, srv in zip(labels, servers, strict=True):
+                assert srv.proc is not None
+                before, t0 = process_tree_cpu(srv.proc.pid), time.monotonic()
+                res = asyncio.run(load(srv.url, args, args.seconds))
+                after, wall = process_tree_cpu(srv.proc.pid), time.monotonic() - t0
+                tokens = sum(len(r.token_times) for r in res.records)
+                used = {pid: s - before.get(pid, (name, 0.0))[1] for pid, (name, s) in after.items()}
+                core = sum(u for pid, u in used.items() if after[pid][0] == ENGINE_CORE)
+                rows[label].append(((sum(used.values()) - core) / tokens * 1e6, core / tokens * 1e6, tokens / wall))
+                front, core_us, tok_s = rows[label][-1]
+                print(f"{label:>12} rep {rep}: frontend {front:6.1f} us/token, engine core {core_us:6.1f} us/token, "
+                      f"{tok_s:8.0f} tokens/s", flush=True)  # fmt: skip
+    first = statistics.median(r[0] for r in rows[labels[0]])
     print(f"\nmedians of {args.reps}, {args.streams} streams x {args.tokens} tokens:")
     for label, runs in rows.items():
         front = statistics.median(r[0] for r in runs)
-        print(f"{label:>12}: frontend {front:6.1f} us/token ({front / first:.2f}x {servers[0][0]}), engine core "
+        print(f"{label:>12}: frontend {front:6.1f} us/token ({front / first:.2f}x {labels[0]}), engine core "
               f"{statistics.median(r[1] for r in runs):6.1f} us/token, {statistics.median(r[2] for r in runs):8.0f} tokens/s")  # fmt: skip
     return 0
 

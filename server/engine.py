@@ -164,7 +164,7 @@ class RequestHandle:
             self._put(ErrorEvent(message, 499, "cancelled"))
 
     def _put(self, ev: Event) -> None:
-        last = isinstance(ev, ErrorEvent) or ev.finish is not None  # is_last, inline: once per token
+        last = is_last(ev)
         if last:
             self.done = True
         events = self._events

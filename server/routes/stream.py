@@ -19,7 +19,7 @@ from typing import Any
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from server.engine import ErrorEvent, Event, RequestHandle
+from server.engine import Event, RequestHandle, is_last
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +66,18 @@ class EventStream(Response):
     media_type = None  # the Content-Type is in HEADERS: a media type here would also document the API's errors as SSE
 
     def __init__(
-        self, handles: list[RequestHandle], render: Render, head: list[bytes], tail: Callable[[bool], bytes]
+        self,
+        handles: list[RequestHandle],
+        render: Render,
+        head: list[bytes] | None = None,
+        tail: Callable[[bool], bytes] | None = None,
     ) -> None:
         """head: events sent before any token (an echoed prompt); tail(ok): the events after the last one (ok:
         no error ended the stream)."""
         self.status_code = 200
         self.background = None
         self.init_headers(HEADERS)
-        self.handles, self._render, self._head, self._tail = handles, render, head, tail
+        self.handles, self._render, self._head, self._tail = handles, render, head or [], tail
         self._open = len(handles)  # choices not finished yet
         self._ended = False  # the last write is made (or the client is gone): later events are dropped
         self._send: Send | None = None
@@ -100,8 +104,11 @@ class EventStream(Response):
                 await self._writer
         finally:
             self._ended = True
-            for h in self.handles:
-                h.cancel()  # no-op once finished
+            self._cancel()
+
+    def _cancel(self) -> None:
+        for h in self.handles:
+            h.cancel()  # no-op once finished
 
     async def _watch(self, receive: Receive) -> None:
         """End the answer and free the requests' slots when the client goes away."""
@@ -113,8 +120,7 @@ class EventStream(Response):
 
     def _end(self) -> None:
         self._ended = True
-        for h in self.handles:
-            h.cancel()
+        self._cancel()
         if self._done is not None and not self._done.done():
             self._done.set_result(None)
 
@@ -132,12 +138,12 @@ class EventStream(Response):
                     if not self._render(k, ev, out):
                         ok = False
                         break
-                    if isinstance(ev, ErrorEvent) or ev.finish is not None:
+                    if is_last(ev):
                         self._open -= 1
                 if not ok:
                     break
             last = not ok or self._open == 0
-            if last:
+            if last and self._tail is not None:
                 out.append(self._tail(ok))
         except Exception:
             log.exception("rendering a stream's events failed: ending it")
@@ -145,8 +151,7 @@ class EventStream(Response):
         if out or last:
             self._write(b"".join(out), more=not last)
         if last:
-            for h in self.handles:
-                h.cancel()  # the others, after an error
+            self._cancel()  # the others, after an error
 
     def _write(self, data: bytes, more: bool) -> None:
         if self._writer is not None:  # behind a send that waits on the socket

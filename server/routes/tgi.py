@@ -11,7 +11,7 @@ from gam_model.sampling import SamplingParams
 from gam_model.scoring import TokenLogprobs
 from server.context import ServerContext, get_context
 from server.engine import ErrorEvent, Event, FinishEvent, GenerationRequest, TokenEvent
-from server.errors import ApiError
+from server.errors import ApiError, error_body
 from server.routes.common import (
     check_max_new_tokens,
     check_params,
@@ -135,7 +135,7 @@ async def generate_sse(ctx: ServerContext, body: TGIRequest, endpoint: str) -> E
 
     def render(k: int, ev: Event, out: list[bytes]) -> bool:
         if isinstance(ev, ErrorEvent):
-            out.append(sse({"error": ev.message, "error_type": ev.error_type}))
+            out.append(sse(error_body("/generate_stream", ev.status, ev.message, error_type=ev.error_type)))
             return False
         assert isinstance(ev, TokenEvent)  # TGI requests generate at least one token
         if not ev.special:
@@ -157,7 +157,7 @@ async def generate_sse(ctx: ServerContext, body: TGIRequest, endpoint: str) -> E
         out.append(sse(data))
         return True
 
-    return EventStream(handles, render, [], lambda ok: b"")
+    return EventStream(handles, render)
 
 
 Ctx = Annotated[ServerContext, Depends(get_context)]
