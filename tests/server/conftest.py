@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -20,6 +21,7 @@ import pytest
 import torch
 import uvicorn
 from fastapi import FastAPI
+from starlette.types import ASGIApp
 
 from gam_model import data
 from gam_model.checkpoint import CheckpointMeta, save_checkpoint
@@ -185,3 +187,61 @@ class GamServe:
             except httpx.TransportError:
                 pass
             await asyncio.sleep(0.2)
+
+
+class SlowClient:
+    """An HTTP client that calls the app directly (ASGI), so each send is seen as the app made it (httpx's in-process
+    transport joins a response's sends); body sends number `hold` (1-based) and after wait until released, as uvicorn's send
+    waits while the socket's buffer is full."""
+
+    def __init__(self, hold: set[int] | None = None, leave_after: int | None = None) -> None:
+        self.hold = hold or set()
+        self.leave_after = leave_after  # the client disconnects once this many body sends were made
+        self.status: int | None = None
+        self.bodies: list[bytes] = []
+        self.ended = False
+        self.waiting = asyncio.Event()  # a send is waiting now
+        self.release = asyncio.Event()
+        self.left = asyncio.Event()
+
+    async def run(self, app: ASGIApp, path: str, body: dict) -> None:
+        raw = json.dumps(body).encode()
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
+                 "headers": [(b"host", b"test"), (b"content-type", b"application/json"),
+                             (b"content-length", str(len(raw)).encode())],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}  # fmt: skip
+        first = [{"type": "http.request", "body": raw, "more_body": False}]
+        done = asyncio.Event()
+
+        async def receive() -> dict:
+            if first:
+                return first.pop()
+            stop = asyncio.ensure_future(done.wait())
+            leave = asyncio.ensure_future(self.left.wait())
+            await asyncio.wait([stop, leave], return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel(), leave.cancel()
+            return {"type": "http.disconnect"}
+
+        async def send(msg: dict) -> None:
+            if msg["type"] == "http.response.start":
+                self.status = msg["status"]
+            if msg["type"] != "http.response.body":
+                return
+            assert not self.ended, "a send after the end of the body"
+            n = len(self.bodies) + 1
+            if n in self.hold:
+                self.waiting.set()
+                await self.release.wait()
+            self.bodies.append(msg.get("body", b""))
+            if not msg.get("more_body", False):
+                self.ended = True
+                done.set()
+            if self.leave_after is not None and n >= self.leave_after:
+                self.left.set()
+
+        await app(scope, receive, send)
+
+    def events(self) -> list[str]:
+        text = b"".join(self.bodies).decode()
+        return [b[len("data: ") :] for b in text.split("\n\n") if b]

@@ -1,54 +1,31 @@
-"""--stream-interval k: a stream's handler wakes for its first token, then once k events wait, and for the last; the
+"""--stream-interval k: a stream is written for its first token, then once k events wait, and for the last; the
 events that waited go out in one HTTP write. The events themselves (TGI's per-token shape, OpenAI's per-token chunks)
 are exactly those of k = 1."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
 from starlette.types import ASGIApp
 
-from tests.server.conftest import app_client
+from tests.server.conftest import SlowClient, app_client
 
 PROMPT = "The game was"
 N = 13
 
 
 async def sse_writes(app: ASGIApp, path: str, body: dict) -> list[list[str]]:
-    """The `data:` payloads of a stream, grouped by the ASGI send that carried them (the app called directly: httpx's
-    in-process transport joins a response's sends)."""
-    raw = json.dumps(body).encode()
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
-             "headers": [(b"host", b"test"), (b"content-type", b"application/json"),
-                         (b"content-length", str(len(raw)).encode())],
-             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}  # fmt: skip
-    messages = [{"type": "http.request", "body": raw, "more_body": False}]
-    done = asyncio.Event()
-    writes: list[list[str]] = []
-    status = []
-
-    async def receive() -> dict:
-        if messages:
-            return messages.pop()
-        await done.wait()  # the client stays until the response is complete
-        return {"type": "http.disconnect"}
-
-    async def send(msg: dict) -> None:
-        if msg["type"] == "http.response.start":
-            status.append(msg["status"])
-        elif msg["type"] == "http.response.body":
-            if msg.get("body"):
-                blocks = [b for b in msg["body"].decode().split("\n\n") if b]
-                assert all(b.startswith("data: ") for b in blocks), msg["body"]
-                writes.append([b[len("data: ") :] for b in blocks])
-            if not msg.get("more_body", False):
-                done.set()
-
-    await app(scope, receive, send)
-    assert status == [200]
+    """The `data:` payloads of a stream, grouped by the ASGI send that carried them."""
+    client = SlowClient()
+    await client.run(app, path, body)
+    assert client.status == 200 and client.ended
+    writes = []
+    for raw in client.bodies:
+        if raw:
+            blocks = [b for b in raw.decode().split("\n\n") if b]
+            assert all(b.startswith("data: ") for b in blocks), raw
+            writes.append([b[len("data: ") :] for b in blocks])
     return writes
 
 
