@@ -191,7 +191,7 @@ class GamServe:
 
 class SlowClient:
     """An HTTP client that calls the app directly (ASGI), so each send is seen as the app made it (httpx's in-process
-    transport joins a response's sends); body sends number `hold` (1-based) and after wait until released, as uvicorn's send
+    transport joins a response's sends); body sends number `hold` (1-based) wait until released, as uvicorn's send
     waits while the socket's buffer is full."""
 
     def __init__(self, hold: set[int] | None = None, leave_after: int | None = None) -> None:
