@@ -1,12 +1,23 @@
 """The one synchronous batch core: admit, step, sample and retire sequences over a Decoder's slot pool.
 
 Used by `generate` (gam-generate) and by the server's engine core process (server/core.py), which adds the queue,
-deadlines, prompt logprobs, stats and IPC around it. One `step()`:
-  1. steps the running sequences in one forward call and prefills those added since the last step in another;
-  2. samples one token for every row in one batched call;
-  3. checks the stop conditions over the whole batch at once: eos and length are array compares; per-row Python
-     runs only for rows that need it (stop token ids, stop strings, penalties, top-n alternatives);
-  4. frees the slots of finished rows and returns the step's results as columns (StepOutput).
+deadlines, prompt logprobs, stats and IPC around it. One step is two halves:
+  launch: step the running sequences in one forward call and prefill those added since the last step in another,
+     then sample one token for every row in one batched call. The sampled ids stay where the model runs: they are
+     the next step's inputs, and penalty rows record them there. On CUDA nothing here waits for the device (kernels
+     are queued; the ids, logprobs and top-n are copied to pinned host memory behind them);
+  collect: read a launch's results on the host and check the stop conditions over the whole batch at once: eos and
+     length are array compares; per-row Python runs only for rows that need it (stop token ids, stop strings,
+     top-n alternatives); free the slots of finished rows and return the results as columns (StepOutput).
+
+`step()` launches, then collects. With `overlap` (SGLang's overlap scheduler), it launches step t+1 *before*
+collecting step t, so the host's per-step work (finish checks, the caller's output and admission) runs while the
+device computes the next step. A row that finished in step t is then stepped once more in t+1 (unless it had reached
+its length limit, which is known at launch); that extra row is dropped when t+1 is collected, as is any row of a
+sequence removed while its step was in flight. The results are the same tokens (bit-identical where the decode path
+is batch-invariant, `Decoder(deterministic=True)`), one call later. On a CPU, where the forward runs on the host's
+own cores, a launch is the whole computation: overlap only delays each step's output by one step (default: on
+for CUDA, off elsewhere).
 
 Text is not made here: the consumer detokenizes with `gam_model.stopping.advance_token`, where it costs least (the
 server's HTTP frontend). Rows with stop strings are the exception: whether they finished depends on their text, so
@@ -24,10 +35,12 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from gam_model.decode import Decoder
 from gam_model.detokenize import IncrementalDetokenizer
-from gam_model.sampling import SamplingParams, SequenceSampler, sample
+from gam_model.device import to_device
+from gam_model.sampling import SamplingParams, SequenceSampler, observe, sample
 from gam_model.stopping import EOS_TOKEN, LENGTH, StopChecker, advance_token
 from gam_model.tokenizer import Tokenizer
 
@@ -70,8 +83,8 @@ class StepOutput:
     failed: list[tuple[int, str]] = field(default_factory=list)  # (key, message): ended by a failure (slot free)
     stepped: int = 0  # rows [0, stepped) were running (their previous token came from the previous step)
     prefilled: int = 0  # rows [stepped, stepped + prefilled) were prefilled in this step
-    forward_s: float = 0.0  # wall seconds in the forward calls
-    sample_s: float = 0.0  # wall seconds in the sampling call (host transfer included)
+    forward_s: float = 0.0  # wall seconds in the forward calls (on CUDA: queueing them; the device runs behind)
+    sample_s: float = 0.0  # wall seconds in the sampling call and, when collected, waiting for the host copies
 
     @staticmethod
     def empty() -> StepOutput:
@@ -87,24 +100,44 @@ class _Seq:
     stop_ids: frozenset[int]
     texts: tuple[IncrementalDetokenizer, StopChecker] | None  # only for rows with stop strings
     penalties: bool
+    row: int = -1  # its row in the last launch: where its next input token is
+    launched: int = 0  # tokens sampled or being sampled for it
+    done: bool = False  # finished, failed or removed: a row of it still in flight is dropped when collected
+
+
+@dataclass
+class _Launch:
+    """One launched step: its rows, and its results on their way to the host (ready once `copied` has passed)."""
+
+    rows: list[_Seq]
+    stepped: int  # rows [0, stepped) were stepped, the rest prefilled
+    tokens: Tensor  # (B,) long on the host
+    logprobs: Tensor  # (B,) float32 on the host
+    top_ids: Tensor  # (B, N) long on the host
+    top_logprobs: Tensor  # (B, N) float32 on the host
+    copied: torch.cuda.Event | None  # CUDA: recorded after the device-to-host copies
+    forward_s: float
+    sample_s: float
 
 
 class BatchCore:
     """Sequences by key over one Decoder: `add` them while slots are free, `step` them all, `remove` to cancel."""
 
-    def __init__(self, decoder: Decoder, tokenizer: Tokenizer) -> None:
+    def __init__(self, decoder: Decoder, tokenizer: Tokenizer, *, overlap: bool | None = None) -> None:
         self.decoder = decoder
         self.tokenizer = tokenizer
+        self.overlap = decoder.device.type == "cuda" if overlap is None else overlap  # None: where the device is async
         self.eos = tokenizer.eos_token_id
         self.vocab_size = decoder.config.vocab_size
         self._seqs: dict[int, _Seq] = {}
-        self._active: list[_Seq] = []  # prefilled: stepped by the next step
-        self._new: list[_Seq] = []  # added: prefilled by the next step
+        self._new: list[_Seq] = []  # added: prefilled by the next launch
+        self._last: list[_Seq] = []  # the rows of the last launch (some may be done since)
+        self._last_tokens: Tensor | None = None  # (len(_last),) their sampled ids, on the model's device
+        self._inflight: _Launch | None = None  # overlap: launched, not yet collected
         n = decoder.state.num_slots + 1  # slot ids (the scratch slot included)
-        self._pending = np.zeros(n, np.int64)  # last sampled token per slot, fed by the next step
-        self._generated = np.zeros(n, np.int64)
+        self._generated = np.zeros(n, np.int64)  # tokens collected per slot
         self._max_new = np.zeros(n, np.int64)
-        self._special = np.zeros(n, bool)  # the slot's row needs per-row work after sampling
+        self._special = np.zeros(n, bool)  # the slot's row needs per-row work when collected
         self.before_step: Callable[[], None] | None = None  # test hook: raising fails the step call (fault injection)
 
     # -- sequences -----------------------------------------------------------------------------------------
@@ -129,7 +162,7 @@ class BatchCore:
         penalties = sampler.seen is not None or sampler.counts is not None
         stop_ids = frozenset(spec.stop_token_ids)
         seq = _Seq(key, spec, self.decoder.allocate(), sampler, stop_ids, texts, penalties)
-        self._special[seq.slot] = bool(stop_ids) or texts is not None or penalties or spec.params.top_n_tokens > 0
+        self._special[seq.slot] = bool(stop_ids) or texts is not None or spec.params.top_n_tokens > 0
         self._generated[seq.slot] = 0
         self._max_new[seq.slot] = spec.max_new_tokens
         self._seqs[key] = seq
@@ -140,73 +173,129 @@ class BatchCore:
         seq = self._seqs.pop(key)
         if seq in self._new:
             self._new.remove(seq)
-        else:
-            self._active.remove(seq)
-        self.decoder.free(seq.slot)
+        self._end(seq)
         return int(self._generated[seq.slot])
 
-    def _drop(self, seqs: list[_Seq], message: str, out: StepOutput) -> None:
+    def _end(self, seq: _Seq) -> None:
+        """Free its slot: a new sequence may take it at once (the device runs launches in order, so a step of this
+        one still in flight touches the slot before the newcomer's prefill resets it)."""
+        seq.done = True
+        self.decoder.free(seq.slot)
+
+    def _drop(self, seqs: list[_Seq], message: str, failed: list[tuple[int, str]]) -> None:
         for seq in seqs:
             del self._seqs[seq.key]
-            self.decoder.free(seq.slot)
-            out.failed.append((seq.key, message))
+            self._end(seq)
+            failed.append((seq.key, message))
 
     # -- the step ------------------------------------------------------------------------------------------
     def step(self) -> StepOutput:
-        """Advance every sequence by one token (prefilling the new ones); see the module docstring."""
-        active, new = self._active, self._new
-        self._active, self._new = [], []
-        out = StepOutput.empty()
+        """Launch the next step and collect one (with overlap: the previous launch); see the module docstring."""
+        failed: list[tuple[int, str]] = []
+        launch = self._launch(failed)
+        if self.overlap:
+            launch, self._inflight = self._inflight, launch
+        out = self._collect(launch) if launch is not None else StepOutput.empty()
+        out.failed[:0] = failed  # sequences a failed launch ended: their rows still in flight were dropped
+        return out
+
+    def _launch(self, failed: list[tuple[int, str]]) -> _Launch | None:
+        """Queue the forward and sampling of every running sequence that may still need a token, and the prefill of
+        the new ones; None when there is nothing to run."""
+        last, last_tokens = self._last, self._last_tokens
+        active = [s for s in last if not s.done and s.launched < s.spec.max_new_tokens]
+        new, self._new = self._new, []
         if not active and not new:
-            return out
+            return None
         t0 = time.perf_counter()
-        parts: list[torch.Tensor] = []
+        parts: list[Tensor] = []
         rows: list[_Seq] = []
-        stepped = 0
         if active:
+            assert last_tokens is not None
             try:
                 if self.before_step is not None:
                     self.before_step()
-                slots = [s.slot for s in active]
-                parts.append(self.decoder.step(slots, torch.from_numpy(self._pending[slots])))  # (B, V)
+                idx = [s.row for s in active]  # ascending
+                if idx[-1] == len(idx) - 1:  # the first rows of the last launch (the usual case): no gather
+                    inputs = last_tokens[: len(idx)]
+                else:
+                    inputs = last_tokens.index_select(0, to_device(torch.tensor(idx), last_tokens.device))
+                parts.append(self.decoder.step([s.slot for s in active], inputs))  # (B, V)
                 rows += active
-                stepped = len(active)
             except Exception as e:
                 log.exception("decode step failed for %d sequences", len(active))
-                self._drop(active, f"decode step failed: {e}", out)
+                self._drop(active, f"decode step failed: {e}", failed)
+        stepped = len(rows)
         if new:
             try:
                 parts.append(self.decoder.prefill([s.slot for s in new], [s.spec.prompt_ids for s in new]))  # (P, V)
                 rows += new
             except Exception as e:
                 log.exception("prefill failed for %d sequences", len(new))
-                self._drop(new, f"prefill failed: {e}", out)
-        t1 = time.perf_counter()
-        out.forward_s = t1 - t0
+                self._drop(new, f"prefill failed: {e}", failed)
+        self._last, self._last_tokens = [], None
         if not rows:
-            return out
+            return None
+        t1 = time.perf_counter()
         try:
-            res = sample(torch.cat(parts) if len(parts) > 1 else parts[0], [s.sampler for s in rows])
-            tokens = res.tokens.cpu().numpy()  # (B,) int64
-            logprobs = res.logprobs.float().cpu().numpy()  # (B,) float32
-            top_ids, top_lps = res.top_ids.cpu(), res.top_logprobs.cpu()
+            samplers = [s.sampler for s in rows]
+            res = sample(torch.cat(parts) if len(parts) > 1 else parts[0], samplers)  # tokens (B,) on the device
+            observe(samplers, res.tokens, [i for i, s in enumerate(rows) if s.penalties])
+            # into pinned host memory behind the queued work (on the CPU these are the tensors themselves)
+            tokens, logprobs = (
+                res.tokens.to("cpu", non_blocking=True),
+                res.logprobs.float().to("cpu", non_blocking=True),
+            )
+            top_ids, top_lps = res.top_ids.to("cpu", non_blocking=True), res.top_logprobs.to("cpu", non_blocking=True)
+            copied = None
+            if res.tokens.device.type == "cuda":
+                copied = torch.cuda.Event()
+                copied.record()
         except Exception as e:
             log.exception("sampling failed for %d sequences", len(rows))
-            self._drop(rows, f"sampling failed: {e}", out)
+            self._drop(rows, f"sampling failed: {e}", failed)
+            return None
+        for i, s in enumerate(rows):
+            s.row = i
+            s.launched += 1
+        self._last, self._last_tokens = rows, res.tokens
+        return _Launch(rows, stepped, tokens, logprobs, top_ids, top_lps, copied, t1 - t0, time.perf_counter() - t1)
+
+    def _collect(self, launch: _Launch) -> StepOutput:
+        """A launch's results on the host, its rows of sequences ended since dropped, then the finish checks."""
+        t0 = time.perf_counter()
+        rows = launch.rows
+        out = StepOutput.empty()
+        try:
+            if launch.copied is not None:
+                launch.copied.synchronize()  # the only wait on the device
+            tokens, logprobs = launch.tokens.numpy(), launch.logprobs.numpy()
+        except Exception as e:  # an asynchronous device failure surfaces here
+            log.exception("step failed for %d sequences", len(rows))
+            self._drop([s for s in rows if not s.done], f"decode step failed: {e}", out.failed)
             return out
-        out.sample_s = time.perf_counter() - t1
+        top_ids, top_lps = launch.top_ids, launch.top_logprobs
+        stepped = launch.stepped
+        keep = [i for i, s in enumerate(rows) if not s.done]
+        if len(keep) < len(rows):  # rows of sequences that ended after this launch
+            rows = [rows[i] for i in keep]
+            tokens, logprobs = tokens[keep], logprobs[keep]
+            top_ids, top_lps = top_ids[keep], top_lps[keep]
+            stepped = sum(1 for i in keep if i < launch.stepped)
+        out.forward_s, out.sample_s = launch.forward_s, launch.sample_s + time.perf_counter() - t0
+        if not rows:
+            return out
         out.stepped, out.prefilled = stepped, len(rows) - stepped
         out.keys = np.fromiter((s.key for s in rows), np.int64, len(rows))
         out.tokens, out.logprobs = tokens, logprobs
         self._finish_checks(rows, out, top_ids, top_lps)
         return out
 
-    def _finish_checks(self, rows: list[_Seq], out: StepOutput, top_ids: torch.Tensor, top_lps: torch.Tensor) -> None:
+    def _finish_checks(self, rows: list[_Seq], out: StepOutput, top_ids: Tensor, top_lps: Tensor) -> None:
         tokens = out.tokens
         slots = np.fromiter((s.slot for s in rows), np.int64, len(rows))
         gen = self._generated[slots] + 1
         self._generated[slots] = gen
-        self._pending[slots] = tokens
         # the whole batch at once: eos, then length (a stop token outranks the length limit, as in StopChecker)
         codes = np.where(gen >= self._max_new[slots], LEN, RUNNING)
         if self.eos is not None:
@@ -216,8 +305,6 @@ class BatchCore:
             seq = rows[i]
             tok = int(tokens[i])
             try:
-                if seq.penalties:
-                    seq.sampler.observe(tok)
                 n = seq.spec.params.top_n_tokens
                 if n:
                     out.top[i] = (top_ids[i, :n].tolist(), top_lps[i, :n].tolist())
@@ -230,14 +317,9 @@ class BatchCore:
                 log.exception("token handling failed for sequence %d", seq.key)
                 codes[i] = FAILED
                 out.failed.append((seq.key, f"token handling failed: {e}"))
-        ended = np.flatnonzero(codes)
-        if len(ended) == 0:
-            self._active = rows
-            return
-        for i in ended.tolist():
+        for i in np.flatnonzero(codes).tolist():
             seq = rows[i]
             del self._seqs[seq.key]
-            self.decoder.free(seq.slot)
+            self._end(seq)
             if codes[i] != FAILED:
                 out.finished[i] = Finished(REASONS[int(codes[i])], int(gen[i]), seq.sampler.seed)
-        self._active = [s for s, c in zip(rows, codes.tolist(), strict=True) if not c]

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from gam_model import kernels as kernel_modules
+from gam_model.device import to_device
 from gam_model.graphs import BucketedStep, bucket_sizes, pad_to
 from gam_model.model import GAM
 from gam_model.quant import kernel_of, quantization_of
@@ -161,11 +162,11 @@ class Decoder:
             last_pos[i] = min(len(p), bs) - 1
             valid[i] = len(tail)
         self.tokens_prefilled += idx.numel()
-        logits, hist = self.model.window_forward(idx.to(dev), last_pos.to(dev), valid.to(dev))  # (rows, V)
+        logits, hist = self.model.window_forward(to_device(idx, dev), to_device(last_pos, dev), to_device(valid, dev))
         s = st.index(list(slots))
         st.conv.index_copy_(1, s, hist[:, :n].to(st.conv.dtype))
-        st.window.index_copy_(0, s, win.to(dev))
-        st.pos.index_copy_(0, s, torch.tensor([len(p) for p in prompts], device=dev))
+        st.window.index_copy_(0, s, to_device(win, dev))
+        st.pos.index_copy_(0, s, to_device(torch.tensor([len(p) for p in prompts]), dev))
         for slot, p in zip(slots, prompts, strict=True):
             st.lengths[slot] = len(p)
         return logits[:n].float()
@@ -188,7 +189,7 @@ class Decoder:
         else:
             out = torch.empty(n, self.config.vocab_size, device=self.device)
             for rows, run in ((~sliding, self._cached), (sliding, self._window)):
-                r = torch.from_numpy(np.flatnonzero(rows)).to(self.device)
+                r = to_device(torch.from_numpy(np.flatnonzero(rows)), self.device)
                 out[r] = run(idx[rows], tokens[r])
         st.lengths[idx] += 1
         return out

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gam_model.device import to_device
+
 if TYPE_CHECKING:  # torch.cuda.graph_pool_handle()'s type; torch imports it the same way
     from torch.cuda import _POOL_HANDLE
 
@@ -178,4 +180,4 @@ class BucketedStep:
         if self.graphs is not None:
             return self.bucket(b).run(padded, tokens)
         t = tokens if b == n else torch.cat([tokens, tokens.new_zeros(b - n)])  # (b,)
-        return self.fn(torch.from_numpy(padded).to(self.device), t)[:n].float()
+        return self.fn(to_device(torch.from_numpy(padded), self.device), t)[:n].float()

@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gam_model.device import to_device
+
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes up to 2**64-1; JSON clients are safer below 2**63
 
 
@@ -125,24 +127,38 @@ class SequenceSampler:
                 )
             ids = sorted(params.logit_bias)
             self.bias = (
-                torch.tensor(ids, dtype=torch.long, device=self.device),
-                torch.tensor([float(params.logit_bias[i]) for i in ids], dtype=torch.float32, device=self.device),
+                to_device(torch.tensor(ids, dtype=torch.long), self.device),
+                to_device(torch.tensor([float(params.logit_bias[i]) for i in ids], dtype=torch.float32), self.device),
             )
         if params.repetition_penalty != 1.0:
             self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=self.device)
             ids = [i for i in prompt_ids if 0 <= i < vocab_size]
             if ids:
-                self.seen[torch.tensor(ids, device=self.device)] = True
+                self.seen[to_device(torch.tensor(ids), self.device)] = True
         if params.frequency_penalty != 0.0 or params.presence_penalty != 0.0:
             self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=self.device)
 
-    def observe(self, token_id: int) -> None:
-        """Record a generated token (for the penalties); call once per token kept."""
+    def observe(self, token_id: int | Tensor) -> None:
+        """Record a generated token (for the penalties): an id, or a (1,) tensor where the penalty state is (the
+        batch core's, so the host never waits for the device)."""
         self.generated += 1
+        if isinstance(token_id, Tensor):
+            if self.seen is not None:
+                self.seen.index_fill_(0, token_id, True)
+            if self.counts is not None:
+                self.counts.index_add_(0, token_id, torch.ones(1, device=self.counts.device))
+            return
         if self.seen is not None:
             self.seen[token_id] = True
         if self.counts is not None:
             self.counts[token_id] += 1.0
+
+
+def observe(rows: list[SequenceSampler], tokens: Tensor, where: list[int]) -> None:
+    """Record the sampled tokens (B,) of the batch rows `where` (rows with penalties) in their samplers, on the
+    tokens' device."""
+    for i in where:
+        rows[i].observe(tokens[i : i + 1])
 
 
 @dataclass
@@ -157,7 +173,7 @@ class SampleOutput:
 
 def _column(rows: list[SequenceSampler], attr: str, device: torch.device, dtype: torch.dtype) -> Tensor:
     """Per-row parameter as a (B, 1) tensor."""
-    return torch.tensor([[float(getattr(r.params, attr))] for r in rows], dtype=dtype, device=device)
+    return to_device(torch.tensor([[float(getattr(r.params, attr))] for r in rows], dtype=dtype), device)
 
 
 def apply_penalties(logits: Tensor, rows: list[SequenceSampler]) -> Tensor:
@@ -200,18 +216,18 @@ def truncation_mask(scaled: Tensor, rows: list[SequenceSampler]) -> Tensor:
     ks = [r.params.top_k if 0 < r.params.top_k < V else 0 for r in rows]
     if any(ks):
         kth = scaled.topk(max(ks), dim=-1).values  # (B, kmax) sorted descending
-        idx = torch.tensor([[max(k, 1) - 1] for k in ks], device=dev)  # (B, 1)
-        thr = kth.gather(1, idx).masked_fill(torch.tensor([[k == 0] for k in ks], device=dev), -math.inf)
+        idx = to_device(torch.tensor([[max(k, 1) - 1] for k in ks]), dev)  # (B, 1)
+        thr = kth.gather(1, idx).masked_fill(to_device(torch.tensor([[k == 0] for k in ks]), dev), -math.inf)
         keep = scaled >= thr  # (B, V)
     p_rows = [i for i, r in enumerate(rows) if r.params.top_p < 1.0]
     if p_rows:
-        pi = torch.tensor(p_rows, device=dev)
+        pi = to_device(torch.tensor(p_rows), dev)
         sub = scaled.index_select(0, pi).masked_fill(~keep.index_select(0, pi), -math.inf)  # (P, V)
         top_p = _column([rows[i] for i in p_rows], "top_p", dev, scaled.dtype)  # (P, 1)
         keep[pi] &= sub >= top_p_threshold(sub, top_p)
     t_rows = [i for i, r in enumerate(rows) if r.params.typical_p < 1.0]
     if t_rows:
-        ti = torch.tensor(t_rows, device=dev)
+        ti = to_device(torch.tensor(t_rows), dev)
         sub = scaled.index_select(0, ti).masked_fill(~keep.index_select(0, ti), -math.inf)  # (T, V)
         keep[ti] &= typical_mask(sub, _column([rows[i] for i in t_rows], "typical_p", dev, scaled.dtype))
     return keep
@@ -259,7 +275,7 @@ def top_p_threshold(logits: Tensor, top_p: Tensor) -> Tensor:
     head = logits.topk(min(TOP_P_HEAD, V), dim=-1).values  # (R, H) sorted descending
     thr, covered = _prefix_threshold(head, lse, top_p)
     out.copy_(thr)
-    if not bool(covered.all()):
+    if not bool(covered.all()):  # on CUDA the host waits here for the device: top-p rows cost an overlapped launch
         rest = (~covered).nonzero().squeeze(1)  # rows whose head mass < top_p
         full = logits.index_select(0, rest).sort(dim=-1, descending=True).values  # (r, V)
         out[rest] = _prefix_threshold(full, lse.index_select(0, rest), top_p.index_select(0, rest))[0]
@@ -298,7 +314,9 @@ def draw(probs: Tensor, rows: list[SequenceSampler]) -> Tensor:
     u = torch.tensor([r.generator.random() for r in rows], dtype=torch.float64)  # type: ignore[union-attr]
     cdf = row_cumsum(probs.double())  # (B, V)
     total = cdf[:, -1:]
-    target = torch.minimum(u.to(probs.device).unsqueeze(1) * total, torch.nextafter(total, torch.zeros_like(total)))
+    target = torch.minimum(
+        to_device(u, probs.device).unsqueeze(1) * total, torch.nextafter(total, torch.zeros_like(total))
+    )
     # right=True: the first index whose cdf exceeds the target, which always has probability > 0
     return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
 
@@ -312,8 +330,8 @@ def sample(logits: Tensor, rows: list[SequenceSampler]) -> SampleOutput:
     dev = logits.device
     logits = apply_penalties(logits.float(), rows)  # (B, V)
     greedy = [r.params.greedy for r in rows]
-    temp = torch.tensor(
-        [[1.0 if g else float(r.params.temperature)] for g, r in zip(greedy, rows, strict=True)], device=dev
+    temp = to_device(
+        torch.tensor([[1.0 if g else float(r.params.temperature)] for g, r in zip(greedy, rows, strict=True)]), dev
     )  # (B, 1)
     # shifted by the row max first (softmax is shift-invariant): a tiny temperature then sends the other logits to
     # -inf, never the best one to +inf (l / 1e-39 overflows, and softmax of +inf is NaN)
@@ -323,7 +341,7 @@ def sample(logits: Tensor, rows: list[SequenceSampler]) -> SampleOutput:
     sampled = [i for i, g in enumerate(greedy) if not g]
     if sampled:
         srows = [rows[i] for i in sampled]
-        idx = torch.tensor(sampled, device=dev)
+        idx = to_device(torch.tensor(sampled), dev)
         sub = scaled.index_select(0, idx)  # (S, V)
         needs_mask = any(r.params.top_k > 0 or r.params.top_p < 1.0 or r.params.typical_p < 1.0 for r in srows)
         if needs_mask:

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from gam_model.config import GAMConfig
+from gam_model.device import to_device
 
 
 class SlotsExhausted(RuntimeError):
@@ -59,4 +60,4 @@ class DecodeState:
         self._free.append(slot)
 
     def index(self, slots: list[int]) -> Tensor:
-        return torch.tensor(slots, dtype=torch.long, device=self.pos.device)
+        return to_device(torch.tensor(slots, dtype=torch.long), self.pos.device)

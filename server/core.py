@@ -141,10 +141,11 @@ class EngineCore:
         shutdown_grace: float = 10.0,
         fault_injection: str | None = None,
         score_budget: ScoreBudget,
+        overlap: bool | None = None,
     ) -> None:
         self.decoder = decoder
         self.score_budget = score_budget
-        self.batch = BatchCore(decoder, tokenizer)
+        self.batch = BatchCore(decoder, tokenizer, overlap=overlap)
         self.max_batch_size = decoder.state.num_slots
         self.max_queue = max_queue
         self.shutdown_grace = shutdown_grace

@@ -94,6 +94,7 @@ def build(settings: Settings) -> tuple[EngineCore, Metrics, p.Facts]:
         shutdown_grace=settings.shutdown_grace,
         fault_injection=settings.fault_injection,
         score_budget=ScoreBudget(settings.score_budget_s, settings.score_windows, settings.score_head_chunk),
+        overlap=settings.resolved_overlap(),
     )
     facts = p.Facts(
         model_id=settings.model_id or meta.model_name,
@@ -104,17 +105,19 @@ def build(settings: Settings) -> tuple[EngineCore, Metrics, p.Facts]:
         dtype_bytes=decoder.dtype.itemsize,
         state_bytes_per_sequence=decoder.state.bytes_per_sequence(),
         cuda_graphs=decoder.cuda_graphs,
+        overlap=core.batch.overlap,
     )
     metrics = Metrics()
     metrics.bind(core, facts.model_id, facts.dtype, facts.device, VERSION, quantization)
     log.info(
-        "loaded %s: %d parameters, %s on %s, weights quantized: %s, cuda graphs: %s",
+        "loaded %s: %d parameters, %s on %s, weights quantized: %s, cuda graphs: %s, overlap: %s",
         facts.model_id,
         facts.num_params,
         facts.dtype,
         device,
         quantization,
         decoder.cuda_graphs,
+        facts.overlap,
     )
     return core, metrics, facts
 

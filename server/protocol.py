@@ -89,6 +89,7 @@ class Facts(msgspec.Struct):
     dtype_bytes: int
     state_bytes_per_sequence: int
     cuda_graphs: bool
+    overlap: bool  # the overlap scheduler is on (gam_model/batch.py)
 
 
 class Ready(msgspec.Struct, tag=True):

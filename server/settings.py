@@ -63,6 +63,13 @@ class Settings(BaseSettings):
         description="batch-invariant mode: a request's logits, and so its greedy or seeded text, are bit-identical "
         "whatever else is in the batch, at a throughput cost (README)",
     )
+    # SGLang's overlap scheduler: the host's per-step work (finish checks, output, admission) runs while the device
+    # computes the next step (gam_model/batch.py); on CPU the forward runs on the host's own cores, so it gains nothing
+    overlap: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="launch step t+1 before reading step t's results; auto = on for cuda, off on cpu (where it only "
+        "delays each token by one step)",
+    )
     # prompt logprobs (decoder_input_details, echo + logprobs) are O(prompt) work: the engine core scores a long prompt
     # in slices between decode steps, so running streams keep flowing (bench/prompt_logprobs.py)
     score_budget_s: float = Field(
@@ -106,6 +113,10 @@ class Settings(BaseSettings):
     def requested_dtype(self) -> torch.dtype | None:
         """--dtype as given; None for auto."""
         return None if self.dtype == "auto" else DTYPES[self.dtype]
+
+    def resolved_overlap(self) -> bool | None:
+        """--overlap as the batch core takes it (None: auto, decided by the decoder's device)."""
+        return None if self.overlap == "auto" else self.overlap == "on"
 
     def resolved_model_dir(self) -> Path:
         """--model, or else the single subdirectory of weights/ holding a config.json."""

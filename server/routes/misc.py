@@ -55,6 +55,7 @@ async def info(ctx: Ctx) -> dict[str, Any]:
         "max_batch_size": s.max_batch_size,
         "max_queue": s.max_queue,
         "deterministic": s.deterministic,
+        "overlap": ctx.facts.overlap,
         "stream_interval": s.stream_interval,
         "max_client_batch_size": 1,
         "validation_workers": 1,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from gam_model.batch import BatchCore, SequenceSpec
 from gam_model.decode import Decoder
@@ -116,3 +117,162 @@ def test_failed_step_ends_only_the_stepping_rows_and_remove_frees_a_slot(model, 
     assert len(core) == 1 and core.free_slots == 3
     core.before_step = None
     assert core.step().keys.tolist() == [7]
+
+
+# -- overlap: step t+1 is launched before step t is collected --------------------------------------------------
+def mixed_specs(tok, n: int, seed: int) -> dict[int, SequenceSpec]:
+    """Every kind of row: greedy and seeded, warpers, penalties, logit bias, top-n, stop ids and strings, lengths."""
+    rng = random.Random(seed)
+    specs = {}
+    for k in range(n):
+        params = SamplingParams(
+            temperature=rng.choice([0.0, 1.0, 0.7]),
+            top_k=rng.choice([0, 0, 5]),
+            top_p=rng.choice([1.0, 1.0, 0.8]),
+            typical_p=rng.choice([1.0, 1.0, 0.9]),
+            seed=k,
+            top_n_tokens=rng.choice([0, 0, 3]),
+            repetition_penalty=rng.choice([1.0, 1.0, 1.4]),
+            frequency_penalty=rng.choice([0.0, 0.0, 0.8]),
+            presence_penalty=rng.choice([0.0, 0.0, -0.5]),
+            logit_bias=rng.choice([None, None, {rng.randrange(40): 6.0}]),
+        )
+        specs[k] = SequenceSpec(
+            prompt_ids=tok.encode(rng.choice(PROMPTS)),
+            params=params,
+            max_new_tokens=rng.choice([1, 2, 9, 30]),
+            stop=rng.choice([[], [], [" ", "e"]]),
+            stop_token_ids=set(rng.sample(range(40), rng.choice([0, 0, 2]))),
+        )
+    return specs
+
+
+Result = tuple[list[int], list[float], list, str]
+
+
+def drive(core: BatchCore, specs: dict[int, SequenceSpec], cancel: dict[int, int]) -> dict[int, Result]:
+    """Run to the end, removing key k once it has `cancel[k]` tokens: key -> (tokens, logprobs, top-n, how it ended)."""
+    waiting = list(specs)
+    got: dict[int, tuple[list[int], list[float], list]] = {k: ([], [], []) for k in specs}
+    done: dict[int, Result] = {}
+    while waiting or len(core):
+        while waiting and core.free_slots:
+            k = waiting.pop(0)
+            core.add(k, specs[k])
+        out = core.step()
+        assert not out.failed
+        assert len(out.keys) == len(out.tokens) == len(out.logprobs) == out.stepped + out.prefilled
+        cols = zip(out.keys.tolist(), out.tokens.tolist(), out.logprobs.tolist(), strict=True)
+        for row, (k, t, lp) in enumerate(cols):
+            assert k not in done, f"a token for {k} after it ended"
+            got[k][0].append(t)
+            got[k][1].append(lp)
+            got[k][2].append(out.top.get(row))
+            if row in out.finished:
+                assert out.finished[row].generated == len(got[k][0])
+                done[k] = (*got[k], out.finished[row].reason)
+            elif cancel.get(k) == len(got[k][0]):
+                assert core.remove(k) == cancel[k]
+                done[k] = (*got[k], "cancelled")
+    return done
+
+
+def test_overlap_gives_the_same_results_one_step_later(model, tok) -> None:
+    """Deterministic decode (a row's bits do not depend on its neighbours, so the extra rows an overlapped step
+    carries cannot move them): overlap changes no token, logprob, top-n or finish, whatever the row mix, the
+    admissions into freed slots and the removals while a step is in flight."""
+    specs = mixed_specs(tok, 28, seed=3)
+    cancel = {k: 1 + k % 4 for k in range(0, 28, 5)}
+
+    def core(overlap: bool) -> BatchCore:
+        return BatchCore(Decoder(model, 6, deterministic=True, fixed_rows=4), tok, overlap=overlap)
+
+    plain = drive(core(False), specs, cancel)
+    overlapped = drive(core(True), specs, cancel)
+    assert set(plain) == set(specs)
+    for k in specs:
+        assert overlapped[k] == plain[k], k
+    assert {r[3] for r in plain.values()} == {"length", "stop_sequence", "eos_token", "cancelled"}
+
+    # one step later: the first call only launches
+    c = core(True)
+    c.add(0, specs[0])
+    assert len(c.step().keys) == 0 and len(c) == 1
+    assert c.step().keys.tolist() == [0]
+
+
+def test_overlap_drops_the_rows_of_a_sequence_removed_in_flight(model, tok) -> None:
+    """A removed sequence's slot is free at once; a newcomer takes it while the removed row's step is still in
+    flight, and gets exactly what it gets alone."""
+    greedy = SamplingParams(temperature=0)
+    lone = run(BatchCore(Decoder(model, 1), tok), {9: SequenceSpec(tok.encode(PROMPTS[3]), greedy, 6)})[9]
+    c = BatchCore(Decoder(model, 1), tok, overlap=True)
+    c.add(0, SequenceSpec(tok.encode(PROMPTS[0]), greedy, 20))
+    c.step()  # launches the prefill
+    assert c.step().keys.tolist() == [0]  # the prefill's token; step 2 is in flight
+    assert c.remove(0) == 1 and c.free_slots == 1
+    c.add(9, SequenceSpec(tok.encode(PROMPTS[3]), greedy, 6))  # the same slot
+    toks: list[int] = []
+    while len(c):
+        out = c.step()
+        assert set(out.keys.tolist()) <= {9}
+        toks += out.tokens.tolist()
+    assert (toks, "length") == lone
+
+
+def test_overlap_failed_launch_ends_its_rows_and_drops_their_tokens_in_flight(model, tok) -> None:
+    c = BatchCore(Decoder(model, 4), tok, overlap=True)
+    greedy = SamplingParams(temperature=0)
+    for k in range(2):
+        c.add(k, SequenceSpec(tok.encode(PROMPTS[k]), greedy, 10))
+    c.step()  # launch: prefill
+    c.step()  # launch: step 2; collect: the prefill's tokens
+
+    def fail() -> None:
+        raise RuntimeError("boom")
+
+    c.before_step = fail
+    c.add(5, SequenceSpec(tok.encode(PROMPTS[2]), greedy, 10))
+    out = c.step()  # launch of step 3 fails for 0 and 1 (5 is prefilled); step 2's rows of 0 and 1 are dropped
+    assert sorted(k for k, _ in out.failed) == [0, 1] and len(out.keys) == 0
+    assert len(c) == 1 and c.free_slots == 3
+    c.before_step = None
+    assert c.step().keys.tolist() == [5]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_launch_never_waits_for_the_device(model, tok) -> None:
+    """On CUDA a launch only queues work (the point of overlapping): behind a kernel that keeps the device busy for
+    seconds, a launch that steps greedy, seeded top-k, penalty, logit-bias and top-n rows and prefills a new one
+    returns while that kernel still runs; the step then collects the same results as without overlap."""
+    specs = [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0.8, top_k=5, seed=1),
+        SamplingParams(temperature=1.0, repetition_penalty=1.3, frequency_penalty=0.5, seed=2),
+        SamplingParams(temperature=0, logit_bias={7: 5.0}, top_n_tokens=3),
+    ]
+
+    def start(overlap: bool) -> BatchCore:
+        c = BatchCore(Decoder(model, 8, device="cuda", deterministic=True), tok, overlap=overlap)
+        for k, p in enumerate(specs):
+            c.add(k, SequenceSpec(tok.encode(PROMPTS[k]), p, 12))
+        c.step()
+        c.step()  # graphs captured, every row running
+        c.add(9, SequenceSpec(tok.encode(PROMPTS[0]), SamplingParams(temperature=0), 12))
+        return c
+
+    c = start(True)
+    assert c.overlap
+    torch.cuda.synchronize()
+    torch.cuda._sleep(4_000_000_000)  # a few seconds of device time
+    busy = torch.cuda.Event()
+    busy.record()
+    launch = c._launch([])
+    assert not busy.query(), "the launch waited for the device"
+    assert launch is not None and len(launch.rows) == 5
+    torch.cuda.synchronize()
+    ref = start(False)
+    want = ref.step()  # the same step, collected at once
+    got = c._collect(launch)  # (the launch before it, still in flight, is skipped: it holds no row of these tokens)
+    assert got.keys.tolist() == want.keys.tolist() and got.tokens.tolist() == want.tokens.tolist()

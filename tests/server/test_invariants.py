@@ -8,6 +8,7 @@ import asyncio
 import json
 
 import httpx
+import pytest
 
 from tests.server.conftest import app_client, metric_values
 
@@ -71,12 +72,16 @@ async def openai_call(client: httpx.AsyncClient, n_choices: int, seed: int, n: i
     return choices, chunks[-1]["usage"]
 
 
-async def test_batched_openai_choices_equal_single_tgi_requests(make_settings) -> None:
+@pytest.mark.parametrize("overlap", ["off", "on"])
+async def test_batched_openai_choices_equal_single_tgi_requests(make_settings, overlap: str) -> None:
     """Prompts x n choices in one OpenAI call (streamed and not, both in flight together) equal single seeded TGI
     requests token for token (deterministic mode: bit for bit); usage, the generated-tokens counter and finish reasons
-    agree; stop strings that span token boundaries cut the OpenAI text at their first match, streamed or not."""
+    agree; stop strings that span token boundaries cut the OpenAI text at their first match, streamed or not. With the
+    overlap scheduler (the CUDA default, forced on here) too."""
     N, SEED, K = 16, 11, 2
-    async with app_client(make_settings(max_batch_size=4, max_queue=32, deterministic=True)) as (_, client):
+    settings = make_settings(max_batch_size=4, max_queue=32, deterministic=True, overlap=overlap)
+    async with app_client(settings) as (_, client):
+        assert (await client.get("/info")).json()["overlap"] is (overlap == "on")
         plain_refs = {
             (i, j): await tgi_choice(client, p, SEED + j, N, []) for i, p in enumerate(PROMPTS) for j in range(K)
         }
