@@ -12,7 +12,7 @@
 #      graphs + Triton (+ graphs + torch.compile), bf16; targets: batch 1 <= 100 us, batch 256 <= 300 us;
 #   3. end to end: gam-serve --device cuda on 127.0.0.1 and a short closed-loop load test against it;
 #   4. host path (issue #13): bench/host.py --quick on the device, served vs the bare step, bf16, with the
-#      --stream-interval and 2-frontend variants (at most 3 min; 92 s on the 2-core CPU).
+#      --stream-interval, --overlap off (the overlap scheduler's gain) and 2-frontend variants (at most 4 min).
 # Results land in bench/results/ (cuda_check.json, gpu_load.json/.png, gpu_check.log).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -78,7 +78,7 @@ fi
 
 if want host; then
 section "host path: bench/host.py --quick --device $DEVICE"
-timeout 180 "$PY" bench/host.py --quick --device "$DEVICE" --dtype bfloat16 --out "$RES/host_$DEVICE.json" || status=1
+timeout 240 "$PY" bench/host.py --quick --device "$DEVICE" --dtype bfloat16 --out "$RES/host_$DEVICE.json" || status=1
 fi
 
 section "done: exit $status"

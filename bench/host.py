@@ -364,13 +364,20 @@ async def paper(b: Bench, args: argparse.Namespace, tmp: Path) -> dict[str, Any]
         interval = args.stream_interval if args.stream_interval > 1 and "--stream-interval" in serve_help() else None
         if servers and interval and max(args.streams) >= 64:
             servers.append(await started(stack, model_dir, args, eos, max(args.streams), stream_interval=interval))
+        # and one with the overlap scheduler flipped from its default (on for cuda, off on cpu): what it buys
+        flip = None
+        if servers and args.overlap_ab and "--overlap" in serve_help() and max(args.streams) >= 64:
+            flip = "off" if torch.device(args.device).type == "cuda" else "on"
+            servers.append(await started(stack, model_dir, args, eos, max(args.streams), overlap=flip))
         for n in args.streams:
             loop = BareLoop(model, prompts_of(tok, n, n), eos, 2 * args.reps, args.tokens, args.call_s,
                             torch.device(args.device)) if "bare" in args.only else None  # fmt: skip
             res = await alternated(loop, servers if n >= 64 else servers[:1], eos, n, args, f"{n} stream(s)")
             row = {"streams": n, "bare": res["bare"], **(res["served"][0] if servers else {"served": None})}
-            if len(res["served"]) > 1:
+            if len(res["served"]) > 1 and interval:
                 row[f"stream_interval_{interval}"] = res["served"][1]
+            if len(res["served"]) > 1 and flip:
+                row[f"overlap_{flip}"] = res["served"][-1]
             if row["bare"] is not None:
                 add_bare(b, row["bare"])
             if (m := row["served"]) is not None:
@@ -388,6 +395,12 @@ async def paper(b: Bench, args: argparse.Namespace, tmp: Path) -> dict[str, Any]
                         ratio(ms["tok_s"], row["bare"]["step_tok_s"]))  # fmt: skip
                     put(b, f"    served / bare step+sample tokens/s, --stream-interval {interval}",
                         ratio(ms["tok_s"], row["bare"]["sample_tok_s"]))  # fmt: skip
+            if (ov := row.get(f"overlap_{flip}")) is not None and m is not None:
+                mo = ov["served"]
+                put(b, f"  served, {n} streams, --overlap {flip}: tokens/s", mo["tok_s"])
+                put(b, f"    --overlap {flip} / default: tokens/s", ratio(mo["tok_s"], m["tok_s"]))
+                put(b, f"    --overlap {flip} / default: ITL p50", ratio(mo["itl_p50_ms"], m["itl_p50_ms"]))
+                add_client(b, mo, "    ")
             rows.append(row)
     return {"model": info, "rows": rows}
 
@@ -530,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--client", default="raw", choices=CLIENTS, help="the load generator's HTTP client")
     ap.add_argument("--stream-interval", type=int, default=8,
                     help="also a server with this --stream-interval: micro, and paper config at >= 64 streams (1: none)")  # fmt: skip
+    ap.add_argument("--no-overlap-ab", dest="overlap_ab", action="store_false",
+                    help="skip the paper-config server with --overlap flipped from its default (>= 64 streams)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=RESULTS / "host.json")
     args = ap.parse_args(argv)
     unknown = set(args.only.split(",")) - {"bare", "served", "micro"}
