@@ -191,17 +191,20 @@ class BatchCore:
     # -- the step ------------------------------------------------------------------------------------------
     def step(self) -> StepOutput:
         """Launch the next step and collect one (with overlap: the previous launch); see the module docstring."""
-        failed: list[tuple[int, str]] = []
+        failed: list[tuple[_Seq, str]] = []
         launch = self._launch(failed)
         if self.overlap:
             launch, self._inflight = self._inflight, launch
         out = self._collect(launch) if launch is not None else StepOutput.empty()
-        out.failed[:0] = failed  # sequences a failed launch ended: their rows still in flight were dropped
+        # a failed launch ends its sequences after the collect: a token of theirs still in flight is delivered first
+        for seq, message in failed:
+            if not seq.done:
+                self._drop([seq], message, out.failed)
         return out
 
-    def _launch(self, failed: list[tuple[int, str]]) -> _Launch | None:
+    def _launch(self, failed: list[tuple[_Seq, str]]) -> _Launch | None:
         """Queue the forward and sampling of every running sequence that may still need a token, and the prefill of
-        the new ones; None when there is nothing to run."""
+        the new ones; None when there is nothing to run. Sequences a failed call leaves out go to `failed`."""
         last, last_tokens = self._last, self._last_tokens
         active = [s for s in last if not s.done and s.launched < s.spec.max_new_tokens]
         new, self._new = self._new, []
@@ -224,7 +227,7 @@ class BatchCore:
                 rows += active
             except Exception as e:
                 log.exception("decode step failed for %d sequences", len(active))
-                self._drop(active, f"decode step failed: {e}", failed)
+                failed += [(s, f"decode step failed: {e}") for s in active]
         stepped = len(rows)
         if new:
             try:
@@ -232,7 +235,7 @@ class BatchCore:
                 rows += new
             except Exception as e:
                 log.exception("prefill failed for %d sequences", len(new))
-                self._drop(new, f"prefill failed: {e}", failed)
+                failed += [(s, f"prefill failed: {e}") for s in new]
         self._last, self._last_tokens = [], None
         if not rows:
             return None
@@ -253,7 +256,7 @@ class BatchCore:
                 copied.record()
         except Exception as e:
             log.exception("sampling failed for %d sequences", len(rows))
-            self._drop(rows, f"sampling failed: {e}", failed)
+            failed += [(s, f"sampling failed: {e}") for s in rows]
             return None
         for i, s in enumerate(rows):
             s.row = i
