@@ -145,6 +145,7 @@ async def test_prompt_logprobs_agree_across_forms_and_shared_scoring(make_settin
             k = (len(prompt) if isinstance(prompt, list) else 1) * n
             out = [{"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []} for _ in range(k)]
             for ch in sse_data(r.text):
+                assert "choices" in ch, ch
                 for c in ch["choices"]:
                     for key in out[c["index"]]:
                         out[c["index"]][key] += (c["logprobs"] or {}).get(key, [])
