@@ -303,6 +303,25 @@ def draw(probs: Tensor, rows: list[SequenceSampler]) -> Tensor:
     return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
 
 
+def top_n_ranked(logprobs: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """The n best (logprobs, ids) (R, n) of each row of logprobs (R, V): best first, equal values by lower id.
+
+    torch.topk keeps and orders tied entries differently for different n, and a batch asks for its largest top-n, so
+    without a fixed tie order a row's alternatives depended on its neighbours' (ties are common with bf16 logits).
+    """
+    vals, ids = logprobs.topk(min(n + 1, logprobs.shape[-1]), dim=-1)  # (R, n+1) descending, ties in no fixed order
+    vals, ids, after = vals[:, :n], ids[:, :n], vals[:, n:]  # after: (R, 1), or (R, 0) when n == V
+    tied = (vals[:, -1:] == after).any(dim=-1).nonzero().squeeze(1)  # (T,) rows whose n-th value ties the next one
+    if tied.numel():  # which of the tied entries topk kept is arbitrary: the lowest ids fill the n
+        rows, cut = logprobs.index_select(0, tied), vals.index_select(0, tied)[:, -1:]  # (T, V), (T, 1)
+        above, at = ~(rows <= cut), rows == cut  # (T, V) NaN counts as above, as topk ranks it
+        keep = above | (at & (at.cumsum(dim=-1) <= n - above.sum(dim=-1, keepdim=True)))  # (T, V) n per row
+        ids.index_copy_(0, tied, keep.nonzero()[:, 1].view(-1, n))  # row-major: each row's ids ascending
+    ids = ids.sort(dim=-1).values  # (R, n) the set by id, then stably by value
+    vals, order = logprobs.gather(1, ids).sort(dim=-1, descending=True, stable=True)  # (R, n)
+    return vals, ids.gather(1, order)
+
+
 @torch.inference_mode()
 def sample(logits: Tensor, rows: list[SequenceSampler]) -> SampleOutput:
     """Choose the next token for each row of logits (B, V) float32 with that row's parameters."""
@@ -332,7 +351,7 @@ def sample(logits: Tensor, rows: list[SequenceSampler]) -> SampleOutput:
     chosen = logprobs_all.gather(1, tokens.unsqueeze(1)).squeeze(1)  # (B,)
     n = min(max(r.params.top_n_tokens for r in rows), V)
     if n > 0:
-        top_logprobs, top_ids = logprobs_all.topk(n, dim=-1)  # (B, N) sorted descending
+        top_logprobs, top_ids = top_n_ranked(logprobs_all, n)  # (B, N) best first
     else:
         top_logprobs, top_ids = logprobs_all.new_zeros(B, 0), tokens.new_zeros(B, 0)
     return SampleOutput(tokens=tokens, logprobs=chosen, top_ids=top_ids, top_logprobs=top_logprobs)
