@@ -13,6 +13,8 @@ Logprobs (chosen token and top-n alternatives) are the log-softmax of the logits
 temperature, before the top-k/top-p/typical truncation (the temperature is taken as 1 for greedy rows). So an
 alternative outside the nucleus still gets a finite logprob; this is the distribution TGI reports for
 `details.tokens[].logprob` when no truncation is set.
+The top-n come best first, equal logprobs by lower token id (`top_n_ranked`), so a row's alternatives are the same
+whatever top-n its neighbours ask for.
 
 Batch invariance: every operation is row-wise (per-row thresholds, row-local prefix sums and reductions) and
 each row's randomness comes only from its own stream, so a seeded row draws the same tokens whatever its
