@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes up to 2**64-1; JSON clients are safer below 2**63
+TIE_ROOM = 16  # top_n_ranked: entries past the n that a tie at the n-th value may take before whole rows are ranked
 
 
 @dataclass
@@ -311,17 +312,18 @@ def top_n_ranked(logprobs: Tensor, n: int) -> tuple[Tensor, Tensor]:
     torch.topk keeps and orders tied entries differently for different n, and a batch asks for its largest top-n, so
     without a fixed tie order a row's alternatives depended on its neighbours' (ties are common with bf16 logits).
     """
-    vals, ids = logprobs.topk(min(n + 1, logprobs.shape[-1]), dim=-1)  # (R, n+1) descending, ties in no fixed order
-    vals, ids, after = vals[:, :n], ids[:, :n], vals[:, n:]  # after: (R, 1), or (R, 0) when n == V
-    tied = (vals[:, -1:] == after).any(dim=-1).nonzero().squeeze(1)  # (T,) rows whose n-th value ties the next one
-    if tied.numel():  # which of the tied entries topk kept is arbitrary: the lowest ids fill the n
-        rows, cut = logprobs.index_select(0, tied), vals.index_select(0, tied)[:, -1:]  # (T, V), (T, 1)
-        above, at = ~(rows <= cut), rows == cut  # (T, V) NaN counts as above, as topk ranks it
-        keep = above | (at & (at.cumsum(dim=-1) <= n - above.sum(dim=-1, keepdim=True)))  # (T, V) n per row
-        ids.index_copy_(0, tied, keep.nonzero()[:, 1].view(-1, n))  # row-major: each row's ids ascending
-    ids = ids.sort(dim=-1).values  # (R, n) the set by id, then stably by value
-    vals, order = logprobs.gather(1, ids).sort(dim=-1, descending=True, stable=True)  # (R, n)
-    return vals, ids.gather(1, order)
+    m = min(n + TIE_ROOM, logprobs.shape[-1])
+    vals, ids = logprobs.topk(m, dim=-1)  # (R, m) descending, ties in no fixed order
+    ids, by_id = ids.sort(dim=-1)  # (R, m) by id, then stably by value: equal values keep id order
+    vals, by_val = vals.gather(1, by_id).sort(dim=-1, descending=True, stable=True)
+    ids = ids.gather(1, by_val)
+    # rows whose tie at the n-th value runs past the m (which tied ids topk kept is arbitrary): rank the whole row
+    tied = (vals[:, n - 1] == vals[:, -1]).nonzero().squeeze(1) if m < logprobs.shape[-1] else vals.new_zeros(0)
+    if tied.numel():
+        whole_vals, whole_ids = logprobs.index_select(0, tied).sort(dim=-1, descending=True, stable=True)  # (T, V)
+        vals.index_copy_(0, tied, whole_vals[:, :m])
+        ids.index_copy_(0, tied, whole_ids[:, :m])
+    return vals[:, :n], ids[:, :n]
 
 
 @torch.inference_mode()

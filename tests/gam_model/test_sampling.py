@@ -202,15 +202,17 @@ def test_a_tiny_repetition_penalty_picks_a_seen_token(penalty: float):
     assert set(out.tokens.tolist()) <= set(seen[:2]) and bool(out.logprobs.isfinite().all())
 
 
-def test_top_n_ties_go_to_the_lower_id_whatever_the_batch_asks():
+@pytest.mark.parametrize("wide", [False, True], ids=["ties-within-topk-room", "ties-past-it"])
+def test_top_n_ties_go_to_the_lower_id_whatever_the_batch_asks(wide: bool):
     """Alternatives with exactly equal logprobs (common with bf16 logits) come best first and, among equals, lower id
     first, so a row's top-n does not depend on the top_n_tokens of the rows beside it: the batch's topk ran to the
     largest top_n of the batch, and torch.topk keeps and orders tied entries differently for different k."""
     vocab = 8192
     logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(0))  # (1, V)
-    logits[0, [5, 700, 3000, 8000]] = 10.0  # four tokens tie for the best, three for the next
+    best = list(range(5, 8000, 8000 // (sampling.TIE_ROOM + 8))) if wide else [5, 700, 3000, 8000]
+    logits[0, best] = 10.0  # these tie for the best, three more for the next
     logits[0, [100, 4000, 6000]] = 9.0
-    want = [5, 700, 3000, 8000, 100, 4000]
+    want = [*best, 100, 4000, 6000][:6]
     for n in range(1, 7):
         for asked in (n, 6):  # alone, or beside a row that asks for more alternatives
             params = [SamplingParams(temperature=0, top_n_tokens=n), SamplingParams(temperature=0, top_n_tokens=asked)]
