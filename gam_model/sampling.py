@@ -13,6 +13,8 @@ Logprobs (chosen token and top-n alternatives) are the log-softmax of the logits
 temperature, before the top-k/top-p/typical truncation (the temperature is taken as 1 for greedy rows). So an
 alternative outside the nucleus still gets a finite logprob; this is the distribution TGI reports for
 `details.tokens[].logprob` when no truncation is set.
+The top-n come best first, equal logprobs by lower token id (`top_n_ranked`), so a row's alternatives are the same
+whatever top-n its neighbours ask for.
 
 Batch invariance: every operation is row-wise (per-row thresholds, row-local prefix sums and reductions) and
 each row's randomness comes only from its own stream, so a seeded row draws the same tokens whatever its
@@ -39,6 +41,7 @@ from torch import Tensor
 from gam_model.device import to_device
 
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes up to 2**64-1; JSON clients are safer below 2**63
+TIE_ROOM = 16  # top_n_ranked: entries past the n that a tie at the n-th value may take before whole rows are ranked
 
 
 @dataclass
@@ -321,6 +324,26 @@ def draw(probs: Tensor, rows: list[SequenceSampler]) -> Tensor:
     return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
 
 
+def top_n_ranked(logprobs: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """The n best (logprobs, ids) (R, n) of each row of logprobs (R, V): best first, equal values by lower id.
+
+    torch.topk keeps and orders tied entries differently for different n, and a batch asks for its largest top-n, so
+    without a fixed tie order a row's alternatives depended on its neighbours' (ties are common with bf16 logits).
+    """
+    m = min(n + TIE_ROOM, logprobs.shape[-1])
+    vals, ids = logprobs.topk(m, dim=-1)  # (R, m) descending, ties in no fixed order
+    ids, by_id = ids.sort(dim=-1)  # (R, m) by id, then stably by value: equal values keep id order
+    vals, by_val = vals.gather(1, by_id).sort(dim=-1, descending=True, stable=True)
+    ids = ids.gather(1, by_val)
+    # rows whose tie at the n-th value runs past the m (which tied ids topk kept is arbitrary): rank the whole row
+    tied = (vals[:, n - 1] == vals[:, -1]).nonzero().squeeze(1) if m < logprobs.shape[-1] else vals.new_zeros(0)
+    if tied.numel():
+        whole_vals, whole_ids = logprobs.index_select(0, tied).sort(dim=-1, descending=True, stable=True)  # (T, V)
+        vals.index_copy_(0, tied, whole_vals[:, :m])
+        ids.index_copy_(0, tied, whole_ids[:, :m])
+    return vals[:, :n], ids[:, :n]
+
+
 @torch.inference_mode()
 def sample(logits: Tensor, rows: list[SequenceSampler]) -> SampleOutput:
     """Choose the next token for each row of logits (B, V) float32 with that row's parameters."""
@@ -350,7 +373,7 @@ def sample(logits: Tensor, rows: list[SequenceSampler]) -> SampleOutput:
     chosen = logprobs_all.gather(1, tokens.unsqueeze(1)).squeeze(1)  # (B,)
     n = min(max(r.params.top_n_tokens for r in rows), V)
     if n > 0:
-        top_logprobs, top_ids = logprobs_all.topk(n, dim=-1)  # (B, N) sorted descending
+        top_logprobs, top_ids = top_n_ranked(logprobs_all, n)  # (B, N) best first
     else:
         top_logprobs, top_ids = logprobs_all.new_zeros(B, 0), tokens.new_zeros(B, 0)
     return SampleOutput(tokens=tokens, logprobs=chosen, top_ids=top_ids, top_logprobs=top_logprobs)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from gam_model.model import GAM
+from gam_model.sampling import top_n_ranked
 
 
 def tail_window_logits(model: GAM, win: Tensor) -> Tensor:
@@ -115,7 +116,7 @@ class PromptScorer:
         out = self.result
         out.logprobs += lp.gather(1, t.unsqueeze(1)).squeeze(1).tolist()
         if self.top_n > 0:
-            vals, idx = lp.topk(min(self.top_n, lp.shape[-1]), dim=-1)  # (n, top_n)
+            vals, idx = top_n_ranked(lp, min(self.top_n, lp.shape[-1]))  # (n, top_n)
             out.top_ids += idx.tolist()
             out.top_logprobs += vals.tolist()
         else:

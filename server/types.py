@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MAX_SEED = 2**63 - 1
 
@@ -77,6 +77,11 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+def _nullable(schema: dict[str, Any]) -> None:
+    """JSON schema of a field that also takes null, which means its default (OpenAI's spec marks it nullable)."""
+    schema["anyOf"] = [{k: schema.pop(k) for k in ("type", "minimum", "maximum") if k in schema}, {"type": "null"}]
+
+
 Prompt = str | list[str] | list[Annotated[int, Field(ge=0)]] | list[list[Annotated[int, Field(ge=0)]]]
 
 
@@ -89,11 +94,11 @@ class CompletionRequest(_Body):
     max_tokens: int | None = Field(None, ge=0)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=16)
-    stream: bool = False
+    n: int = Field(1, ge=1, le=16, json_schema_extra=_nullable)
+    stream: bool = Field(False, json_schema_extra=_nullable)
     stream_options: StreamOptions | None = None
     logprobs: int | None = Field(None, ge=0)
-    echo: bool = False
+    echo: bool = Field(False, json_schema_extra=_nullable)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
@@ -105,3 +110,9 @@ class CompletionRequest(_Body):
     # extensions vLLM also accepts
     top_k: int | None = Field(None, ge=-1, description="-1 or 0: no top-k (vLLM)")
     repetition_penalty: float | None = Field(None, gt=0.0, le=100.0)
+
+    @field_validator("n", "stream", "echo", mode="before")
+    @classmethod
+    def _null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
+        """null, as clients generated from OpenAI's spec send for a field left unset, is the field's default."""
+        return cls.model_fields[info.field_name or ""].default if value is None else value

@@ -78,7 +78,8 @@ async def info(ctx: Ctx) -> dict[str, Any]:
 
 @router.post("/tokenize", summary="Tokenize text (TGI `inputs` or vLLM `prompt` form)")
 async def tokenize(body: TokenizeRequest | VLLMTokenizeRequest, ctx: Ctx) -> Any:
-    """TGI form `{"inputs"}`: `[{"id", "text", "start", "stop"}]` with character offsets into `inputs`.
+    """TGI form `{"inputs", "parameters"}`: `[{"id", "text", "start", "stop"}]` with character offsets into `inputs`,
+    the last `parameters.truncate` tokens when it is set (as TGI).
     vLLM form `{"prompt", "add_special_tokens"}`: `{"count", "max_model_len", "tokens"}`."""
     if isinstance(body, VLLMTokenizeRequest):
         check_text(body.prompt, "prompt")
@@ -86,10 +87,10 @@ async def tokenize(body: TokenizeRequest | VLLMTokenizeRequest, ctx: Ctx) -> Any
         return {"count": len(ids), "max_model_len": ctx.settings.max_input_tokens, "tokens": ids}
     check_text(body.inputs, "inputs")
     enc = await encode_text(ctx, body.inputs)
-    return [
-        {"id": i, "text": body.inputs[a:b], "start": a, "stop": b}
-        for i, (a, b) in zip(enc.ids, enc.offsets, strict=True)
-    ]
+    tokens = list(zip(enc.ids, enc.offsets, strict=True))
+    if body.parameters is not None and body.parameters.truncate is not None:  # as TGI: what /generate would keep
+        tokens = tokens[-body.parameters.truncate :]
+    return [{"id": i, "text": body.inputs[a:b], "start": a, "stop": b} for i, (a, b) in tokens]
 
 
 @router.post("/detokenize", summary="Token ids to text (vLLM /detokenize)")

@@ -202,6 +202,25 @@ def test_a_tiny_repetition_penalty_picks_a_seen_token(penalty: float):
     assert set(out.tokens.tolist()) <= set(seen[:2]) and bool(out.logprobs.isfinite().all())
 
 
+@pytest.mark.parametrize("wide", [False, True], ids=["ties-within-topk-room", "ties-past-it"])
+def test_top_n_ties_go_to_the_lower_id_whatever_the_batch_asks(wide: bool):
+    """Alternatives with exactly equal logprobs (common with bf16 logits) come best first and, among equals, lower id
+    first, so a row's top-n does not depend on the top_n_tokens of the rows beside it: the batch's topk ran to the
+    largest top_n of the batch, and torch.topk keeps and orders tied entries differently for different k."""
+    vocab = 8192
+    logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(0))  # (1, V)
+    best = list(range(5, 8000, 8000 // (sampling.TIE_ROOM + 8))) if wide else [5, 700, 3000, 8000]
+    logits[0, best] = 10.0  # these tie for the best, three more for the next
+    logits[0, [100, 4000, 6000]] = 9.0
+    want = [*best, 100, 4000, 6000][:6]
+    for n in range(1, 7):
+        for asked in (n, 6):  # alone, or beside a row that asks for more alternatives
+            params = [SamplingParams(temperature=0, top_n_tokens=n), SamplingParams(temperature=0, top_n_tokens=asked)]
+            out = sample(logits.expand(2, vocab), [SequenceSampler(p, [], vocab, "cpu") for p in params])
+            assert out.top_ids[0, :n].tolist() == want[:n], (n, asked)
+            assert out.tokens[0] == out.top_ids[0, 0] == 5  # the greedy choice is the first alternative
+
+
 def test_no_top_n_gives_empty_alternatives():
     out = sample(logits_batch(2), rows_for([SamplingParams(seed=1), SamplingParams(temperature=0)]))
     assert out.top_ids.shape == (2, 0) and out.top_logprobs.shape == (2, 0)

@@ -222,6 +222,16 @@ async def test_over_long_prompt_error_suggests_only_what_the_api_has(client: htt
     assert r.status_code == 422 and "set truncate" in r.json()["error"]
 
 
+async def test_null_n_stream_and_echo_mean_their_defaults(client: httpx.AsyncClient) -> None:
+    """OpenAI's spec marks n, stream and echo nullable (clients generated from it send null for an unset field): null
+    is the default (1 choice, not streamed, no echo), as for max_tokens; they were a 400."""
+    body = {"model": MODEL, "prompt": "The game", "max_tokens": 3, "temperature": 0}
+    want = (await client.post("/v1/completions", json=body)).json()["choices"]
+    r = await client.post("/v1/completions", json={**body, "n": None, "stream": None, "echo": None})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/json"), r.text
+    assert r.json()["choices"] == want and not want[0]["text"].startswith("The game")
+
+
 async def test_max_tokens_left_out_defaults_within_the_server_limit(make_settings) -> None:
     """OpenAI's default of 16 tokens, capped by --max-new-tokens as TGI's default is: a body without max_tokens is
     never refused for a value the client did not send (it was a 400 "max_tokens must be <= 8, got 16")."""

@@ -112,6 +112,21 @@ async def test_tokenize_offsets(client: httpx.AsyncClient) -> None:
     assert all(set(t) == {"id", "text", "start", "stop"} for t in toks)
 
 
+async def test_tokenize_applies_truncate(client: httpx.AsyncClient) -> None:
+    """TGI's /tokenize keeps the last `truncate` tokens, the ones /generate gives the model (it was ignored)."""
+    text = "The game 's story takes place during the Second Europan War"
+    whole = (await client.post("/tokenize", json={"inputs": text})).json()
+    cut = (await client.post("/tokenize", json={"inputs": text, "parameters": {"truncate": 3}})).json()
+    assert len(whole) > 3 and cut == whole[-3:]
+    body = {
+        "inputs": text,
+        "parameters": {"truncate": 3, "max_new_tokens": 1, "details": True, "decoder_input_details": True},
+    }
+    prefill = (await client.post("/generate", json=body)).json()["details"]["prefill"]
+    assert [t["id"] for t in prefill] == [t["id"] for t in cut]
+    assert (await client.post("/tokenize", json={"inputs": text, "parameters": {"truncate": 99}})).json() == whole
+
+
 async def test_vllm_tokenize_detokenize_and_tokenizer_info(client: httpx.AsyncClient) -> None:
     """The vLLM forms lm-evaluation-harness's remote tokenizer uses: /tokenizer_info, /tokenize, /detokenize."""
     info = (await client.get("/tokenizer_info")).json()
