@@ -52,13 +52,15 @@ class Proj:
         return x @ self.wt if self.b is None else torch.addmm(self.b, x, self.wt)
 
     def columns(self, lo: int, hi: int) -> Proj:
-        """The projection onto output columns [lo, hi) alone, its weight a contiguous copy (quantized: views)."""
+        """The projection onto output columns [lo, hi) alone, in the same layout: a contiguous (in, out) copy stays
+        one (a copy of its columns), a transposed view stays a view (bf16 on CPU runs it 13x faster than a copy)."""
         b = None if self.b is None else self.b[lo:hi]
         if self.q is not None:
             assert self.scale is not None  # quantized rows come with their scales
             return Proj(None, b, self.q[lo:hi], self.scale[lo:hi])
         assert self.wt is not None  # not quantized: the full-precision right operand
-        return Proj(self.wt[:, lo:hi].contiguous(), b)
+        wt = self.wt[:, lo:hi]  # (in, hi - lo)
+        return Proj(wt.contiguous() if self.wt.is_contiguous() else wt, b)
 
     def add_to(self, out: Tensor, x: Tensor) -> Tensor:
         """out (B, out) += x (B, in) @ W^T, in place."""

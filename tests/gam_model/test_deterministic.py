@@ -237,6 +237,9 @@ def test_fixed_shape_head_rows_are_bit_identical_whatever_the_rows() -> None:
     V, C = model.config.vocab_size, model.config.n_embd
     head = FixedShapeHead(w.head, V, rows=4, tile=16, dtype=torch.float32)
     assert [p.wt.shape[1] for p in head.tiles if p.wt is not None] == [16] * 6 + [1]
+    assert all(p.wt is not None and p.wt.is_contiguous() for p in head.tiles)  # the layout of w.head.wt
+    view = FixedShapeHead(StepWeights.from_model(model).head, V, rows=4, tile=16, dtype=torch.float32)
+    assert all(p.wt is not None and p.wt.t().is_contiguous() for p in view.tiles)  # a transposed view stays one
     h = torch.randn(11, C, generator=torch.Generator().manual_seed(8))  # (11, C)
     batch = head(h)  # (11, V)
     assert batch.shape == (11, V) and torch.allclose(batch, w.head(h), atol=1e-5)
