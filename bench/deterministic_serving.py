@@ -6,9 +6,9 @@ Two gam-serve processes on 127.0.0.1 (the default mode and --deterministic; with
 mode served from that checkout, e.g. `git archive <commit> | tar -x -C DIR`), the bundled model in fp32, a pool of
 --pool slots, --threads torch threads each. For each number of streams: closed loops of that many greedy TGI
 streams of --output-len tokens (load_tests, raw client), --rounds requests per stream, the servers taking turns
-(order reversed every repeat); medians of --repeats. Reports end-to-end latency, time per output token, TTFT and
-output tokens/s of each deterministic server over the default's, and the CPU seconds the servers (gam-serve and its
-engine core) and the load generator used. Writes bench/results/deterministic_serving.json. Nothing is asserted.
+(order reversed every repeat); medians of --repeats. Reports end-to-end latency, time per output token, TTFT,
+output tokens/s and server CPU time per output token (gam-serve and its engine core: the steadiest figure on a shared
+machine) of each deterministic server over the default's, and the CPU seconds the load generator used. Writes bench/results/deterministic_serving.json. Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from bench.common import RESULTS, ServerProcess, machine, served_model
 from load_tests.metrics import summarize
 from load_tests.runner import LoadConfig, run_load
 
-KEYS = ("e2el_ms", "tpot_ms", "ttft_ms", "tok_s", "server_cpu_s", "client_cpu_s")
+KEYS = ("e2el_ms", "tpot_ms", "ttft_ms", "tok_s", "server_cpu_ms_per_token", "server_cpu_s", "client_cpu_s")
 
 
 async def one_run(srv: ServerProcess, streams: int, args: argparse.Namespace, seed: int) -> dict:
@@ -42,7 +42,8 @@ async def one_run(srv: ServerProcess, streams: int, args: argparse.Namespace, se
     server_cpu, client_cpu = srv.cpu_seconds() - server0, time.process_time() - client0
     s = summarize(res.records, res.duration_s)
     return dict(e2el_ms=s["e2el"]["median_ms"], tpot_ms=s["tpot"]["median_ms"], ttft_ms=s["ttft"]["median_ms"],
-                tok_s=s["output_throughput"], server_cpu_s=server_cpu, client_cpu_s=client_cpu, errors=s["errors"])  # fmt: skip
+                tok_s=s["output_throughput"], server_cpu_ms_per_token=1e3 * server_cpu / s["total_output_tokens"],
+                server_cpu_s=server_cpu, client_cpu_s=client_cpu, errors=s["errors"])  # fmt: skip
 
 
 async def bench(args: argparse.Namespace, model_dir: Path) -> dict:
@@ -66,7 +67,7 @@ async def bench(args: argparse.Namespace, model_dir: Path) -> dict:
                     print(f"{streams} streams, repeat {rep}, {name}: " + ", ".join(f"{k} {r[k]:.1f}" for k in KEYS)
                           + f", errors {r['errors']}", flush=True)  # fmt: skip
             med = {n: {k: statistics.median(r[k] for r in rs) for k in KEYS} for n, rs in runs.items()}
-            ratios = {n: {k: med[n][k] / med["default"][k] for k in KEYS[:4]} for n in srvs if n != "default"}
+            ratios = {n: {k: med[n][k] / med["default"][k] for k in KEYS[:5]} for n in srvs if n != "default"}
             for n, r in ratios.items():
                 print(
                     f"{streams} streams, {n} / default: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items()), flush=True

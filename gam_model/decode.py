@@ -18,7 +18,7 @@ from gam_model.quant import kernel_of, quantization_of
 from gam_model.state import DecodeState
 from gam_model.step import Proj, StepWeights, hidden, step
 
-__all__ = ["CPU_FIXED_ROWS", "Decoder", "bucket_sizes", "pad_to"]
+__all__ = ["CPU_FIXED_ROWS", "Decoder", "FixedShapeHead", "bucket_sizes", "pad_to"]
 log = logging.getLogger(__name__)
 
 CPU_FIXED_ROWS = 8  # deterministic mode's default row count on CPU (bench/deterministic.py --rows)
