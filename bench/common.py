@@ -139,7 +139,8 @@ class ServerProcess:
             port = s.getsockname()[1]
         args = ["--model", str(self.model_dir), "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
         for k, v in self.settings.items():
-            args += [f"--{k.replace('_', '-')}", str(v)]
+            flag = k.replace("_", "-")
+            args += [f"--{flag}"] if v is True else [f"--no-{flag}"] if v is False else [f"--{flag}", str(v)]
         env = dict(os.environ, OMP_NUM_THREADS=str(self.threads))
         root = Path(__file__).resolve().parent.parent
         if self.checkout is not None:

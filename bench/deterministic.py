@@ -1,7 +1,7 @@
 """Deterministic (batch-invariant) mode vs the default mode: throughput side by side, and how far the default
 mode's rows move with the batch (issue #12, part 3).
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/deterministic.py [--model DIR] [--rows 8 16 64] [--quick]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/deterministic.py [--model DIR] [--rows 8 16 64] [--quick] [--only invariance]
 
 Bundled model (else --model, else the paper config with random weights), fp32 and bf16, on one Decoder pool of
 max(--batches) slots per mode. Throughput: tokens/s of Decoder.step in a loop and prompts/s of Decoder.prefill
@@ -179,6 +179,7 @@ def main() -> None:
     ap.add_argument("--invariance-prompts", type=int, default=32, help="0: skip the invariance measurement")
     ap.add_argument("--gen-tokens", type=int, default=31, help="sampled tokens after the first (invariance)")
     ap.add_argument("--quick", action="store_true", help="3 repeats, 8 invariance prompts: a smoke run")
+    ap.add_argument("--only", choices=["throughput", "invariance"], help="run one of the two measurements")
     ap.add_argument("--out", type=Path, default=RESULTS / "deterministic.json")
     args = ap.parse_args()
     if args.quick:
@@ -190,9 +191,9 @@ def main() -> None:
     ids = tok.encode(prompt_corpus())
     print(f"model: {model_dir.name} ({origin}); {torch.get_num_threads()} torch threads", flush=True)
     results: dict[str, list] = {"throughput": [], "invariance": []}
-    for name in args.dtypes:
+    for name in args.dtypes if args.only != "invariance" else []:
         results["throughput"] += throughput(model, DTYPES[name], device, ids, args)
-    if args.invariance_prompts:
+    if args.invariance_prompts and args.only != "throughput":
         for name in args.dtypes:
             results["invariance"] += invariance(model, DTYPES[name], device, ids, args)
     info = machine() | {"device": str(device), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}

@@ -17,12 +17,34 @@ from gam_model.graphs import BucketedStep, bucket_sizes, pad_to
 from gam_model.model import GAM
 from gam_model.quant import kernel_of, quantization_of
 from gam_model.state import DecodeState
-from gam_model.step import StepWeights, step
+from gam_model.step import Proj, StepWeights, hidden, step
 
-__all__ = ["CPU_FIXED_ROWS", "Decoder", "bucket_sizes", "pad_to"]
+__all__ = ["CPU_FIXED_ROWS", "Decoder", "FixedShapeHead", "bucket_sizes", "pad_to"]
 log = logging.getLogger(__name__)
 
 CPU_FIXED_ROWS = 8  # deterministic mode's default row count on CPU (bench/deterministic.py --rows)
+CPU_HEAD_TILE = 512  # deterministic mode on CPU: vocabulary columns per head GEMM (a (C, 512) fp32 tile is 768 KiB)
+
+
+class FixedShapeHead:
+    """The head applied to any number of rows in (rows, C) @ (C, tile) GEMMs only: deterministic mode on CPU.
+
+    An 8-row GEMM against the whole (C, V) head re-reads V*C weights from memory for each chunk of rows (at 64 rows,
+    8 times); tile by tile, every chunk reuses the tile while it is in cache. Each GEMM is one fixed shape whatever
+    the batch (the last tile narrower when V is not a multiple of `tile`), so a row's bits still depend only on its
+    own hidden state and its place in its chunk.
+    """
+
+    def __init__(self, head: Proj, vocab_size: int, rows: int, tile: int, dtype: torch.dtype) -> None:
+        self.rows, self.dtype = rows, dtype
+        self.tiles = [head.columns(lo, min(lo + tile, vocab_size)) for lo in range(0, vocab_size, tile)]
+
+    def __call__(self, h: Tensor) -> Tensor:
+        """h (n, C) final hidden states (any float dtype) -> logits (n, V) float32."""
+        n, m = h.shape[0], self.rows
+        x = torch.cat([h.to(self.dtype), h.new_zeros(-n % m, h.shape[1], dtype=self.dtype)])  # (n padded to m, C)
+        chunks = x.split(m)  # each (m, C)
+        return torch.cat([torch.cat([p(c) for c in chunks]) for p in self.tiles], 1)[:n].float()  # (n, V)
 
 
 class Decoder:
@@ -48,7 +70,9 @@ class Decoder:
       bucket; larger batches run in chunks of it, the last padded) and, for prefill, the full R-token window.
       BLAS picks its kernel and blocking by shape, so only a fixed shape fixes each row's arithmetic; that a
       row's result depends neither on its place in the chunk nor on the padding rows is what
-      tests/gam_model/test_deterministic.py checks. Costs throughput (README, bench/deterministic.py).
+      tests/gam_model/test_deterministic.py checks. On CPU the head runs after the chunks, over all of them, in
+      fixed (fixed_rows, C) @ (C, CPU_HEAD_TILE) GEMMs (FixedShapeHead). Costs throughput (README,
+      bench/deterministic.py).
     - fixed_rows: the row count M0 of deterministic mode; rows past the batch (and past the pool, if M0 is
       larger) are the scratch slot. Default: the whole pool on CUDA (one captured graph per regime; a GPU step
       costs about the same at any small batch), CPU_FIXED_ROWS on CPU, whatever the pool: on the development
@@ -107,7 +131,13 @@ class Decoder:
                 self.dtype,
                 kernel_of(self.quantization, self.device),
             )
-        math = partial(step, self.weights, ops=ops)
+        # deterministic on CPU: the runners return the final hidden states and the head runs after them, tiled
+        self._head = None
+        if deterministic and self.device.type == "cpu":
+            assert fixed_rows is not None  # set above
+            V = self.config.vocab_size
+            self._head = FixedShapeHead(self.weights.head, V, fixed_rows, CPU_HEAD_TILE, self.dtype)
+        math = partial(hidden if self._head else step, self.weights, ops=ops)
         self._math = torch.compile(math, dynamic=False) if compile else math
         self.compiled = compile
         self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
@@ -144,10 +174,12 @@ class Decoder:
         if m is None:  # one window batch, as wide as the longest prompt needs
             return self._prefill(slots, prompts, min(R, max(len(p) for p in prompts)), len(slots))
         # deterministic: every window batch is (fixed_rows, R), whatever prompts share it
-        return torch.cat([self._prefill(slots[i : i + m], prompts[i : i + m], R, m) for i in range(0, len(slots), m)])
+        out = torch.cat([self._prefill(slots[i : i + m], prompts[i : i + m], R, m) for i in range(0, len(slots), m)])
+        return self._head(out) if self._head else out
 
     def _prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]], W: int, rows: int) -> Tensor:
-        """Prefill n <= rows prompts as one (rows, W) window batch, rows past n all padding; logits (n, V)."""
+        """Prefill n <= rows prompts as one (rows, W) window batch, rows past n all padding; logits (n, V) (with
+        the split head: final hidden states (n, C))."""
         cfg, st, dev = self.config, self.state, self.device
         R, bs, n = cfg.receptive_field, cfg.block_size, len(prompts)
         idx = torch.zeros(rows, W, dtype=torch.long)  # (rows, W) left-padded last W tokens
@@ -162,7 +194,8 @@ class Decoder:
             last_pos[i] = min(len(p), bs) - 1
             valid[i] = len(tail)
         self.tokens_prefilled += idx.numel()
-        logits, hist = self.model.window_forward(to_device(idx, dev), to_device(last_pos, dev), to_device(valid, dev))
+        forward = self.model.window_hidden if self._head else self.model.window_forward
+        logits, hist = forward(to_device(idx, dev), to_device(last_pos, dev), to_device(valid, dev))  # (rows, V|C)
         s = st.index(list(slots))
         st.conv.index_copy_(1, s, hist[:, :n].to(st.conv.dtype))
         st.window.index_copy_(0, s, to_device(win, dev))
@@ -187,19 +220,20 @@ class Decoder:
         elif sliding.all():
             out = self._window(idx, tokens)
         else:
-            out = torch.empty(n, self.config.vocab_size, device=self.device)
+            width = self.config.n_embd if self._head else self.config.vocab_size
+            out = torch.empty(n, width, device=self.device)
             for rows, run in ((~sliding, self._cached), (sliding, self._window)):
                 r = to_device(torch.from_numpy(np.flatnonzero(rows)), self.device)
                 out[r] = run(idx[rows], tokens[r])
         st.lengths[idx] += 1
-        return out
+        return self._head(out) if self._head else out
 
     def cached_step(self, s: Tensor, tokens: Tensor) -> Tensor:
         """Static-shape step for slots s (B,) all before block_size: gather once, step, scatter once in place."""
         st, cfg = self.state, self.config
         pos = st.pos.index_select(0, s).clamp(max=cfg.block_size - 1)  # (B,) scratch may run past the table
         hist = st.conv.index_select(1, s)  # (L, B, K-1, C)
-        logits = self._math(tokens, pos, hist)  # (B, V); hist updated in place
+        logits = self._math(tokens, pos, hist)  # (B, V), split head: (B, C); hist updated in place
         st.conv.index_copy_(1, s, hist)
         st.window.index_copy_(0, s, torch.cat([st.window.index_select(0, s)[:, 1:], tokens.unsqueeze(1)], 1))
         st.pos.index_copy_(0, s, pos + 1)
@@ -211,7 +245,8 @@ class Decoder:
         win = torch.cat([st.window.index_select(0, s)[:, 1:], tokens.unsqueeze(1)], 1)  # (B, R)
         B, R = win.shape
         last = torch.full((B,), cfg.block_size - 1, device=win.device)
-        logits, _ = self.model.window_forward(win, last, torch.full((B,), R, device=win.device))
+        forward = self.model.window_hidden if self._head else self.model.window_forward
+        logits, _ = forward(win, last, torch.full((B,), R, device=win.device))  # (B, V) or (B, C)
         st.window.index_copy_(0, s, win)
         st.pos.index_copy_(0, s, st.pos.index_select(0, s) + 1)
         return logits

@@ -129,10 +129,15 @@ class GAM(nn.Module):
         return self.head(self.ln_f(x))  # (B, T, V)
 
     def window_forward(self, idx: Tensor, last_pos: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        """`window_hidden`, then the head: the last position's logits (B, V) and the conv history."""
+        h, hist = self.window_hidden(idx, last_pos, valid)
+        return self.head(h), hist  # (B, V), (L, B, K-1, C)
+
+    def window_hidden(self, idx: Tensor, last_pos: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
         """Forward over right-aligned windows, for prefill and the sliding-window step.
 
         idx (B, W) token ids, left-padded; last_pos (B,) position of the last token; valid (B,) real tokens
-        per row (at the right end). Returns the last position's logits (B, V) and every layer's ln1
+        per row (at the right end). Returns the last position's final-LayerNorm output (B, C) and every layer's ln1
         output at the last K-1 positions (L, B, K-1, C), zeros where padded: the conv history.
         """
         W = idx.shape[1]
@@ -147,8 +152,7 @@ class GAM(nn.Module):
             # only the last (L-1-i)(K-1)+1 outputs of block i reach the last logits (a pyramid, not W per layer)
             x, h = blk(x, mask[:, -x.shape[1] :], keep=(L - 1 - i) * k1 + 1)
             hists.append(F.pad(h, (0, 0, max(k1 - h.shape[1], 0), 0))[:, -k1:] if k1 > 0 else h[:, :0])
-        logits = self.head(self.ln_f(x[:, -1]))  # (B, V)
-        return logits, torch.stack(hists)  # (B, V), (L, B, K-1, C)
+        return self.ln_f(x[:, -1]), torch.stack(hists)  # (B, C), (L, B, K-1, C)
 
     def step(self, idx: Tensor, pos: Tensor, hist: Tensor) -> tuple[Tensor, Tensor]:
         """Cached decode step: idx (B,), pos (B,) < block_size, hist (L, B, K-1, C) -> logits (B, V), new hist."""

@@ -51,6 +51,17 @@ class Proj:
         assert self.wt is not None  # not quantized: the full-precision right operand
         return x @ self.wt if self.b is None else torch.addmm(self.b, x, self.wt)
 
+    def columns(self, lo: int, hi: int) -> Proj:
+        """The projection onto output columns [lo, hi) alone, in the same layout: a contiguous (in, out) copy stays
+        one (a copy of its columns), a transposed view stays a view (bf16 on CPU runs it 13x faster than a copy)."""
+        b = None if self.b is None else self.b[lo:hi]
+        if self.q is not None:
+            assert self.scale is not None  # quantized rows come with their scales
+            return Proj(None, b, self.q[lo:hi], self.scale[lo:hi])
+        assert self.wt is not None  # not quantized: the full-precision right operand
+        wt = self.wt[:, lo:hi]  # (in, hi - lo)
+        return Proj(wt.contiguous() if self.wt.is_contiguous() else wt, b)
+
     def add_to(self, out: Tensor, x: Tensor) -> Tensor:
         """out (B, out) += x (B, in) @ W^T, in place."""
         if self.q is not None:
@@ -152,6 +163,11 @@ def step(w: StepWeights, idx: Tensor, pos: Tensor, hist: Tensor, ops: ModuleType
 
     The same math as GAM.step; `ops` is a kernel module from gam_model.kernels (reference or triton).
     """
+    return w.head(hidden(w, idx, pos, hist, ops))  # (B, V)
+
+
+def hidden(w: StepWeights, idx: Tensor, pos: Tensor, hist: Tensor, ops: ModuleType) -> Tensor:
+    """`step` up to the head: the final LayerNorm's output (B, C), hist updated in place."""
     x = w.tok(idx) + F.embedding(pos, w.pos)  # (B, C)
     C = x.shape[-1]
     for i, lw in enumerate(w.layers):
@@ -160,4 +176,4 @@ def step(w: StepWeights, idx: Tensor, pos: Tensor, hist: Tensor, ops: ModuleType
         mem = lw.read(gs[:, 2 * C :].softmax(dim=-1))  # (B, C)
         x, h2 = ops.gate_fuse_ln(x, gs, mem, local, lw.ln2_w, lw.ln2_b, lw.ln2_eps, lw.ffn2_b)  # x = x' + b2
         lw.ffn2.add_to(x, F.gelu(lw.ffn1(h2)))  # (B, C): x' + FFN(ln2(x'))
-    return w.head(F.layer_norm(x, (C,), w.lnf_w, w.lnf_b, w.lnf_eps))  # (B, V)
+    return F.layer_norm(x, (C,), w.lnf_w, w.lnf_b, w.lnf_eps)  # (B, C)

@@ -18,9 +18,10 @@ import torch
 
 from gam_model import sampling
 from gam_model.checkpoint import load_checkpoint
-from gam_model.decode import CPU_FIXED_ROWS, Decoder
+from gam_model.decode import CPU_FIXED_ROWS, Decoder, FixedShapeHead
 from gam_model.model import GAM
 from gam_model.sampling import SamplingParams, SequenceSampler, sample
+from gam_model.step import StepWeights
 from tests.conftest import tiny_model
 from tests.gam_model.test_decode import TOL, teacher_force
 
@@ -208,20 +209,43 @@ def test_padding_rows_do_not_matter() -> None:
 
 
 def test_every_forward_runs_at_one_shape(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Prefill and the sliding step always push (fixed_rows, R) windows; the cached step one (fixed_rows,) bucket."""
+    """Prefill and the sliding step always push (fixed_rows, R) windows; the cached step one (fixed_rows,) bucket;
+    the head (on CPU after the chunks, FixedShapeHead) (fixed_rows, C) @ (C, tile) GEMMs, one tile width."""
     model = tiny_model(seed=6)
-    R, bs = model.config.receptive_field, model.config.block_size
+    R, bs, C = model.config.receptive_field, model.config.block_size, model.config.n_embd
     dec = Decoder(model, num_slots=7, deterministic=True, fixed_rows=3)
-    windows, steps = [], []
-    real_window, real_math = model.window_forward, dec._math
-    monkeypatch.setattr(model, "window_forward", lambda idx, *a: windows.append(idx.shape) or real_window(idx, *a))
+    assert dec._head is not None
+    windows, steps, heads = [], [], []
+    real_window, real_math = model.window_hidden, dec._math
+    monkeypatch.setattr(model, "window_hidden", lambda idx, *a: windows.append(idx.shape) or real_window(idx, *a))
     monkeypatch.setattr(dec, "_math", lambda tokens, *a: steps.append(tokens.shape) or real_math(tokens, *a))
+    dec._head.tiles = [lambda x, p=p: heads.append(x.shape) or p(x) for p in dec._head.tiles]
     slots = [dec.allocate() for _ in range(7)]
     dec.prefill(slots, [[1] * n for n in (1, 2, 3, 20, bs + 1, 5, 2)])
     for _ in range(3):
         dec.step(slots, torch.arange(7))
-    assert dec.buckets == [3] and set(windows) == {(3, R)} and set(steps) == {(3,)}
+    assert dec.buckets == [3] and set(windows) == {(3, R)} and set(steps) == {(3,)} and set(heads) == {(3, C)}
     assert len(windows) == 3 + 3 * 1 and len(steps) == 3 * 2  # chunks: prefill 3; per step 2 cached + 1 sliding
+    assert len(heads) == 4 * 3  # prefill and 3 steps, each 7 rows in 3 chunks (one tile: a vocabulary of 97)
+
+
+def test_fixed_shape_head_rows_are_bit_identical_whatever_the_rows() -> None:
+    """FixedShapeHead over several tiles (the last narrower): a row's logits alone == among others, at any place,
+    and within fp32 tolerance of the untiled head."""
+    model = tiny_model(seed=8)
+    w = StepWeights.from_model(model, contiguous=True)
+    V, C = model.config.vocab_size, model.config.n_embd
+    head = FixedShapeHead(w.head, V, rows=4, tile=16, dtype=torch.float32)
+    assert [p.wt.shape[1] for p in head.tiles if p.wt is not None] == [16] * 6 + [1]
+    assert all(p.wt is not None and p.wt.is_contiguous() for p in head.tiles)  # the layout of w.head.wt
+    view = FixedShapeHead(StepWeights.from_model(model).head, V, rows=4, tile=16, dtype=torch.float32)
+    assert all(p.wt is not None and p.wt.t().is_contiguous() for p in view.tiles)  # a transposed view stays one
+    h = torch.randn(11, C, generator=torch.Generator().manual_seed(8))  # (11, C)
+    batch = head(h)  # (11, V)
+    assert batch.shape == (11, V) and torch.allclose(batch, w.head(h), atol=1e-5)
+    for i in range(11):
+        assert torch.equal(head(h[i : i + 1]), batch[i : i + 1])
+        assert torch.equal(head(torch.cat([h[:3], h[i : i + 1]]))[3], batch[i])
 
 
 def test_deterministic_mode_stays_exact() -> None:
