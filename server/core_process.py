@@ -207,7 +207,8 @@ class CoreServer:
                 self.core.reply(msg.frontend, msg.token, None)
             except (QueueFull, TooManySequences, EngineUnavailable, ValueError) as e:
                 if isinstance(e, (QueueFull, EngineUnavailable)):
-                    self.metrics.count_rejected(msg.requests[0].endpoint if msg.requests else "generate")
+                    endpoint = msg.requests[0].endpoint if msg.requests else "generate"
+                    self.metrics.count_rejected(endpoint, len(msg.requests))
                 self.core.reply(msg.frontend, msg.token, e)
             return True
         if isinstance(msg, p.Cancel):

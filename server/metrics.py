@@ -209,9 +209,9 @@ class Metrics:
             self.ttft.observe(s.ttft_s)
         self.generated_tokens.observe(s.generated_tokens)
 
-    def count_rejected(self, endpoint: str) -> None:
-        """A request refused before reaching the engine (queue full, draining)."""
-        self.requests.labels(endpoint=endpoint, finish_reason="rejected").inc()
+    def count_rejected(self, endpoint: str, sequences: int) -> None:
+        """A call refused before reaching the engine (queue full, draining): its sequences, as other outcomes count."""
+        self.requests.labels(endpoint=endpoint, finish_reason="rejected").inc(sequences)
 
     def _tokens_per_second(self) -> float:
         now = time.monotonic()
