@@ -304,15 +304,13 @@ class EngineCore:
             return
         out = self.batch.step()
         now = time.monotonic()
-        for key, message in out.failed:
-            self._fail(self._running.pop(key), message, 500, "generation", 0)
         rows = len(out.keys)
         if rows:
             keys = out.keys.tolist()
-            for i in range(out.stepped, rows):  # first tokens: prefilled in this step
-                first = self._running.get(keys[i])
-                if first is None:  # its token handling failed: ended above
-                    continue
+            # first tokens (prefilled in the step collected), before the failures below: a request whose token came
+            # and whose next step failed (with overlap, in the same call) gets its prompt logprobs with that token
+            for i in range(out.stepped, rows):
+                first = self._running[keys[i]]
                 first.first_token = now
                 if first.prompt is not None:
                     self._out.prompts[first.id], first.prompt = first.prompt, None
@@ -320,6 +318,8 @@ class EngineCore:
                 greedy = self._running[keys[row]].request.params.greedy
                 self._out.finished[row] = Finish(f.reason, f.generated, None if greedy else f.seed)
             self._out.step = out
+        for key, message in out.failed:
+            self._fail(self._running.pop(key), message, 500, "generation", 0)
         itl = now - self._last_sample if out.stepped else 0.0
         self._last_sample = now
         # stats before the output is sent: a client that has its last token reads metrics that include it

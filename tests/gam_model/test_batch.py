@@ -277,3 +277,72 @@ def test_cuda_launch_never_waits_for_the_device(model, tok) -> None:
     want = ref.step()  # the same step, collected at once
     got = c._collect(launch)  # (the launch before it, still in flight, is skipped: it holds no row of these tokens)
     assert got.keys.tolist() == want.keys.tolist() and got.tokens.tolist() == want.tokens.tolist()
+
+
+def collect_all(core: BatchCore) -> tuple[dict[int, list[int]], dict[int, str]]:
+    """Step the core until it is empty: key -> its tokens, key -> how it ended (finish reason or failure message)."""
+    toks: dict[int, list[int]] = {}
+    ends: dict[int, str] = {}
+    while len(core):
+        out = core.step()
+        for row, (k, t) in enumerate(zip(out.keys.tolist(), out.tokens.tolist(), strict=True)):
+            assert k not in ends, f"a token for {k} after it ended"
+            toks.setdefault(k, []).append(t)
+            if row in out.finished:
+                ends[k] = out.finished[row].reason
+        ends.update(out.failed)
+    return toks, ends
+
+
+def test_overlap_remove_during_prefill_then_re_add_the_same_key(model, tok) -> None:
+    """A key removed while its prefill is in flight and added again at once (same key, same slot) gets exactly what
+    its new spec gets alone; no row of the first one comes out."""
+    greedy = SamplingParams(temperature=0)
+    second = SequenceSpec(tok.encode(PROMPTS[2]), greedy, 5)
+    lone = run(BatchCore(Decoder(model, 1), tok), {0: second})[0]
+    c = BatchCore(Decoder(model, 1), tok, overlap=True)
+    c.add(0, SequenceSpec(tok.encode(PROMPTS[0]), greedy, 20))
+    assert len(c.step().keys) == 0  # the prefill is in flight
+    assert c.remove(0) == 0 and c.free_slots == 1
+    c.add(0, second)
+    toks, ends = collect_all(c)
+    assert (toks[0], ends[0]) == lone and c.free_slots == 1
+
+
+class _FailsOn:
+    """A detokenizer that raises on its n-th token: a token-handling failure of one row."""
+
+    def __init__(self, inner: IncrementalDetokenizer, n: int) -> None:
+        self.inner, self.n, self.seen = inner, n, 0
+
+    def add(self, token_id: int) -> str:
+        self.seen += 1
+        if self.seen == self.n:
+            raise RuntimeError("boom")
+        return self.inner.add(token_id)
+
+    def flush(self) -> str:
+        return self.inner.flush()
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_overlap_token_handling_failure_ends_one_row_as_without(model, tok, n: int) -> None:
+    """A row whose text step raises (on its n-th token) ends alone after the same tokens with overlap as without (its
+    row still in flight is dropped); the others run on; every slot comes back."""
+    greedy = SamplingParams(temperature=0)
+
+    def ends(overlap: bool) -> tuple[dict[int, list[int]], dict[int, str]]:
+        c = BatchCore(Decoder(model, 3, deterministic=True, fixed_rows=4), tok, overlap=overlap)
+        for k in range(3):
+            c.add(k, SequenceSpec(tok.encode(PROMPTS[k]), greedy, 8, stop=["@@@"] if k == 1 else []))
+        seq = c._seqs[1]
+        assert seq.texts is not None
+        seq.texts = (_FailsOn(seq.texts[0], n), seq.texts[1])  # type: ignore[assignment]
+        got = collect_all(c)
+        assert c.free_slots == 3
+        return got
+
+    plain = ends(False)
+    assert len(plain[0][1]) == n and plain[1][1].startswith("token handling failed: boom")
+    assert plain[1][0] == plain[1][2] == "length"
+    assert ends(True) == plain
