@@ -3,6 +3,7 @@ ends only its own sequences; remove frees the slot."""
 
 from __future__ import annotations
 
+import collections
 import random
 
 import pytest
@@ -22,24 +23,48 @@ def model(tok):
     return tiny_model(seed=5, vocab_size=tok.vocab_size, block_size=24)
 
 
-def run(core: BatchCore, specs: dict[int, SequenceSpec]) -> dict[int, tuple[list[int], str]]:
-    """Drive the core to the end: key -> (tokens, finish reason), checking the columns on the way."""
-    waiting = list(specs)
-    toks: dict[int, list[int]] = {k: [] for k in specs}
-    done: dict[int, tuple[list[int], str]] = {}
+Result = tuple[list[int], list[float], list, str]
+
+
+def drive(
+    core: BatchCore,
+    specs: dict[int, SequenceSpec] | None = None,
+    cancel: dict[int, int] | None = None,
+    failures: bool = False,
+) -> dict[int, Result]:
+    """Run the core to the end (adding `specs` as slots free up, removing key k once it has `cancel[k]` tokens),
+    checking the columns on the way: key -> (tokens, logprobs, top-n, how it ended: finish reason, "cancelled" or,
+    when `failures` are allowed, the failure message)."""
+    waiting, cancel = list(specs or {}), cancel or {}
+    got: dict[int, tuple[list[int], list[float], list]] = collections.defaultdict(lambda: ([], [], []))
+    done: dict[int, Result] = {}
     while waiting or len(core):
         while waiting and core.free_slots:
             k = waiting.pop(0)
-            core.add(k, specs[k])
+            core.add(k, (specs or {})[k])
         out = core.step()
-        assert not out.failed
+        assert failures or not out.failed
         assert len(out.keys) == len(out.tokens) == len(out.logprobs) == out.stepped + out.prefilled
-        for row, (k, t) in enumerate(zip(out.keys.tolist(), out.tokens.tolist(), strict=True)):
-            toks[k].append(t)
+        cols = zip(out.keys.tolist(), out.tokens.tolist(), out.logprobs.tolist(), strict=True)
+        for row, (k, t, lp) in enumerate(cols):
+            assert k not in done, f"a token for {k} after it ended"
+            got[k][0].append(t)
+            got[k][1].append(lp)
+            got[k][2].append(out.top.get(row))
             if row in out.finished:
-                assert out.finished[row].generated == len(toks[k])
-                done[k] = (toks[k], out.finished[row].reason)
+                assert out.finished[row].generated == len(got[k][0])
+                done[k] = (*got[k], out.finished[row].reason)
+            elif cancel.get(k) == len(got[k][0]):
+                assert core.remove(k) == cancel[k]
+                done[k] = (*got[k], "cancelled")
+        for k, message in out.failed:
+            done[k] = (*got[k], message)
     return done
+
+
+def run(core: BatchCore, specs: dict[int, SequenceSpec]) -> dict[int, tuple[list[int], str]]:
+    """Drive the core to the end: key -> (tokens, finish reason)."""
+    return {k: (r[0], r[3]) for k, r in drive(core, specs).items()}
 
 
 def verdict(tok, spec: SequenceSpec, tokens: list[int]) -> tuple[int, str]:
@@ -147,36 +172,6 @@ def mixed_specs(tok, n: int, seed: int) -> dict[int, SequenceSpec]:
     return specs
 
 
-Result = tuple[list[int], list[float], list, str]
-
-
-def drive(core: BatchCore, specs: dict[int, SequenceSpec], cancel: dict[int, int]) -> dict[int, Result]:
-    """Run to the end, removing key k once it has `cancel[k]` tokens: key -> (tokens, logprobs, top-n, how it ended)."""
-    waiting = list(specs)
-    got: dict[int, tuple[list[int], list[float], list]] = {k: ([], [], []) for k in specs}
-    done: dict[int, Result] = {}
-    while waiting or len(core):
-        while waiting and core.free_slots:
-            k = waiting.pop(0)
-            core.add(k, specs[k])
-        out = core.step()
-        assert not out.failed
-        assert len(out.keys) == len(out.tokens) == len(out.logprobs) == out.stepped + out.prefilled
-        cols = zip(out.keys.tolist(), out.tokens.tolist(), out.logprobs.tolist(), strict=True)
-        for row, (k, t, lp) in enumerate(cols):
-            assert k not in done, f"a token for {k} after it ended"
-            got[k][0].append(t)
-            got[k][1].append(lp)
-            got[k][2].append(out.top.get(row))
-            if row in out.finished:
-                assert out.finished[row].generated == len(got[k][0])
-                done[k] = (*got[k], out.finished[row].reason)
-            elif cancel.get(k) == len(got[k][0]):
-                assert core.remove(k) == cancel[k]
-                done[k] = (*got[k], "cancelled")
-    return done
-
-
 def test_overlap_gives_the_same_results_one_step_later(model, tok) -> None:
     """Deterministic decode (a row's bits do not depend on its neighbours, so the extra rows an overlapped step
     carries cannot move them): overlap changes no token, logprob, top-n or finish, whatever the row mix, the
@@ -281,17 +276,8 @@ def test_cuda_launch_never_waits_for_the_device(model, tok) -> None:
 
 def collect_all(core: BatchCore) -> tuple[dict[int, list[int]], dict[int, str]]:
     """Step the core until it is empty: key -> its tokens, key -> how it ended (finish reason or failure message)."""
-    toks: dict[int, list[int]] = {}
-    ends: dict[int, str] = {}
-    while len(core):
-        out = core.step()
-        for row, (k, t) in enumerate(zip(out.keys.tolist(), out.tokens.tolist(), strict=True)):
-            assert k not in ends, f"a token for {k} after it ended"
-            toks.setdefault(k, []).append(t)
-            if row in out.finished:
-                ends[k] = out.finished[row].reason
-        ends.update(out.failed)
-    return toks, ends
+    done = drive(core, failures=True)
+    return {k: r[0] for k, r in done.items() if r[0]}, {k: r[3] for k, r in done.items()}
 
 
 def test_overlap_remove_during_prefill_then_re_add_the_same_key(model, tok) -> None:
