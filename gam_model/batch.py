@@ -40,7 +40,7 @@ from torch import Tensor
 from gam_model.decode import Decoder
 from gam_model.detokenize import IncrementalDetokenizer
 from gam_model.device import to_device
-from gam_model.sampling import SamplingParams, SequenceSampler, observe, sample
+from gam_model.sampling import SamplingParams, SequenceSampler, sample
 from gam_model.stopping import EOS_TOKEN, LENGTH, StopChecker, advance_token
 from gam_model.tokenizer import Tokenizer
 
@@ -243,7 +243,10 @@ class BatchCore:
         try:
             samplers = [s.sampler for s in rows]
             res = sample(torch.cat(parts) if len(parts) > 1 else parts[0], samplers)  # tokens (B,) on the device
-            observe(samplers, res.tokens, [i for i, s in enumerate(rows) if s.penalties])
+            for i, s in enumerate(rows):
+                s.row, s.launched = i, s.launched + 1
+                if s.penalties:  # recorded where the ids are, before the next launch samples
+                    s.sampler.observe(res.tokens[i : i + 1])
             # into pinned host memory behind the queued work (on the CPU these are the tensors themselves)
             tokens, logprobs = (
                 res.tokens.to("cpu", non_blocking=True),
@@ -258,9 +261,6 @@ class BatchCore:
             log.exception("sampling failed for %d sequences", len(rows))
             failed += [(s, f"sampling failed: {e}") for s in rows]
             return None
-        for i, s in enumerate(rows):
-            s.row = i
-            s.launched += 1
         self._last, self._last_tokens = rows, res.tokens
         return _Launch(rows, stepped, tokens, logprobs, top_ids, top_lps, copied, t1 - t0, time.perf_counter() - t1)
 

@@ -137,6 +137,7 @@ class Decoder:
             assert fixed_rows is not None  # set above
             V = self.config.vocab_size
             self._head = FixedShapeHead(self.weights.head, V, fixed_rows, CPU_HEAD_TILE, self.dtype)
+        self._width = self.config.n_embd if self._head else self.config.vocab_size  # what the runners return per row
         math = partial(hidden if self._head else step, self.weights, ops=ops)
         self._math = torch.compile(math, dynamic=False) if compile else math
         self.compiled = compile
@@ -194,8 +195,7 @@ class Decoder:
             last_pos[i] = min(len(p), bs) - 1
             valid[i] = len(tail)
         self.tokens_prefilled += idx.numel()
-        forward = self.model.window_hidden if self._head else self.model.window_forward
-        logits, hist = forward(to_device(idx, dev), to_device(last_pos, dev), to_device(valid, dev))  # (rows, V|C)
+        logits, hist = self._window_forward(to_device(idx, dev), to_device(last_pos, dev), to_device(valid, dev))
         s = st.index(list(slots))
         st.conv.index_copy_(1, s, hist[:, :n].to(st.conv.dtype))
         st.window.index_copy_(0, s, to_device(win, dev))
@@ -220,13 +220,16 @@ class Decoder:
         elif sliding.all():
             out = self._window(idx, tokens)
         else:
-            width = self.config.n_embd if self._head else self.config.vocab_size
-            out = torch.empty(n, width, device=self.device)
+            out = torch.empty(n, self._width, device=self.device)
             for rows, run in ((~sliding, self._cached), (sliding, self._window)):
                 r = to_device(torch.from_numpy(np.flatnonzero(rows)), self.device)
                 out[r] = run(idx[rows], tokens[r])
         st.lengths[idx] += 1
         return self._head(out) if self._head else out
+
+    def _window_forward(self, idx: Tensor, last_pos: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        """GAM.window_forward, or window_hidden where the head runs after the runners (deterministic on CPU)."""
+        return (self.model.window_hidden if self._head else self.model.window_forward)(idx, last_pos, valid)
 
     def cached_step(self, s: Tensor, tokens: Tensor) -> Tensor:
         """Static-shape step for slots s (B,) all before block_size: gather once, step, scatter once in place."""
@@ -245,8 +248,7 @@ class Decoder:
         win = torch.cat([st.window.index_select(0, s)[:, 1:], tokens.unsqueeze(1)], 1)  # (B, R)
         B, R = win.shape
         last = torch.full((B,), cfg.block_size - 1, device=win.device)
-        forward = self.model.window_hidden if self._head else self.model.window_forward
-        logits, _ = forward(win, last, torch.full((B,), R, device=win.device))  # (B, V) or (B, C)
+        logits, _ = self._window_forward(win, last, torch.full((B,), R, device=win.device))  # (B, V) or (B, C)
         st.window.index_copy_(0, s, win)
         st.pos.index_copy_(0, s, st.pos.index_select(0, s) + 1)
         return logits

@@ -142,26 +142,14 @@ class SequenceSampler:
             self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=self.device)
 
     def observe(self, token_id: int | Tensor) -> None:
-        """Record a generated token (for the penalties): an id, or a (1,) tensor where the penalty state is (the
-        batch core's, so the host never waits for the device)."""
+        """Record a generated token (for the penalties): an id, or a (1,) tensor on the penalty state's device (the
+        batch core's: the host never waits for the device)."""
         self.generated += 1
-        if isinstance(token_id, Tensor):
-            if self.seen is not None:
-                self.seen.index_fill_(0, token_id, True)
-            if self.counts is not None:
-                self.counts.index_add_(0, token_id, torch.ones(1, device=self.counts.device))
-            return
+        ids = token_id if isinstance(token_id, Tensor) else torch.tensor([token_id], device=self.device)  # (1,)
         if self.seen is not None:
-            self.seen[token_id] = True
+            self.seen.index_fill_(0, ids, True)
         if self.counts is not None:
-            self.counts[token_id] += 1.0
-
-
-def observe(rows: list[SequenceSampler], tokens: Tensor, where: list[int]) -> None:
-    """Record the sampled tokens (B,) of the batch rows `where` (rows with penalties) in their samplers, on the
-    tokens' device."""
-    for i in where:
-        rows[i].observe(tokens[i : i + 1])
+            self.counts.index_add_(0, ids, torch.ones(1, device=self.device))
 
 
 @dataclass
