@@ -25,6 +25,7 @@ from server.errors import (
     install_error_handlers,
 )
 from server.routes import misc, openai, playground, tgi
+from server.routes.stream import BODY_SEND
 from server.settings import Settings
 from server.version import VERSION
 
@@ -60,6 +61,16 @@ class BodyLimitMiddleware:
             return msg
 
         await self.app(scope, counting_receive, send)
+
+
+class GamApp(FastAPI):
+    """FastAPI that hands the ASGI server's own `send` down in the scope, for a stream's body chunks
+    (server/routes/stream.py): the middleware stack wraps `send` in two coroutines per message."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope[BODY_SEND] = send
+        await super().__call__(scope, receive, send)
 
 
 @dataclass(frozen=True)
@@ -114,7 +125,7 @@ def create_app(settings: Settings, attach: Attach | None = None) -> FastAPI:
             await ctx.engine.shutdown()
             log.info("engine stopped")
 
-    app = FastAPI(
+    app = GamApp(
         title="gam-serve",
         version=VERSION,
         lifespan=lifespan,
