@@ -36,21 +36,24 @@ def machine() -> dict:
     }
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process (Linux /proc/PID/stat fields 14 and 15)."""
+def process_cpu_seconds(pid: int, system: bool = False) -> float:
+    """User + system CPU seconds of a process (Linux /proc/PID/stat fields 14 and 15); system: field 15 alone (time
+    in the kernel: syscalls such as socket writes)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = int(fields[12]) if system else int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def process_tree_cpu(pid: int) -> dict[int, tuple[str, float]]:
-    """{pid: (name, process_cpu_seconds)} of a process and all its live descendants (the engine core is a child)."""
+def process_tree_cpu(pid: int, system: bool = False) -> dict[int, tuple[str, float]]:
+    """{pid: (name, process_cpu_seconds)} of a process and all its live descendants (the engine core is a child);
+    system: the kernel's part only."""
     import psutil
 
     root = psutil.Process(pid)
     out = {}
     for p in [root, *root.children(recursive=True)]:
         with contextlib.suppress(OSError, psutil.Error):  # exited meanwhile
-            out[p.pid] = (p.name(), process_cpu_seconds(p.pid))
+            out[p.pid] = (p.name(), process_cpu_seconds(p.pid, system))
     return out
 
 

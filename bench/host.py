@@ -17,7 +17,9 @@
    for the host path to show, as a GPU-sized step would:
    - engine-core host µs per generated token, forward and sampling excluded: gam_engine_busy_seconds_total
      {part="host"} from /metrics over the measured window / generated tokens (n/a when the server has no counter);
-   - frontend CPU µs per streamed token: CPU time of every process in the gam-serve tree but gam-engine-core;
+   - frontend CPU µs per streamed token: CPU time of every process in the gam-serve tree but gam-engine-core; of
+     it, the kernel's part (system CPU); and the frontend CPU per request of 1-token requests (the per-request part
+     of the per-token figure is that / --tokens);
    - frontend tokens/s with --api-server-count 1 and 2 (skipped when gam-serve has no such flag);
    - the same with --stream-interval; and a lower bound: kernel CPU per send() of one event to a loopback socket
      whose reader is busy (a send that must wake a sleeping reader costs more).
@@ -212,14 +214,16 @@ async def served(srv: ServerProcess, model_id: str | None, eos_id: int | None, s
                      duration_s=3600, drain_s=600, timeout_s=3600, input_words=INPUT_WORDS, output_tokens=tokens,
                      model=model_id, seed=seed, client=client, extra_body=bias)  # fmt: skip
     m0 = await scrape(srv.url)
-    cpu0, client0 = process_tree_cpu(srv.proc.pid), time.process_time()
+    cpu0, sys0, client0 = process_tree_cpu(srv.proc.pid), process_tree_cpu(srv.proc.pid, True), time.process_time()
     res = await run_load(cfg, progress=False)
     client, cpu1 = time.process_time() - client0, process_tree_cpu(srv.proc.pid)
+    sys1 = process_tree_cpu(srv.proc.pid, True)
     m1 = await scrape(srv.url)
     s = summarize(res.records, res.duration_s)
     n = s["total_output_tokens"]  # streamed to the client, by the server's usage counts
     used = cpu_used(cpu0, cpu1)
     core_s, frontend_s = cpu_split(used)
+    frontend_sys_s = cpu_split(cpu_used(sys0, sys1))[1]
     generated = counter_delta(m0, m1, GENERATED) or n
     busy = {part: counter_delta(m0, m1, BUSY, part=part) for part in ("forward", "sample", "host")}
     host_s = busy["host"]
@@ -242,6 +246,8 @@ async def served(srv: ServerProcess, model_id: str | None, eos_id: int | None, s
         "engine_core_us_per_token": None if core_s is None else ratio(1e6 * core_s, generated),
         "frontend_cpu_s": frontend_s,
         "frontend_us_per_token": ratio(1e6 * frontend_s, n),
+        "frontend_system_us_per_token": ratio(1e6 * frontend_sys_s, n),  # of which in the kernel
+        "frontend_us_per_request": ratio(1e6 * frontend_s, s["completed"]),
         "server_tok_per_cpu_s": ratio(n, frontend_s + (core_s or 0.0)),  # every process of the server together
         "server_processes": {f"{name} {pid}": seconds for pid, (name, seconds) in used.items()},  # CPU s used
         "busy_s": busy,
@@ -422,6 +428,10 @@ async def micro(b: Bench, args: argparse.Namespace, tmp: Path, help_text: str) -
         if interval:
             servers.append(await started(stack, model_dir, args, eos, n, stream_interval=interval))
         res = await alternated(loop, servers, eos, n, args, f"micro {n} stream(s)")
+        # what one request costs the frontend whatever its length (HTTP, validation, tokenization, submit, response
+        # start and end): 1-token requests on the first server, args.reps runs
+        srv, model_id = servers[0]
+        ones = [await served(srv, model_id, eos, n, 4 * n, 1, seed, args.client) for seed in range(args.reps)]
     out = {"model": info, "streams": n, "bare": res["bare"], **res["served"][0]}
     bare, m = out["bare"], out["served"]
     add_bare(b, bare, "micro ")
@@ -439,8 +449,13 @@ async def micro(b: Bench, args: argparse.Namespace, tmp: Path, help_text: str) -
         put(b, "  engine-core process CPU us per generated token", m["engine_core_us_per_token"])
     name = "  goal: frontend CPU us per streamed token" + (" (single process: INCLUDES the engine)" if single else "")
     put(b, name, m["frontend_us_per_token"], FRONTEND_GOAL_US, higher=False, single_process=single)
+    put(b, "    of which in the kernel (system CPU: socket writes, wake-ups)", m["frontend_system_us_per_token"])
     floor = out["send_floor_us"] = send_floor_us(n)
     put(b, "    lower bound: CPU us per send() of one event, loopback TCP, reader busy (no wake-up)", floor)
+    per_request = out["frontend_us_per_request"] = medians(ones)["frontend_us_per_request"]
+    put(b, "    frontend CPU us per request (1-token requests)", per_request)
+    put(b, f"      / {args.tokens} tokens: its share of the per-streamed-token figure",
+        None if per_request is None else per_request / args.tokens)  # fmt: skip
     if interval:
         si = out[f"stream_interval_{interval}"] = res["served"][-1]
         put(b, f"  micro served tokens/s, --stream-interval {interval}", si["served"]["tok_s"])
