@@ -3,7 +3,7 @@
 The core owns the model, the slot pool, scheduling and metrics, in its own process (its own GIL and torch threads).
 This side, on the HTTP event loop:
   - `submit_all` sends a request's sequences and awaits the core's verdict (queued, or QueueFull -> 429, ...);
-  - one reader task receives the core's per-step messages (one per engine iteration, a whole step as columns) and
+  - a reader callback on the socket's file descriptor receives the core's per-step messages (one per engine iteration, a whole step as columns) and
     turns each row into its request's TokenEvent: the incremental detokenization and stop-string text happen here,
     where they cost the core nothing (`advance_token`, the same text step the core runs for rows with stop strings,
     so both reach the same finish verdict); then every stream with due events writes them at once (`_flush` ->
@@ -29,10 +29,9 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 import zmq
-import zmq.asyncio
 
 from gam_model.detokenize import IncrementalDetokenizer
 from gam_model.scoring import TokenLogprobs
@@ -239,12 +238,6 @@ class RequestHandle:
 
 
 # -- the client ------------------------------------------------------------------------------------------------
-def _log_send_failure(sent: asyncio.Future, msg: p.ToCore) -> None:
-    """A send that failed (the socket closing at shutdown, or the core gone: its exit watch reports that)."""
-    if not sent.cancelled() and sent.exception() is not None:
-        log.warning("could not send %s to the engine core: %r", type(msg).__name__, sent.exception())
-
-
 def _context() -> multiprocessing.context.ForkServerContext:
     """forkserver with the core's modules preloaded: the first core start pays for importing torch and the model
     code, later ones (tests start many servers) fork a process that has them. Never plain fork: the frontend may
@@ -310,9 +303,13 @@ class Engine:
         self._core_pid: int | None = None  # the core's pid, when another process did
         self._poller: asyncio.Task | None = None
         self._exit_fd: int | None = None
-        self._zctx: zmq.asyncio.Context | None = None
-        self._sock: zmq.asyncio.Socket | None = None
-        self._reader: asyncio.Task | None = None
+        # a plain (blocking-API) zmq socket used only from the event loop, read from a loop reader callback: a
+        # zmq.asyncio recv costs a future, a task wake-up and more per message (about 160 us of CPU per message here
+        # against 65 us, /work/prof-style A/B in the #13 note), which is what a frontend pays per engine step
+        self._zctx: zmq.Context | None = None
+        self._sock: zmq.Socket | None = None
+        self._sock_fd: int | None = None  # registered with the loop (add_reader) while reading
+        self._first: asyncio.Future[bytes] | None = None  # the core's first message (Ready or Failed), once it comes
         self._loop: asyncio.AbstractEventLoop | None = None
         self._exited: asyncio.Future[None] | None = None
         self._sinks: dict[Sink, None] = {}  # sinks with due events, in order (a dict as an ordered set)
@@ -358,14 +355,16 @@ class Engine:
         assert self._loop is not None
         if self._exited is None:
             self._exited = self._loop.create_future()
-        self._zctx = zmq.asyncio.Context()
+        self._zctx = zmq.Context()
         self._sock = self._zctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         for opt in (zmq.SNDHWM, zmq.RCVHWM):  # never drop or refuse a message (a Cancel, a step): no high-water mark
             self._sock.setsockopt(opt, 0)
         self._sock.connect(address)
-        await self._sock.send(p.encode(p.Hello(self.frontend)))
-        first: asyncio.Future[bytes] = asyncio.ensure_future(self._sock.recv())
+        first = self._first = self._loop.create_future()
+        self._sock_fd = cast(int, self._sock.getsockopt(zmq.FD))
+        self._loop.add_reader(self._sock_fd, self._on_readable)
+        self._send(p.Hello(self.frontend))
         waits: list[asyncio.Future] = [first, self._exited]
         done, _ = await asyncio.wait(waits, timeout=START_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
         if first not in done:
@@ -378,7 +377,6 @@ class Engine:
             await self._close()
             raise RuntimeError(f"the engine failed to start: {getattr(msg, 'message', msg)}")
         self.facts = msg.facts
-        self._reader = asyncio.create_task(self._read(), name="gam-engine-reader")
         return msg.facts
 
     def _exit_status(self) -> str:
@@ -427,10 +425,11 @@ class Engine:
         self._unwatch()
         if self._poller is not None:
             self._poller.cancel()
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader
+        if self._sock_fd is not None:
+            assert self._loop is not None
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._sock_fd)
+            self._sock_fd = None
         self._fail_everything("the engine stopped")
         if self._sock is not None:
             self._sock.close(linger=0)
@@ -506,18 +505,40 @@ class Engine:
     def _send(self, msg: p.ToCore) -> None:
         if self._sock is None or self._stopped:
             return
-        sent = self._sock.send(p.encode(msg), flags=zmq.NOBLOCK)  # no high-water mark: it queues, never blocks
-        asyncio.ensure_future(sent).add_done_callback(lambda f: _log_send_failure(f, msg))
+        try:
+            self._sock.send(p.encode(msg), flags=zmq.NOBLOCK)  # no high-water mark: it queues, never blocks
+        except zmq.ZMQError as e:  # the socket closing at shutdown, or the core gone: its exit watch reports that
+            log.warning("could not send %s to the engine core: %r", type(msg).__name__, e)
+            return
+        # a zmq socket's file descriptor is edge-triggered and a send can consume the edge of messages that came
+        # meanwhile: look again on the loop's next turn (zmq_getsockopt(3), ZMQ_FD)
+        if self._sock_fd is not None and self._loop is not None:
+            self._loop.call_soon(self._on_readable)
 
     @property
     def down_reason(self) -> str:
         return f"the engine is not running ({self.crashed})" if self.crashed else "the engine is not running"
 
     # -- the core's messages -------------------------------------------------------------------------------
-    async def _read(self) -> None:
-        assert self._sock is not None
+    def _on_readable(self) -> None:
+        """The socket's descriptor fired (or a send may have hidden a message): handle every message waiting."""
+        sock = self._sock
+        if sock is None or self._sock_fd is None:
+            return
         while True:
-            raw = await self._sock.recv()
+            try:
+                if not cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                    return
+                raw = sock.recv(zmq.NOBLOCK)
+            except zmq.ZMQError as e:
+                if e.errno == zmq.EAGAIN:
+                    return
+                log.warning("could not read from the engine core: %r", e)
+                return
+            first = self._first
+            if first is not None and not first.done():  # the Ready (or Failed) that _connect waits for
+                first.set_result(raw)
+                continue
             try:
                 msg = p.decode_from_core(raw)
                 if isinstance(msg, p.CoreOutput):
