@@ -304,8 +304,9 @@ class Engine:
         self._poller: asyncio.Task | None = None
         self._exit_fd: int | None = None
         # a plain (blocking-API) zmq socket used only from the event loop, read from a loop reader callback: a
-        # zmq.asyncio recv costs a future, a task wake-up and more per message (about 160 us of CPU per message here
-        # against 65 us, /work/prof-style A/B in the #13 note), which is what a frontend pays per engine step
+        # zmq.asyncio recv costs a future, a task wake-up and more per message, about 160 us of CPU against 65 on
+        # the 2-core dev machine, and a frontend pays that per engine step (at one stream, per token: bench/
+        # frontend_ab.py --streams 1 measured the frontend's CPU per token 0.67x of the zmq.asyncio reader's)
         self._zctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None
         self._sock_fd: int | None = None  # registered with the loop (add_reader) while reading
