@@ -80,6 +80,17 @@ def test_subset_of_slots_and_freed_reused_slots(model: GAM) -> None:
     assert (out[0] - reference_logits(model, b[:12])).abs().max() <= TOL
 
 
+def test_step_refuses_a_slot_twice_and_leaves_the_state_alone(model: GAM) -> None:
+    dec = Decoder(model, num_slots=2)
+    sa, sb = dec.allocate(), dec.allocate()
+    dec.prefill([sa, sb], [[1, 2, 3], [4, 5]])
+    with pytest.raises(ValueError, match="distinct slots"):
+        dec.step([sa, sb, sa], torch.tensor([7, 8, 9]))
+    out = dec.step([sa, sb], torch.tensor([7, 8]))  # the refused step advanced nothing
+    assert (out[0] - reference_logits(model, [1, 2, 3, 7])).abs().max() <= TOL
+    assert (out[1] - reference_logits(model, [4, 5, 8])).abs().max() <= TOL
+
+
 def test_prefill_work_is_independent_of_prompt_length(model: GAM) -> None:
     R = model.config.receptive_field
     seen: list[int] = []
