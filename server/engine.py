@@ -58,6 +58,8 @@ __all__ = [
     "TooManySequences",
 ]
 log = logging.getLogger(__name__)
+# zmq's option and flag values as plain ints: its enums cost a Python-level Flag operation per use, per message
+_EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
 START_TIMEOUT_S = 600.0  # model load + CUDA graph capture
 ERRORS: dict[str, Callable[[str], Exception]] = {
     "QueueFull": QueueFull,
@@ -507,7 +509,7 @@ class Engine:
         if self._sock is None or self._stopped:
             return
         try:
-            self._sock.send(p.encode(msg), flags=zmq.NOBLOCK)  # no high-water mark: it queues, never blocks
+            self._sock.send(p.encode(msg), flags=_NOBLOCK)  # no high-water mark: it queues, never blocks
         except zmq.ZMQError as e:  # the socket closing at shutdown, or the core gone: its exit watch reports that
             log.warning("could not send %s to the engine core: %r", type(msg).__name__, e)
             return
@@ -528,9 +530,9 @@ class Engine:
             return
         while True:
             try:
-                if not cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                if not cast(int, sock.get(_EVENTS)) & _POLLIN:
                     return
-                raw = sock.recv(zmq.NOBLOCK)
+                raw = sock.recv(_NOBLOCK)
             except zmq.ZMQError as e:
                 if e.errno == zmq.EAGAIN:
                     return
