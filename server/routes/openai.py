@@ -155,12 +155,17 @@ class LogprobsBuilder:
         self.ctx = ctx
 
     def prompt(self, ids: list[int], prompt: TokenLogprobs | None) -> dict[str, Any]:
-        """The echoed prompt's entries (the first token has no logprob), offsets from 0."""
+        """The echoed prompt's entries (the first token has no logprob), offsets from 0. Each token is named by the
+        text it adds, as a generated token is (a byte piece of a character "", the token completing it the
+        character; the bytes of an unfinished last character are the last token's): the same ids get the same
+        `tokens` echoed or generated, and they join to the echoed text."""
         tok = self.ctx.tokenizer
         out = self._empty()
         detok = IncrementalDetokenizer(tok)
+        last = len(ids) - 1
         for j, i in enumerate(ids):
-            out["tokens"].append(tok.decode([i]))
+            out["text_offset"].append(len(detok.text))
+            out["tokens"].append(detok.add(i) + (detok.flush() if j == last else ""))
             if prompt is None or j == 0:
                 out["token_logprobs"].append(None)
                 out["top_logprobs"].append(None)
@@ -169,8 +174,6 @@ class LogprobsBuilder:
                 out["top_logprobs"].append(
                     self._top(zip(prompt.top_ids[j - 1], prompt.top_logprobs[j - 1], strict=True))
                 )
-            out["text_offset"].append(len(detok.text))
-            detok.add(i)
         return out
 
     def generated(self, tokens: list[TokenEvent], offset: int) -> dict[str, Any]:

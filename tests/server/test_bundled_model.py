@@ -105,3 +105,37 @@ async def test_stop_strings_on_characters_split_over_byte_tokens_agree_in_every_
                         assert got[c["index"]][1] is None  # one finish per choice
                         got[c["index"]][1] = c["finish_reason"]
             assert got == [want, want], stop
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(len(BUNDLED) != 1, reason="no single bundled model under weights/ yet")
+async def test_echoed_tokens_are_named_as_generated_ones() -> None:
+    """The same token ids get the same OpenAI `logprobs.tokens` whether they were generated or are echoed as the
+    prompt: a byte piece of a character is "" and the token that completes it carries the character, so the tokens
+    join to the choice's text (the echo named each prompt token by its lone decode, U+FFFD for every byte piece)."""
+    async with app_client(Settings(device="cpu", max_batch_size=2, deterministic=True)) as (_, client):
+        ids = [t["id"] for t in (await client.post("/tokenize", json={"inputs": SPLIT_CHARS})).json()]
+        body = {"model": "gam-wikitext2", "temperature": 0, "logprobs": 1, "echo": True}
+        r = await client.post("/v1/completions", json={**body, "prompt": ids, "max_tokens": 12})
+        generated = r.json()["choices"][0]
+        params = {"max_new_tokens": 12, "details": True}
+        r = await client.post("/generate", json={"inputs": SPLIT_CHARS, "parameters": params})
+        gen_ids = [t["id"] for t in r.json()["details"]["tokens"]]
+        for stream in (False, True):
+            whole = {**body, "prompt": ids + gen_ids, "max_tokens": 0, "stream": stream}
+            r = await client.post("/v1/completions", json=whole)
+            if stream:
+                (choice,) = sse_events(r.text)[0]["choices"]  # the echo, then the finish chunk
+            else:
+                (choice,) = r.json()["choices"]
+            lp, want = choice["logprobs"], generated["logprobs"]
+            assert "" in want["tokens"] and any(ord(c) > 127 for c in generated["text"])  # split characters
+            assert choice["text"] == generated["text"]
+            assert lp["tokens"] == want["tokens"] and lp["text_offset"] == want["text_offset"]
+            assert "".join(lp["tokens"]) == choice["text"]
+    # a prompt that ends inside a character: the held-back bytes are the last token's text, as in the echoed text
+    async with app_client(Settings(device="cpu", max_batch_size=2)) as (_, client):
+        cut = ids + gen_ids[:1]
+        r = await client.post("/v1/completions", json={**body, "prompt": cut, "max_tokens": 0})
+        (choice,) = r.json()["choices"]
+        assert choice["text"].endswith("\ufffd") and "".join(choice["logprobs"]["tokens"]) == choice["text"]
