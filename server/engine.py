@@ -3,11 +3,11 @@
 The core owns the model, the slot pool, scheduling and metrics, in its own process (its own GIL and torch threads).
 This side, on the HTTP event loop:
   - `submit_all` sends a request's sequences and awaits the core's verdict (queued, or QueueFull -> 429, ...);
-  - a reader callback on the socket's file descriptor receives the core's per-step messages (one per engine iteration, a whole step as columns) and
-    turns each row into its request's TokenEvent: the incremental detokenization and stop-string text happen here,
-    where they cost the core nothing (`advance_token`, the same text step the core runs for rows with stop strings,
-    so both reach the same finish verdict); then every stream with due events writes them at once (`_flush` ->
-    `Sink.deliver`, server/routes/stream.py), so a stream's handler is not woken per token;
+  - a reader callback on the socket's descriptor receives the core's per-step messages (one per engine iteration,
+    a whole step as columns) and turns each row into its request's TokenEvent: the incremental detokenization and
+    stop-string text happen here, where they cost the core nothing (`advance_token`, the same text step the core runs
+    for rows with stop strings, so both reach the same finish verdict); then every stream with due events writes
+    them at once (`_flush` -> `Sink.deliver`, server/routes/stream.py), so a stream's handler is not woken per token;
   - a cancelled handle (client gone) is dropped here at once and a Cancel goes to the core, which frees the slot
     before its next step;
   - if the core process dies, every in-flight request ends with a 503 error event, `alive` turns False (/health 503)

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 
 import pytest
+import zmq
 
+from gam_model.tokenizer import Tokenizer
+from server import protocol as p
+from server.engine import Engine
 from tests.server.conftest import app_client, metric_values
 
 PROMPTS = [
@@ -265,3 +270,40 @@ async def test_choices_of_one_request_score_their_prompt_once(make_settings) -> 
         assert (await client.post("/v1/completions", json=body)).status_code == 200
         lengths = [len((await client.post("/tokenize", json={"inputs": q})).json()) for q in body["prompt"]]
         assert await scored_tokens(client) - before == sum(n - 1 for n in lengths)  # one scorer each
+
+
+async def test_core_message_hidden_by_a_send_is_still_read(make_settings, tmp_path) -> None:
+    """A zmq socket's descriptor is edge-triggered and a send consumes the edge of messages that came meanwhile: the
+    frontend must look again after each send, or such a message waits for the next one (here: forever). A stand-in
+    core (a ROUTER socket) answers a metrics query while the event loop is blocked; a send then happens before the
+    loop polls. (Were the answer not delivered before the send, the test still passes: it can miss, never flake.)"""
+    settings = make_settings()
+    tokenizer = Tokenizer.from_file(settings.model / "tokenizer.json")
+    address = f"ipc://{tmp_path}/core"
+    zctx = zmq.Context()
+    core = zctx.socket(zmq.ROUTER)
+    core.bind(address)
+    engine = Engine(settings, tokenizer)
+    facts = p.Facts("m", "float32", "none", "cpu", 1, 4, 1, False, False)
+    try:
+        connecting = asyncio.create_task(engine.attach(address, os.getpid()))
+        await asyncio.sleep(0)  # one loop turn: the task runs to its first wait, the Hello sent
+        assert core.poll(10_000)
+        ident, _ = core.recv_multipart()  # Hello
+        core.send_multipart([ident, p.encode(p.Ready(facts))])
+        assert await asyncio.wait_for(connecting, 10) == facts
+        query = asyncio.create_task(engine.metrics_text())
+        await asyncio.sleep(0)  # the query sent
+        assert core.poll(10_000)
+        ident, raw = core.recv_multipart()
+        msg = p.decode_to_core(raw)
+        assert isinstance(msg, p.MetricsQuery)
+        # the loop is blocked from here to the send: the answer reaches the frontend's socket, then the send
+        core.send_multipart([ident, p.encode(p.MetricsText(msg.token, b"answer"))])
+        time.sleep(0.3)
+        engine.drain(0.0)  # a send (Drain) before the loop looks at the descriptor
+        assert await asyncio.wait_for(query, 10) == b"answer"
+    finally:
+        await engine.shutdown()
+        core.close(linger=0)
+        zctx.term()
