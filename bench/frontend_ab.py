@@ -1,12 +1,12 @@
-"""A/B of the HTTP frontend's CPU per streamed token: gam-serve from two (or more) checkouts, same micro model, runs
-alternated round by round, medians.
+"""A/B of the HTTP frontend's CPU per streamed token: gam-serve from two (or more) checkouts, same model (the micro
+model, or the paper config with --config paper), runs alternated round by round, medians.
 
     .venv/bin/python bench/frontend_ab.py base=/path/to/old/checkout new=. [new8=.:stream-interval=8]
-        [--reps 3] [--seconds 8] [--streams 256] [--tokens 128]
+        [--reps 3] [--seconds 8] [--streams 256] [--tokens 128] [--config micro|paper]
 
 Each SPEC is LABEL=CHECKOUT[:flag=value,...]: a `gam-serve` started from that checkout (PYTHONPATH=CHECKOUT, this
 venv) with the extra flags. Model: bench/host.py's micro model (random weights, the bundled tokenizer), the step
-cheap enough for the host path to show. Load: the raw client, OpenAI streaming, N closed-loop streams, greedy with
+cheap enough for the host path to show, or its paper-config server model. Load: the raw client, OpenAI streaming, N closed-loop streams, greedy with
 eos biased out so every request runs its full length. Per run: frontend CPU (every process of the server but the
 engine core, from /proc) and engine-core CPU per streamed token, and tokens/s. Ratios between the labels of one
 invocation are what to read; a shared machine moves the absolute figures. Compare two commits with a worktree:
@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import ServerProcess, bundled_model_dir, process_tree_cpu, random_paper_checkpoint
-from bench.host import ENGINE_CORE, MAX_BATCH, MICRO
+from bench.host import ENGINE_CORE, MAX_BATCH, MICRO, PAPER_SERVED
 from load_tests.runner import LoadConfig, RunResult, resolve_model, run_load
 
 
@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--streams", type=int, default=256)
     ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--config", choices=("micro", "paper"), default="micro", help="the model: bench/host.py's micro "
+                    "model (a step cheap enough for the host path to show) or the paper config")  # fmt: skip
     args = ap.parse_args(argv)
     bundled = bundled_model_dir()
     if bundled is None:
@@ -62,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     labels = [spec.split("=", 1)[0] for spec in args.specs]
     rows: dict[str, list[tuple[float, float, float]]] = {label: [] for label in labels}
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
-        model_dir = random_paper_checkpoint(Path(tmp) / "micro", bundled, **MICRO)
+        config = MICRO if args.config == "micro" else PAPER_SERVED
+        model_dir = random_paper_checkpoint(Path(tmp) / args.config, bundled, **config)
         args.eos = json.loads((model_dir / "config.json").read_text())["eos_token_id"]
         servers = [stack.enter_context(server(spec, model_dir)) for spec in args.specs]
         for srv in servers:
