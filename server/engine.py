@@ -379,6 +379,9 @@ class Engine:
         if not isinstance(msg, p.Ready):
             await self._close()
             raise RuntimeError(f"the engine failed to start: {getattr(msg, 'message', msg)}")
+        if self._exited.done():  # its exit came with its Ready: _on_exit ran before there were facts to unset
+            await self._close()
+            raise RuntimeError(f"the engine core process exited ({self._exit_status()})")
         self.facts = msg.facts
         return msg.facts
 
@@ -474,7 +477,9 @@ class Engine:
         for h in handles:
             self._handles[h.id] = h
         try:
-            self._send(p.Submit(self.frontend, token, [h.id for h in handles], requests, arrival, deadline))
+            if not self._send(p.Submit(self.frontend, token, [h.id for h in handles], requests, arrival, deadline)):
+                self._pending.pop(token, None)
+                raise EngineUnavailable("could not reach the engine core")
             error, message = await answer
         except BaseException:
             for h in handles:
@@ -492,7 +497,9 @@ class Engine:
             raise EngineUnavailable(self.down_reason)
         token = next(self._tokens)
         answer = self._expect(token)
-        self._send(p.MetricsQuery(token))
+        if not self._send(p.MetricsQuery(token)):
+            self._pending.pop(token, None)
+            raise EngineUnavailable("could not reach the engine core")
         text: bytes = await answer
         return text
 
@@ -505,18 +512,20 @@ class Engine:
         if self._handles.pop(h.id, None) is not None and self.alive:
             self._send(p.Cancel([h.id]))
 
-    def _send(self, msg: p.ToCore) -> None:
+    def _send(self, msg: p.ToCore) -> bool:
+        """Queue msg for the core; False if it could not be (an answer to it would never come)."""
         if self._sock is None or self._stopped:
-            return
+            return False
         try:
             self._sock.send(p.encode(msg), flags=_NOBLOCK)  # no high-water mark: it queues, never blocks
         except zmq.ZMQError as e:  # the socket closing at shutdown, or the core gone: its exit watch reports that
             log.warning("could not send %s to the engine core: %r", type(msg).__name__, e)
-            return
+            return False
         # a zmq socket's file descriptor is edge-triggered and a send can consume the edge of messages that came
         # meanwhile: look again on the loop's next turn (zmq_getsockopt(3), ZMQ_FD)
         if self._sock_fd is not None and self._loop is not None:
             self._loop.call_soon(self._on_readable)
+        return True
 
     @property
     def down_reason(self) -> str:

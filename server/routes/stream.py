@@ -23,7 +23,7 @@ from typing import Any
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from server.engine import Event, RequestHandle, is_last
+from server.engine import ErrorEvent, Event, RequestHandle, is_last
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +151,14 @@ class EventStream(Response):
             if last and self._tail is not None:
                 out.append(self._tail(ok))
         except Exception:
-            log.exception("rendering a stream's events failed: ending it")
+            log.exception("rendering a stream's events failed: ending it with an error event")
             last = True
+            try:  # the API's own error event (and its end, e.g. OpenAI's [DONE]), so the client sees why it ended
+                self._render(0, ErrorEvent("internal error while rendering the answer"), out)
+                if self._tail is not None:
+                    out.append(self._tail(False))
+            except Exception:
+                log.exception("rendering the error event failed too")
         if out or last:
             self._write(b"".join(out), more=not last)
         if last:

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import subprocess
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 import zmq
 
+from gam_model.sampling import SamplingParams
 from gam_model.tokenizer import Tokenizer
 from server import protocol as p
-from server.engine import Engine
+from server.engine import Engine, EngineUnavailable, GenerationRequest
 from tests.server.conftest import app_client, metric_values
 
 PROMPTS = [
@@ -272,26 +276,56 @@ async def test_choices_of_one_request_score_their_prompt_once(make_settings) -> 
         assert await scored_tokens(client) - before == sum(n - 1 for n in lengths)  # one scorer each
 
 
-async def test_core_message_hidden_by_a_send_is_still_read(make_settings, tmp_path) -> None:
-    """A zmq socket's descriptor is edge-triggered and a send consumes the edge of messages that came meanwhile: the
-    frontend must look again after each send, or such a message waits for the next one (here: forever). A stand-in
-    core (a ROUTER socket) answers a metrics query while the event loop is blocked; a send then happens before the
-    loop polls. (Were the answer not delivered before the send, the test still passes: it can miss, never flake.)"""
-    settings = make_settings()
-    tokenizer = Tokenizer.from_file(settings.model / "tokenizer.json")
+async def attach_to_stand_in(engine: Engine, core: zmq.Socket, address: str, pid: int) -> asyncio.Task[p.Facts]:
+    """Start engine.attach(address, pid) and answer its Hello with Ready (the task, for the caller to await)."""
+    connecting = asyncio.create_task(engine.attach(address, pid))
+    await asyncio.sleep(0)  # one loop turn: the task runs to its first wait, the Hello sent
+    assert core.poll(10_000)
+    ident, _ = core.recv_multipart()  # Hello
+    core.send_multipart([ident, p.encode(p.Ready(p.Facts("m", "float32", "none", "cpu", 1, 4, 1, False, False)))])
+    return connecting
+
+
+@contextlib.asynccontextmanager
+async def stand_in_core(settings, tmp_path, attach: bool = True) -> AsyncIterator[tuple[Engine, zmq.Socket, str]]:
+    """A frontend Engine and a stand-in engine core (a ROUTER socket this test drives by hand) at an address;
+    attach: the engine attached to it (watching this process as the core's)."""
     address = f"ipc://{tmp_path}/core"
     zctx = zmq.Context()
     core = zctx.socket(zmq.ROUTER)
     core.bind(address)
-    engine = Engine(settings, tokenizer)
-    facts = p.Facts("m", "float32", "none", "cpu", 1, 4, 1, False, False)
+    engine = Engine(settings, Tokenizer.from_file(settings.model / "tokenizer.json"))
     try:
-        connecting = asyncio.create_task(engine.attach(address, os.getpid()))
-        await asyncio.sleep(0)  # one loop turn: the task runs to its first wait, the Hello sent
-        assert core.poll(10_000)
-        ident, _ = core.recv_multipart()  # Hello
-        core.send_multipart([ident, p.encode(p.Ready(facts))])
-        assert await asyncio.wait_for(connecting, 10) == facts
+        if attach:
+            await asyncio.wait_for(await attach_to_stand_in(engine, core, address, os.getpid()), 10)
+        yield engine, core, address
+    finally:
+        await engine.shutdown()
+        core.close(linger=0)
+        zctx.term()
+
+
+async def test_a_core_that_exits_with_its_ready_is_not_taken_for_alive(make_settings, tmp_path) -> None:
+    """The core's Ready and its exit handled in the same loop turn (the exit first, while there are no facts yet to
+    mark as crashed): attaching fails instead of reporting a live engine. (If the Ready came too late for that
+    turn, attaching fails on the exit alone: the test cannot flake.)"""
+    stand_in = subprocess.Popen(["sleep", "60"])  # the core's process: its pid is watched
+    async with stand_in_core(make_settings(), tmp_path, attach=False) as (engine, core, address):
+        connecting = await attach_to_stand_in(engine, core, address, stand_in.pid)
+        stand_in.kill()
+        stand_in.wait()
+        time.sleep(0.3)  # the loop is blocked: Ready arrives and the exit happens before it looks at either
+        with pytest.raises(RuntimeError, match="exited"):
+            await asyncio.wait_for(connecting, 10)
+        assert not engine.alive
+
+
+async def test_core_message_hidden_by_a_send_is_still_read(make_settings, tmp_path) -> None:
+    """A zmq socket's descriptor is edge-triggered and a send consumes the edge of messages that came meanwhile: the
+    frontend must look again after each send, or such a message waits for the next one (here: forever). A stand-in
+    core answers a metrics query while the event loop is blocked; a send then happens before the loop polls. (Were
+    the answer not delivered before the send, the test still passes: it can miss, never flake.)"""
+    async with stand_in_core(make_settings(), tmp_path) as (engine, core, _):
         query = asyncio.create_task(engine.metrics_text())
         await asyncio.sleep(0)  # the query sent
         assert core.poll(10_000)
@@ -303,7 +337,18 @@ async def test_core_message_hidden_by_a_send_is_still_read(make_settings, tmp_pa
         time.sleep(0.3)
         engine.drain(0.0)  # a send (Drain) before the loop looks at the descriptor
         assert await asyncio.wait_for(query, 10) == b"answer"
-    finally:
-        await engine.shutdown()
-        core.close(linger=0)
-        zctx.term()
+
+
+async def test_a_message_that_cannot_be_sent_fails_at_once(make_settings, tmp_path) -> None:
+    """A submission or query whose message cannot reach the core raises EngineUnavailable (a 503) instead of
+    waiting for an answer that can never come."""
+    async with stand_in_core(make_settings(), tmp_path) as (engine, _, _):
+        assert engine._loop is not None and engine._sock is not None and engine._sock_fd is not None
+        engine._loop.remove_reader(engine._sock_fd)
+        engine._sock.close(linger=0)  # the fault: every send now fails
+        with pytest.raises(EngineUnavailable, match="could not reach"):
+            await asyncio.wait_for(engine.metrics_text(), 10)
+        request = GenerationRequest([1, 2, 3], SamplingParams(), 4)
+        with pytest.raises(EngineUnavailable, match="could not reach"):
+            await asyncio.wait_for(engine.submit_all([request]), 10)
+        assert not engine._pending and not engine._handles

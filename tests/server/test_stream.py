@@ -159,3 +159,44 @@ async def test_an_error_while_a_send_waits_ends_the_stream_once(make_settings) -
             mine = [c for c in chunks if c["index"] == k]
             assert mine and mine[0]["text"] == body["prompt"][k // 2] and all(c["finish_reason"] is None for c in mine)
         await wait_for(lambda: engine.num_running == 0, "the core frees the slots")
+
+
+async def test_a_render_failure_ends_the_stream_with_the_api_error_event(make_settings, monkeypatch) -> None:
+    """A bug while rendering a token's event (here: its logprobs) ends that stream with the API's own error event and
+    [DONE] (a client otherwise sees a body that just stops), frees its slots, and other streams go on."""
+    from server.routes import openai
+
+    calls = 0
+    real = openai.LogprobsBuilder.generated
+
+    def fails_on_the_third(self, tokens, offset):
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise RuntimeError("a bug")
+        return real(self, tokens, offset)
+
+    monkeypatch.setattr(openai.LogprobsBuilder, "generated", fails_on_the_third)
+    async with app_client(make_settings(max_batch_size=8)) as (app, client):
+        body = {**OPENAI, "prompt": PROMPT, "n": 1, "logprobs": 1}
+        r = await bounded(client.post("/v1/completions", json=body))
+        events = [b[len("data: ") :] for b in r.text.split("\n\n") if b.strip()]
+        assert r.status_code == 200 and events[-1] == "[DONE]"
+        error = json.loads(events[-2])
+        assert error["error"]["message"] == "internal error while rendering the answer", error
+        assert len(events) == 4  # two tokens, the error, [DONE]
+        await wait_for(lambda: app.state.engine.num_running == 0, "the core frees the slot")
+        plain = {**OPENAI, "prompt": PROMPT, "n": 1}  # no logprobs: not affected
+        r = await bounded(client.post("/v1/completions", json=plain))
+        assert r.text.rstrip().endswith("data: [DONE]") and '"error"' not in r.text
+
+
+def test_only_middlewares_that_leave_response_bodies_alone(make_settings) -> None:
+    """Stream bodies go straight to the ASGI server's send (server/routes/stream.py BODY_SEND), past the middleware
+    stack: a middleware that rewrites or reorders response messages (GZip, an `@app.middleware("http")` function)
+    would break every stream, so adding one must be a decision (and then streams must send through it)."""
+    from server.app import BodyLimitMiddleware, create_app
+    from server.auth import ApiKeyMiddleware
+
+    app = create_app(make_settings(api_key="k"))
+    assert {m.cls for m in app.user_middleware} == {BodyLimitMiddleware, ApiKeyMiddleware}
