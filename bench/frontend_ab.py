@@ -6,8 +6,8 @@ model, or the paper config with --config paper), runs alternated round by round,
 
 Each SPEC is LABEL=CHECKOUT[:flag=value,...]: a `gam-serve` started from that checkout (PYTHONPATH=CHECKOUT, this
 venv) with the extra flags. Model: bench/host.py's micro model (random weights, the bundled tokenizer), the step
-cheap enough for the host path to show, or its paper-config server model. Load: the raw client, OpenAI streaming, N closed-loop streams, greedy with
-eos biased out so every request runs its full length. Per run: frontend CPU (every process of the server but the
+cheap enough for the host path to show, or (--config paper) its paper-config model. Load: the raw client, OpenAI
+streaming, N closed-loop streams, greedy with eos biased out so every request runs its full length. Per run: frontend CPU (every process of the server but the
 engine core, from /proc) and engine-core CPU per streamed token, and tokens/s. Ratios between the labels of one
 invocation are what to read; a shared machine moves the absolute figures. Compare two commits with a worktree:
 `git worktree add /tmp/base <commit>` then `bench/frontend_ab.py base=/tmp/base new=.`.

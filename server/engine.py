@@ -473,14 +473,11 @@ class Engine:
             RequestHandle((self.frontend << p.FRONTEND_SHIFT) | next(self._ids), r, self, wake) for r in requests
         ]
         token = next(self._tokens)
-        answer = self._expect(token)
         for h in handles:
             self._handles[h.id] = h
         try:
-            if not self._send(p.Submit(self.frontend, token, [h.id for h in handles], requests, arrival, deadline)):
-                self._pending.pop(token, None)
-                raise EngineUnavailable("could not reach the engine core")
-            error, message = await answer
+            submit = p.Submit(self.frontend, token, [h.id for h in handles], requests, arrival, deadline)
+            error, message = await self._ask(token, submit)
         except BaseException:
             for h in handles:
                 h.cancel()
@@ -496,16 +493,17 @@ class Engine:
         if not self.alive:
             raise EngineUnavailable(self.down_reason)
         token = next(self._tokens)
-        answer = self._expect(token)
-        if not self._send(p.MetricsQuery(token)):
-            self._pending.pop(token, None)
-            raise EngineUnavailable("could not reach the engine core")
-        text: bytes = await answer
+        text: bytes = await self._ask(token, p.MetricsQuery(token))
         return text
 
-    def _expect(self, token: int) -> asyncio.Future:
+    def _ask(self, token: int, msg: p.ToCore) -> asyncio.Future:
+        """Send msg, which the core answers under `token`: the future of its answer. EngineUnavailable if it could
+        not be sent (its answer would never come)."""
         fut = asyncio.get_running_loop().create_future()
         self._pending[token] = fut
+        if not self._send(msg):
+            del self._pending[token]
+            raise EngineUnavailable("could not reach the engine core")
         return fut
 
     def _cancel(self, h: RequestHandle) -> None:

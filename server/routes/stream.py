@@ -9,7 +9,7 @@ streams go on). This takes the per-token task wake-up, future and async-generato
 
 The body chunks go to the server's own `send` (stashed in the scope by the app, `BODY_SEND`), past Starlette's
 middleware wrappers: those only watch for the response start (which still goes through them, as do the errors
-raised before it) and cost two coroutine frames per chunk, a sixth of the frontend's per-token CPU.
+raised before it) and cost two coroutine frames per chunk.
 """
 
 from __future__ import annotations
