@@ -120,19 +120,16 @@ class SequenceSampler:
         # penalty state lives on the device, allocated only when the row uses it
         self.seen: Tensor | None = None  # (V,) bool, prompt + generated tokens (repetition penalty)
         self.counts: Tensor | None = None  # (V,) float32, generated-token counts (frequency/presence)
-        # logit bias, sparse: the biased ids and their values (a dense (V,) row per request would cost a (B, V) stack
-        # and add every step for a handful of entries)
-        self.bias: tuple[Tensor, Tensor] | None = None  # (n,) long ids, (n,) float32 values
+        # logit bias, sparse: the biased ids and their values, host lists (a dense (V,) row per request would cost a
+        # (B, V) stack and add every step for a handful of entries; a tensor per row, a device op per row per step)
+        self.bias: tuple[list[int], list[float]] | None = None
         if params.logit_bias:
             if max(params.logit_bias) >= vocab_size:
                 raise ValueError(
                     f"logit_bias has token id {max(params.logit_bias)} >= the vocabulary size {vocab_size}"
                 )
             ids = sorted(params.logit_bias)
-            self.bias = (
-                to_device(torch.tensor(ids, dtype=torch.long), self.device),
-                to_device(torch.tensor([float(params.logit_bias[i]) for i in ids], dtype=torch.float32), self.device),
-            )
+            self.bias = (ids, [float(params.logit_bias[i]) for i in ids])
         if params.repetition_penalty != 1.0:
             self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=self.device)
             ids = [i for i in prompt_ids if 0 <= i < vocab_size]
@@ -171,12 +168,13 @@ def apply_penalties(logits: Tensor, rows: list[SequenceSampler]) -> Tensor:
     """Logit bias, then repetition, frequency and presence penalties; returns new logits (B, V) (input untouched)."""
     V = logits.shape[-1]
     dev = logits.device
-    biased = [(i, *r.bias) for i, r in enumerate(rows) if r.bias is not None]
+    biased = [(i, r.bias) for i, r in enumerate(rows) if r.bias is not None]
     if biased:  # the same float add as a dense bias row, at the biased entries only (each (row, id) once)
-        row_idx = torch.cat([torch.full_like(ids, i) for i, ids, _ in biased])  # (n,)
-        col_idx = torch.cat([ids for _, ids, _ in biased])  # (n,)
-        values = torch.cat([v for _, _, v in biased]).to(logits.dtype)  # (n,)
-        logits = logits.index_put((row_idx, col_idx), values, accumulate=True)  # (B, V), a new tensor
+        row_idx = to_device(torch.tensor([i for i, (ids, _) in biased for _ in ids]), dev)  # (n,)
+        col_idx = to_device(torch.tensor([t for _, (ids, _) in biased for t in ids]), dev)  # (n,)
+        # float32 values, as a dense float32 bias row would hold them
+        values = to_device(torch.tensor([v for _, (_, vs) in biased for v in vs], dtype=torch.float32), dev)  # (n,)
+        logits = logits.index_put((row_idx, col_idx), values.to(logits.dtype), accumulate=True)  # (B, V), a new tensor
     if any(r.seen is not None for r in rows):
         none = torch.zeros(V, dtype=torch.bool, device=dev)
         seen = torch.stack([r.seen if r.seen is not None else none for r in rows])  # (B, V)
@@ -341,12 +339,12 @@ def sample(logits: Tensor, rows: list[SequenceSampler]) -> SampleOutput:
     dev = logits.device
     logits = apply_penalties(logits.float(), rows)  # (B, V)
     greedy = [r.params.greedy for r in rows]
-    temp = to_device(
-        torch.tensor([[1.0 if g else float(r.params.temperature)] for g, r in zip(greedy, rows, strict=True)]), dev
-    )  # (B, 1)
+    temps = [1.0 if g else float(r.params.temperature) for g, r in zip(greedy, rows, strict=True)]
     # shifted by the row max first (softmax is shift-invariant): a tiny temperature then sends the other logits to
     # -inf, never the best one to +inf (l / 1e-39 overflows, and softmax of +inf is NaN)
-    scaled = (logits - logits.amax(dim=-1, keepdim=True)) / temp  # (B, V), max 0
+    scaled = logits - logits.amax(dim=-1, keepdim=True)  # (B, V), max 0
+    if any(t != 1.0 for t in temps):  # dividing by 1 is exact: skipped when no row has another temperature
+        scaled = scaled / to_device(torch.tensor(temps).unsqueeze(1), dev)  # (B, 1)
     logprobs_all = scaled.log_softmax(dim=-1)  # (B, V) the reported distribution
     tokens = logits.argmax(dim=-1)  # (B,)
     sampled = [i for i, g in enumerate(greedy) if not g]

@@ -280,7 +280,14 @@ def _stream(
     before, after = sse(frame).split(b'"choices":[null]')
     before, after = before + b'"choices":[', b"]" + after
 
+    # and a token's chunk without logprobs or finish reason (nearly every chunk) is its text inside fixed bytes,
+    # the same bytes as the whole choice serialised (tests/server/test_openai_api.py)
+    heads = [before + b'{"index":%d,"text":' % k for k in range(len(handles))]
+    plain_tail = b',"logprobs":null,"finish_reason":null}' + after
+
     def chunk(k: int, text: str, logprobs: dict[str, Any] | None, finish: str | None) -> bytes:
+        if logprobs is None and finish is None:
+            return heads[k] + orjson.dumps(text) + plain_tail
         choice = {"index": k, "text": text, "logprobs": logprobs, "finish_reason": finish}
         return before + orjson.dumps(choice) + after
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 import torch
 
@@ -88,6 +89,29 @@ async def test_stream_with_usage_and_done(client: httpx.AsyncClient) -> None:
     assert all(c["usage"] is None for c in chunks[:-1])
     assert "".join(c["choices"][0]["text"] for c in chunks[:-1]) == full["choices"][0]["text"]
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("usage", [False, True])
+async def test_stream_chunks_are_their_json_serialised_compactly(client: httpx.AsyncClient, usage: bool) -> None:
+    """Every chunk is exactly `data: ` + its object serialised compactly, keys in OpenAI's order: the byte templates
+    of plain token chunks (several choices, sampled text of any characters) equal the whole object serialised."""
+    body = {"model": MODEL, "prompt": ["The game", "It \"was\" é"], "n": 2, "max_tokens": 24, "temperature": 1.5,
+            "seed": 3, "stream": True, "stream_options": {"include_usage": usage}}  # fmt: skip
+    r = await client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    blocks = [b for b in r.content.split(b"\n\n") if b]
+    assert blocks[-1] == b"data: [DONE]"
+    plain = 0
+    for block in blocks[:-1]:
+        obj = json.loads(block.removeprefix(b"data: "))
+        assert block == b"data: " + orjson.dumps(obj)
+        assert list(obj) == ["id", "object", "created", "model", "system_fingerprint", "choices"] + (
+            ["usage"] if usage else []
+        )
+        for c in obj["choices"]:
+            assert list(c) == ["index", "text", "logprobs", "finish_reason"]
+            plain += c["finish_reason"] is None
+    assert plain >= 4 * 20  # most chunks are plain token chunks, of every choice index
 
 
 async def test_stream_stop_string_is_cut(client: httpx.AsyncClient) -> None:
