@@ -14,7 +14,6 @@ machine) of each deterministic server over the default's, and the CPU seconds th
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import statistics
 import sys
@@ -27,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import RESULTS, ServerProcess, machine, served_model
 from load_tests.metrics import summarize
-from load_tests.runner import LoadConfig, run_load
+from load_tests.runner import LoadConfig, run, run_load
 
 KEYS = ("e2el_ms", "tpot_ms", "ttft_ms", "tok_s", "server_cpu_ms_per_token", "server_cpu_s", "client_cpu_s")
 
@@ -91,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, source = served_model(args.model, Path(tmp))
-        result = asyncio.run(bench(args, model_dir.resolve()))
+        result = run(bench(args, model_dir.resolve()))
     doc = {"command": "python bench/deterministic_serving.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "machine": machine(), "model": {"dir": str(model_dir), "source": source},
            "settings": vars(args) | {"model": str(args.model), "baseline": str(args.baseline), "out": str(args.out)},

@@ -16,7 +16,6 @@ invocation are what to read; a shared machine moves the absolute figures. Compar
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import statistics
@@ -29,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import ServerProcess, bundled_model_dir, process_tree_cpu, random_paper_checkpoint
 from bench.host import ENGINE_CORE, MAX_BATCH, MICRO, PAPER_SERVED
-from load_tests.runner import LoadConfig, RunResult, resolve_model, run_load
+from load_tests.runner import LoadConfig, RunResult, resolve_model, run, run_load
 
 
 def server(spec: str, model_dir: Path) -> ServerProcess:
@@ -69,12 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         args.eos = json.loads((model_dir / "config.json").read_text())["eos_token_id"]
         servers = [stack.enter_context(server(spec, model_dir)) for spec in args.specs]
         for srv in servers:
-            asyncio.run(load(srv.url, args, 2.0))  # warm
+            run(load(srv.url, args, 2.0))  # warm
         for rep in range(args.reps):
             for label, srv in zip(labels, servers, strict=True):
                 assert srv.proc is not None
                 before, t0 = process_tree_cpu(srv.proc.pid), time.monotonic()
-                res = asyncio.run(load(srv.url, args, args.seconds))
+                res = run(load(srv.url, args, args.seconds))
                 after, wall = process_tree_cpu(srv.proc.pid), time.monotonic() - t0
                 tokens = sum(len(r.token_times) for r in res.records)
                 used = {pid: s - before.get(pid, (name, 0.0))[1] for pid, (name, s) in after.items()}

@@ -34,7 +34,6 @@ Not a test: a missed goal is reported, not raised.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import math
@@ -68,7 +67,7 @@ from gam_model.model import GAM
 from gam_model.sampling import SamplingParams, SequenceSampler, sample
 from load_tests.metrics import summarize
 from load_tests.prompts import PromptSampler
-from load_tests.runner import CLIENTS, LoadConfig, resolve_model, run_load
+from load_tests.runner import CLIENTS, LoadConfig, resolve_model, run, run_load
 
 PAPER_SERVED = dict(block_size=4096)  # over GAMConfig's defaults, which are the paper's (512 wide, 6 layers, ...)
 MICRO = dict(n_embd=40, n_layer=2, n_slots=64, block_size=4096)
@@ -578,10 +577,10 @@ def main(argv: list[str] | None = None) -> int:
     doc: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         if args.only & {"bare", "served"}:
-            doc["paper"] = asyncio.run(paper(b, args, Path(tmp)))
+            doc["paper"] = run(paper(b, args, Path(tmp)))
             write(args, argv, info, b, doc, t0)  # a part's figures are kept even if a later part fails
         if "micro" in args.only:
-            doc["micro"] = asyncio.run(micro(b, args, Path(tmp), serve_help()))
+            doc["micro"] = run(micro(b, args, Path(tmp), serve_help()))
     if "paper" in doc:
         side_by_side(doc["paper"], args.dtype_resolved)
     print("\ngoals:")

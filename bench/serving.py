@@ -32,7 +32,7 @@ from bench.common import RESULTS, ServerProcess, machine, served_model, tree_cpu
 from gam_model.sampling import SamplingParams
 from load_tests.metrics import summarize
 from load_tests.prompts import PromptSampler
-from load_tests.runner import CLIENTS, LoadConfig, run_load
+from load_tests.runner import CLIENTS, LoadConfig, run, run_load
 from server.app import start_context
 from server.engine import ErrorEvent, GenerationRequest
 from server.settings import Settings
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, source = served_model(args.model, Path(tmp))
-        result = asyncio.run(bench(args, model_dir))
+        result = run(bench(args, model_dir))
     doc = {"benchmark": f"HTTP-served tokens/s at {args.streams} streams vs the engine alone at batch {args.streams}",
            "command": "python bench/serving.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "machine": machine(), "model": {"dir": str(model_dir), "source": source}, "settings": vars(args) | {

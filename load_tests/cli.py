@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import os
 import sys
@@ -20,6 +19,7 @@ from load_tests.runner import (
     check_target,
     health,
     resolve_model,
+    run,
     run_load,
 )
 from load_tests.scenarios import SCENARIOS
@@ -176,7 +176,7 @@ async def amain(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        return asyncio.run(amain(args))
+        return run(amain(args))
     except (RemoteTargetError, ValueError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

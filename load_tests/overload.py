@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from load_tests.runner import check_target
+from load_tests.runner import check_target, run
 
 
 async def _timed(client: httpx.AsyncClient, body: dict[str, Any]) -> tuple[int, str | None, float]:
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-len", type=int, default=16)
     args = p.parse_args(argv)
     check_target(args.url)
-    report = asyncio.run(overload(args.url, args.factor, args.output_len))
+    report = run(overload(args.url, args.factor, args.output_len))
     print(json.dumps(report, indent=2))
     return 0 if report["ok"] else 1
 

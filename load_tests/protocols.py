@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 APIS = {"tgi": "/generate_stream", "openai": "/v1/completions"}
 
@@ -62,8 +63,8 @@ def parse_line(api: str, line: str) -> Event | None:
     if api == "openai" and data == "[DONE]":
         return Event("done")
     try:
-        obj = json.loads(data)
-    except json.JSONDecodeError:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
         return Event("error", error="stream:bad_json")
     if not isinstance(obj, dict):
         return Event("error", error="stream:bad_json")

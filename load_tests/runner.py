@@ -6,10 +6,10 @@ import asyncio
 import ipaddress
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -21,6 +21,20 @@ from load_tests.client import HttpxClient
 from load_tests.metrics import RequestRecord
 from load_tests.prompts import DEFAULT_PROMPTS, PromptSampler
 from load_tests.rawclient import RawClient
+
+T = TypeVar("T")
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run on uvloop where it is installed (it comes with uvicorn[standard], as the server uses it): the load
+    generator shares the machine's CPU with the server it measures, and uvloop's loop costs it less per event."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
+
 
 CLIENTS = ("httpx", "raw")  # LoadConfig.client: HttpxClient (any server) or RawClient (lean, http:// only)
 

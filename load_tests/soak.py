@@ -23,7 +23,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from load_tests.metrics import RequestRecord, summarize
-from load_tests.runner import LoadConfig, check_target, resolve_model, run_load
+from load_tests.runner import LoadConfig, check_target, resolve_model, run, run_load
 from load_tests.scenarios import SCENARIOS
 
 # stream error kinds gam-serve sends for server-side failures (TGI error_type / OpenAI error.type)
@@ -192,9 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg.validate()
     check_target(cfg.url)
     apis = ("tgi", "openai") if args.api == "both" else (args.api,)
-    report = asyncio.run(
-        soak(cfg, apis, warmup=args.warmup, max_rss_growth=args.max_rss_growth, progress=args.progress)
-    )
+    report = run(soak(cfg, apis, warmup=args.warmup, max_rss_growth=args.max_rss_growth, progress=args.progress))
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

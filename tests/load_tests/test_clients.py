@@ -16,6 +16,7 @@ import pytest
 from load_tests.client import stream_request
 from load_tests.metrics import RequestRecord
 from load_tests.rawclient import RawClient
+from load_tests.runner import run
 
 TEXTS = ["h\u00e9", " \u20ac\u20ac", " \U0001f600"]  # 2-, 3- and 4-byte UTF-8 characters
 
@@ -137,6 +138,20 @@ async def test_both_clients_record_the_same_outcomes() -> None:
         ("bytewise", 200, None, text, 3, 3, True),
     ]
     assert raw == ref
+
+
+def test_the_load_generators_loop_runs_both_clients_alike() -> None:
+    """`run`, the load generator's entry point, runs on uvloop where it is installed (it is, with uvicorn[standard]);
+    the raw client records there what httpx records (uvloop's transports do not subclass asyncio.Transport)."""
+
+    async def both() -> tuple[list, list, str]:
+        async with server() as url:
+            raw, ref = await outcomes("raw", url, PLAN), await outcomes("httpx", url, PLAN)
+        return raw, ref, type(asyncio.get_running_loop()).__module__
+
+    raw, ref, loop_module = run(both())
+    assert loop_module.startswith("uvloop")
+    assert raw == ref and len(ref) == len(PLAN) and ref[0][2] is None
 
 
 @pytest.mark.parametrize("kind", ["httpx", "raw"])
