@@ -343,9 +343,10 @@ def sample(logits: Tensor, rows: list[SequenceSampler]) -> SampleOutput:
     greedy = [r.params.greedy for r in rows]
     temp = to_device(
         torch.tensor([[1.0 if g else float(r.params.temperature)] for g, r in zip(greedy, rows, strict=True)]), dev
-    )  # (B, 1)
+    ).clamp_(min=torch.finfo(torch.float32).tiny)  # (B, 1)
     # shifted by the row max first (softmax is shift-invariant): a tiny temperature then sends the other logits to
-    # -inf, never the best one to +inf (l / 1e-39 overflows, and softmax of +inf is NaN)
+    # -inf, never the best one to +inf (l / 1e-39 overflows, and softmax of +inf is NaN); the clamp keeps one below
+    # float32's range (1e-300 is 0 in float32) from dividing the max by 0 (0 / 0 is NaN)
     scaled = (logits - logits.amax(dim=-1, keepdim=True)) / temp  # (B, V), max 0
     logprobs_all = scaled.log_softmax(dim=-1)  # (B, V) the reported distribution
     tokens = logits.argmax(dim=-1)  # (B,)
