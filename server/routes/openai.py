@@ -128,10 +128,10 @@ def logit_bias(ctx: ServerContext, raw: dict[str, float] | None) -> dict[int, fl
         return None
     out = {}
     for key, b in raw.items():
-        try:
-            tid = int(key)
-        except ValueError:
-            raise ApiError(400, f"logit_bias keys must be token ids, got {key!r}", param="logit_bias") from None
+        # ASCII digits only: int() also takes "+5", " 5", "5_0" and other scripts' digits ("\u0665"), no token ids
+        if not (key.isascii() and key.isdigit()):
+            raise ApiError(400, f"logit_bias keys must be token ids, got {key!r}", param="logit_bias")
+        tid = int(key)
         if not 0 <= tid < ctx.model_config.vocab_size:
             raise ApiError(
                 400,

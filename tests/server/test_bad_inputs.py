@@ -87,6 +87,11 @@ BAD_JSON = [
     (OAI, oai(stream_options={"include_usage": "yes"}), 400),
     (OAI, oai(suffix="end"), 400),
     (OAI, oai(logit_bias={"x": 10}), 400),
+    # keys Python's int() takes but that are not token ids: an Arabic-Indic 5, padding, a digit separator, a sign
+    (OAI, oai(logit_bias={"\u0665": 10}), 400),
+    (OAI, oai(logit_bias={" 5": 10}), 400),
+    (OAI, oai(logit_bias={"5_0": 10}), 400),
+    (OAI, oai(logit_bias={"+5": 10}), 400),
     (OAI, oai(logit_bias={"-1": 10}), 400),
     (OAI, oai(logit_bias={"99999": 10}), 400),
     (OAI, oai(logit_bias={"5": 101}), 400),
