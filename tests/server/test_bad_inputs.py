@@ -142,6 +142,16 @@ async def test_bad_raw_bodies(client: httpx.AsyncClient, path: str, raw: bytes, 
     check_shape(path, r)
 
 
+async def test_a_lone_surrogate_echoed_in_an_error_is_escaped(client: httpx.AsyncClient) -> None:
+    """An error that quotes the client's text quotes a lone surrogate (a valid JSON escape, not UTF-8) escaped: an
+    unknown model named "\\ud800" made the error response's own encoding fail, a 500 and a closed connection."""
+    raw = b'{"model": "\\ud800", "prompt": "x"}'
+    r = await client.post(OAI, content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 404, r.text
+    check_shape(OAI, r)
+    assert "\\ud800" in r.json()["error"]["message"]
+
+
 @pytest.mark.parametrize("path", [TGI, OAI])
 async def test_body_too_large(make_settings, path: str) -> None:
     async with app_client(make_settings(max_body_bytes=4096)) as (_, client):
