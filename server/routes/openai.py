@@ -165,15 +165,16 @@ class LogprobsBuilder:
         last = len(ids) - 1
         for j, i in enumerate(ids):
             out["text_offset"].append(len(detok.text))
-            out["tokens"].append(detok.add(i) + (detok.flush() if j == last else ""))
+            text = detok.add(i) + (detok.flush() if j == last else "")
+            out["tokens"].append(text)
             if prompt is None or j == 0:
                 out["token_logprobs"].append(None)
                 out["top_logprobs"].append(None)
             else:
-                out["token_logprobs"].append(json_float(prompt.logprobs[j - 1]))
-                out["top_logprobs"].append(
-                    self._top(zip(prompt.top_ids[j - 1], prompt.top_logprobs[j - 1], strict=True))
-                )
+                lp = prompt.logprobs[j - 1]
+                out["token_logprobs"].append(json_float(lp))
+                alternatives = zip(prompt.top_ids[j - 1], prompt.top_logprobs[j - 1], strict=True)
+                out["top_logprobs"].append(self._top(alternatives, i, text, lp))
         return out
 
     def generated(self, tokens: list[TokenEvent], offset: int) -> dict[str, Any]:
@@ -182,17 +183,25 @@ class LogprobsBuilder:
         for ev in tokens:
             out["tokens"].append(ev.text)
             out["token_logprobs"].append(json_float(ev.logprob))
-            out["top_logprobs"].append(self._top(ev.top))
+            out["top_logprobs"].append(self._top(ev.top, ev.id, ev.text, ev.logprob))
             out["text_offset"].append(offset)
             offset += len(ev.text)
         return out
 
-    def _top(self, alternatives: Iterable[tuple[int, float]]) -> dict[str, float | None]:
-        """One step's alternatives (best first) as {text: logprob}; tokens with the same text (byte tokens that decode
-        alone to U+FFFD) share an entry, which keeps the best logprob."""
+    def _top(
+        self, alternatives: Iterable[tuple[int, float]], tid: int, text: str, logprob: float
+    ) -> dict[str, float | None]:
+        """One step's alternatives (best first) as {text: logprob}, and the step's own token `tid` under its `tokens`
+        entry `text` (OpenAI: the sampled token is always there, so up to logprobs+1 entries, and top_logprobs[i]
+        [tokens[i]] is token_logprobs[i]). The other alternatives are named by their text decoded alone; those with
+        the same text (byte tokens that decode alone to U+FFFD) share an entry, which keeps the best logprob."""
         out: dict[str, float | None] = {}
         for i, lp in alternatives:
-            out.setdefault(self.ctx.tokenizer.decode([i]), json_float(lp))
+            if i == tid:
+                out[text] = json_float(logprob)  # in its place (best first)
+            else:
+                out.setdefault(self.ctx.tokenizer.decode([i]), json_float(lp))
+        out[text] = json_float(logprob)  # last when it is not among the best (or its text is an alternative's)
         return out
 
     @staticmethod
