@@ -22,6 +22,7 @@ from server.routes.common import (
     check_ids,
     check_max_new_tokens,
     check_params,
+    check_sequences,
     check_stop,
     collect,
     encode_prompt,
@@ -43,7 +44,8 @@ def _finish_reason(reason: str) -> str:
 
 
 async def prompts_of(ctx: ServerContext, body: CompletionRequest) -> list[tuple[str, list[int]]]:
-    """(text, ids) per prompt: a string, a list of strings, a list of ids, or a list of id lists."""
+    """(text, ids) per prompt: a string, a list of strings, a list of ids, or a list of id lists. A call with more
+    sequences (prompts x n) than the server can hold is refused before any prompt is read."""
     p = body.prompt
     if isinstance(p, str):
         texts: list[str | list[int]] = [p]
@@ -53,6 +55,7 @@ async def prompts_of(ctx: ServerContext, body: CompletionRequest) -> list[tuple[
         texts = list(p)  # type: ignore[arg-type]
     if not texts:
         raise ApiError(400, "prompt must not be empty", param="prompt")
+    check_sequences(ctx, len(texts) * body.n)
     out = []
     for i, t in enumerate(texts):
         param = "prompt" if len(texts) == 1 else f"prompt[{i}]"
