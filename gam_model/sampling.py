@@ -41,6 +41,7 @@ from torch import Tensor
 from gam_model.device import to_device
 
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes up to 2**64-1; JSON clients are safer below 2**63
+F32_TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32 (a Python float)
 TIE_ROOM = 16  # top_n_ranked: entries past the n that a tie at the n-th value may take before whole rows are ranked
 
 
@@ -339,7 +340,9 @@ def sample(logits: Tensor, rows: list[SequenceSampler]) -> SampleOutput:
     dev = logits.device
     logits = apply_penalties(logits.float(), rows)  # (B, V)
     greedy = [r.params.greedy for r in rows]
-    temps = [1.0 if g else float(r.params.temperature) for g, r in zip(greedy, rows, strict=True)]
+    # the clamp keeps a temperature below float32's range (1e-300 is 0 in float32) from dividing the max by 0 (0 / 0
+    # is NaN): the smallest normal float32 stands in for it
+    temps = [1.0 if g else max(float(r.params.temperature), F32_TINY) for g, r in zip(greedy, rows, strict=True)]
     # shifted by the row max first (softmax is shift-invariant): a tiny temperature then sends the other logits to
     # -inf, never the best one to +inf (l / 1e-39 overflows, and softmax of +inf is NaN)
     scaled = logits - logits.amax(dim=-1, keepdim=True)  # (B, V), max 0

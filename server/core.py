@@ -51,6 +51,16 @@ class TooManySequences(ValueError):
     """A request with more sequences than the server can ever hold at once (slots + queue): retrying cannot help."""
 
 
+def check_sequence_count(count: int, max_batch_size: int, max_queue: int) -> None:
+    """TooManySequences when a call's `count` sequences could never run or wait at once (slots + queue)."""
+    limit = max_batch_size + max_queue
+    if count > limit:
+        raise TooManySequences(
+            f"the request asks for {count} sequences (prompts x n); this server runs and queues at most "
+            f"{limit} at once (max batch size {max_batch_size} + max queue {max_queue})"
+        )
+
+
 class EngineUnavailable(RuntimeError):
     """The engine is draining for shutdown or has died (503)."""
 
@@ -191,12 +201,7 @@ class EngineCore:
             raise EngineUnavailable("the server is shutting down")
         for r in requests:
             r.validate()
-        limit = self.max_batch_size + self.max_queue
-        if len(requests) > limit:
-            raise TooManySequences(
-                f"the request asks for {len(requests)} sequences (prompts x n); this server runs and queues at most "
-                f"{limit} at once (max batch size {self.max_batch_size} + max queue {self.max_queue})"
-            )
+        check_sequence_count(len(requests), self.max_batch_size, self.max_queue)
         if len(self._waiting) + len(requests) > self.max_queue + self.free_slots:
             raise QueueFull(
                 f"{len(self._waiting)} requests are waiting (max queue {self.max_queue}); "

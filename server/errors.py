@@ -100,7 +100,10 @@ def error_body(
     code: str | None = None,
     error_type: str | None = None,
 ) -> dict[str, Any]:
-    """The error JSON for `path`'s API."""
+    """The error JSON for `path`'s API. A lone surrogate the message or param quotes from the client's JSON
+    ("\\ud800" is a valid escape there) is written as that escape: it cannot be encoded as UTF-8."""
+    message = _printable(message)
+    param = None if param is None else _printable(param)
     if is_openai_path(path):
         t = OPENAI_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")  # error_type is TGI's
         return {"error": {"message": message, "type": t, "param": param, "code": code}}
@@ -108,6 +111,10 @@ def error_body(
         "error": message,
         "error_type": error_type or TGI_TYPES.get(status, "validation" if status < 500 else "generation"),
     }
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def error_response(path: str, err: ApiError) -> JSONResponse:

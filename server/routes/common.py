@@ -14,6 +14,7 @@ from tokenizers import Encoding
 from gam_model.sampling import SamplingParams
 from gam_model.scoring import TokenLogprobs
 from server.context import ServerContext
+from server.core import check_sequence_count
 from server.engine import (
     EngineUnavailable,
     ErrorEvent,
@@ -133,6 +134,15 @@ def check_params(params: SamplingParams) -> SamplingParams:
     except ValueError as e:
         raise ApiError(422, str(e), param=str(e).split(" ", 1)[0]) from e
     return params
+
+
+def check_sequences(ctx: ServerContext, count: int) -> None:
+    """400 when a call's `count` sequences (prompts x n) could never be held at once: checked before its prompts are
+    tokenized, so a body of many prompts costs no more than its parsing (the core checks again on submission)."""
+    try:
+        check_sequence_count(count, ctx.settings.max_batch_size, ctx.settings.max_queue)
+    except TooManySequences as e:
+        raise ApiError(400, str(e), param="n") from e
 
 
 async def submit(ctx: ServerContext, reqs: list[GenerationRequest], stream: bool) -> list[RequestHandle]:

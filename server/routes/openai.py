@@ -22,6 +22,7 @@ from server.routes.common import (
     check_ids,
     check_max_new_tokens,
     check_params,
+    check_sequences,
     check_stop,
     collect,
     encode_prompt,
@@ -43,7 +44,8 @@ def _finish_reason(reason: str) -> str:
 
 
 async def prompts_of(ctx: ServerContext, body: CompletionRequest) -> list[tuple[str, list[int]]]:
-    """(text, ids) per prompt: a string, a list of strings, a list of ids, or a list of id lists."""
+    """(text, ids) per prompt: a string, a list of strings, a list of ids, or a list of id lists. A call with more
+    sequences (prompts x n) than the server can hold is refused before any prompt is read."""
     p = body.prompt
     if isinstance(p, str):
         texts: list[str | list[int]] = [p]
@@ -53,6 +55,7 @@ async def prompts_of(ctx: ServerContext, body: CompletionRequest) -> list[tuple[
         texts = list(p)  # type: ignore[arg-type]
     if not texts:
         raise ApiError(400, "prompt must not be empty", param="prompt")
+    check_sequences(ctx, len(texts) * body.n)
     out = []
     for i, t in enumerate(texts):
         param = "prompt" if len(texts) == 1 else f"prompt[{i}]"
@@ -128,10 +131,10 @@ def logit_bias(ctx: ServerContext, raw: dict[str, float] | None) -> dict[int, fl
         return None
     out = {}
     for key, b in raw.items():
-        try:
-            tid = int(key)
-        except ValueError:
-            raise ApiError(400, f"logit_bias keys must be token ids, got {key!r}", param="logit_bias") from None
+        # ASCII digits only: int() also takes "+5", " 5", "5_0" and other scripts' digits ("\u0665"), no token ids
+        if not (key.isascii() and key.isdigit()):
+            raise ApiError(400, f"logit_bias keys must be token ids, got {key!r}", param="logit_bias")
+        tid = int(key)
         if not 0 <= tid < ctx.model_config.vocab_size:
             raise ApiError(
                 400,
@@ -165,15 +168,16 @@ class LogprobsBuilder:
         last = len(ids) - 1
         for j, i in enumerate(ids):
             out["text_offset"].append(len(detok.text))
-            out["tokens"].append(detok.add(i) + (detok.flush() if j == last else ""))
+            text = detok.add(i) + (detok.flush() if j == last else "")
+            out["tokens"].append(text)
             if prompt is None or j == 0:
                 out["token_logprobs"].append(None)
                 out["top_logprobs"].append(None)
             else:
-                out["token_logprobs"].append(json_float(prompt.logprobs[j - 1]))
-                out["top_logprobs"].append(
-                    self._top(zip(prompt.top_ids[j - 1], prompt.top_logprobs[j - 1], strict=True))
-                )
+                lp = prompt.logprobs[j - 1]
+                out["token_logprobs"].append(json_float(lp))
+                alternatives = zip(prompt.top_ids[j - 1], prompt.top_logprobs[j - 1], strict=True)
+                out["top_logprobs"].append(self._top(alternatives, i, text, lp))
         return out
 
     def generated(self, tokens: list[TokenEvent], offset: int) -> dict[str, Any]:
@@ -182,17 +186,25 @@ class LogprobsBuilder:
         for ev in tokens:
             out["tokens"].append(ev.text)
             out["token_logprobs"].append(json_float(ev.logprob))
-            out["top_logprobs"].append(self._top(ev.top))
+            out["top_logprobs"].append(self._top(ev.top, ev.id, ev.text, ev.logprob))
             out["text_offset"].append(offset)
             offset += len(ev.text)
         return out
 
-    def _top(self, alternatives: Iterable[tuple[int, float]]) -> dict[str, float | None]:
-        """One step's alternatives (best first) as {text: logprob}; tokens with the same text (byte tokens that decode
-        alone to U+FFFD) share an entry, which keeps the best logprob."""
+    def _top(
+        self, alternatives: Iterable[tuple[int, float]], tid: int, text: str, logprob: float
+    ) -> dict[str, float | None]:
+        """One step's alternatives (best first) as {text: logprob}, and the step's own token `tid` under its `tokens`
+        entry `text` (OpenAI: the sampled token is always there, so up to logprobs+1 entries, and top_logprobs[i]
+        [tokens[i]] is token_logprobs[i]). The other alternatives are named by their text decoded alone; those with
+        the same text (byte tokens that decode alone to U+FFFD) share an entry, which keeps the best logprob."""
         out: dict[str, float | None] = {}
         for i, lp in alternatives:
-            out.setdefault(self.ctx.tokenizer.decode([i]), json_float(lp))
+            if i == tid:
+                out[text] = json_float(logprob)  # in its place (best first)
+            else:
+                out.setdefault(self.ctx.tokenizer.decode([i]), json_float(lp))
+        out[text] = json_float(logprob)  # last when it is not among the best (or its text is an alternative's)
         return out
 
     @staticmethod

@@ -174,11 +174,12 @@ def test_logprobs_are_log_softmax_after_penalties_and_temperature():
     assert out.top_ids[1, 0] == out.tokens[1]  # greedy: the best alternative is the chosen token
 
 
-@pytest.mark.parametrize("temperature", [1e-45, 1e-39, 1e-30])
+@pytest.mark.parametrize("temperature", [1e-300, 5e-46, 1e-45, 1e-39, 1e-30])
 @pytest.mark.parametrize("warper", [{}, {"top_k": 3}, {"top_p": 0.5}, {"typical_p": 0.5}])
 def test_a_tiny_temperature_samples_the_argmax(temperature: float, warper: dict):
     """The limit of temperature -> 0 is the argmax with logprob 0, however small the (accepted) temperature: logits /
-    1e-39 overflow to +-inf, whose softmax was NaN, and the draw then took the last vocabulary id."""
+    1e-39 overflow to +-inf, whose softmax was NaN, and the draw then took the last vocabulary id; a temperature
+    below float32's smallest subnormal (1e-300, 5e-46) is 0 in float32, and 0 / 0 was NaN too."""
     logits = logits_batch(4, seed=13)
     out = sample(
         logits, rows_for([SamplingParams(temperature=temperature, seed=s, top_n_tokens=2, **warper) for s in range(4)])

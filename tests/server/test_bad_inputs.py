@@ -87,6 +87,11 @@ BAD_JSON = [
     (OAI, oai(stream_options={"include_usage": "yes"}), 400),
     (OAI, oai(suffix="end"), 400),
     (OAI, oai(logit_bias={"x": 10}), 400),
+    # keys Python's int() takes but that are not token ids: an Arabic-Indic 5, padding, a digit separator, a sign
+    (OAI, oai(logit_bias={"\u0665": 10}), 400),
+    (OAI, oai(logit_bias={" 5": 10}), 400),
+    (OAI, oai(logit_bias={"5_0": 10}), 400),
+    (OAI, oai(logit_bias={"+5": 10}), 400),
     (OAI, oai(logit_bias={"-1": 10}), 400),
     (OAI, oai(logit_bias={"99999": 10}), 400),
     (OAI, oai(logit_bias={"5": 101}), 400),
@@ -135,6 +140,16 @@ async def test_bad_raw_bodies(client: httpx.AsyncClient, path: str, raw: bytes, 
     expected = 400 if path.startswith("/v1/") and status == 422 else status  # OpenAI answers validation with 400
     assert r.status_code == expected, r.text
     check_shape(path, r)
+
+
+async def test_a_lone_surrogate_echoed_in_an_error_is_escaped(client: httpx.AsyncClient) -> None:
+    """An error that quotes the client's text quotes a lone surrogate (a valid JSON escape, not UTF-8) escaped: an
+    unknown model named "\\ud800" made the error response's own encoding fail, a 500 and a closed connection."""
+    raw = b'{"model": "\\ud800", "prompt": "x"}'
+    r = await client.post(OAI, content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 404, r.text
+    check_shape(OAI, r)
+    assert "\\ud800" in r.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("path", [TGI, OAI])

@@ -48,17 +48,21 @@ async def test_top_logprobs_keep_the_best_of_tokens_with_the_same_text() -> None
     async with app_client(Settings(device="cpu", max_batch_size=2, deterministic=True)) as (_, client):
         params = {"max_new_tokens": 12, "details": True, "top_n_tokens": 5}
         r = await client.post("/generate", json={"inputs": SPLIT_CHARS, "parameters": params})
-        tgi = r.json()["details"]["top_tokens"]
+        tgi, chosen = r.json()["details"]["top_tokens"], [t["id"] for t in r.json()["details"]["tokens"]]
         body = {"model": "gam-wikitext2", "prompt": SPLIT_CHARS, "max_tokens": 12, "temperature": 0, "logprobs": 5}
         r = await client.post("/v1/completions", json=body)
-        tops = r.json()["choices"][0]["logprobs"]["top_logprobs"]
+        lp = r.json()["choices"][0]["logprobs"]
+        tops = lp["top_logprobs"]
         assert len(tops) == len(tgi) == 12
         assert any(len(top) < 5 for top in tops)  # texts do collide here
-        for top, alts in zip(tops, tgi, strict=True):
+        for top, alts, tid, tok, tok_lp in zip(tops, tgi, chosen, lp["tokens"], lp["token_logprobs"], strict=True):
+            # the token itself is named by its tokens entry (a byte piece's is "" or the character it completes)
+            assert top.pop(tok) == tok_lp
             best: dict[str, float] = {}
             for a in alts:
-                best[a["text"]] = max(best.get(a["text"], -math.inf), a["logprob"])
-            assert top == best
+                if a["id"] != tid:
+                    best[a["text"]] = max(best.get(a["text"], -math.inf), a["logprob"])
+            assert top == {k: v for k, v in best.items() if k != tok}
 
 
 def sse_events(text: str) -> list[dict]:

@@ -60,7 +60,7 @@ async def test_prompt_list_n_echo_logprobs(client: httpx.AsyncClient) -> None:
     assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"])
     assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None  # the first prompt token has no context
     assert all(x is not None and x <= 0 for x in lp["token_logprobs"][1:])
-    assert all(1 <= len(alts) <= 2 for alts in lp["top_logprobs"][1:])
+    assert all(1 <= len(alts) <= 3 for alts in lp["top_logprobs"][1:])  # the top 2 and the token itself
     assert data["usage"]["completion_tokens"] == 16
 
 
@@ -232,6 +232,29 @@ async def test_text_offset_is_where_each_token_starts(client: httpx.AsyncClient)
             for off, tok in zip(offsets, tokens, strict=True):
                 if "\ufffd" not in tok:  # a byte piece of a character has no text of its own
                     assert text[off : off + len(tok)] == tok, (prompt, echo, off, tok)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_top_logprobs_hold_each_token_under_its_tokens_entry(client: httpx.AsyncClient, stream: bool) -> None:
+    """OpenAI: "The API will always return the logprob of the sampled token, so there may be up to logprobs+1
+    elements": top_logprobs[i][tokens[i]] == token_logprobs[i], for sampled tokens outside the top `logprobs` and
+    for byte pieces of a character (whose tokens entry is the text they add, "" or the completed character, while
+    an alternative decoded alone is U+FFFD), echoed prompt tokens included. The sampled token was missing from its
+    top_logprobs when it was not among the best, and a byte piece was keyed by U+FFFD."""
+    body = {"model": MODEL, "prompt": "Party 🎉 time , naïve café", "max_tokens": 16, "temperature": 2.0, "seed": 5}
+    body |= {"echo": True, "logprobs": 1, "stream": stream}
+    r = await client.post("/v1/completions", json=body)
+    if stream:
+        chunks = [json.loads(p)["choices"][0]["logprobs"] for p in sse_payloads(r.text)[:-1]]
+        lp = {k: [x for c in chunks for x in c[k]] for k in ("tokens", "token_logprobs", "top_logprobs")}
+    else:
+        lp = r.json()["choices"][0]["logprobs"]
+    assert lp["top_logprobs"][0] is None  # the first prompt token has no context
+    tops = list(zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], strict=True))[1:]
+    assert any(lp_ < max(top.values()) for _, lp_, top in tops)  # some tokens are not the best: the check bites
+    assert any(tok == "" for tok, _, _ in tops)  # and some are byte pieces
+    for tok, lp_, top in tops:
+        assert 1 <= len(top) <= 2 and top[tok] == lp_, (tok, lp_, top)
 
 
 async def test_over_long_prompt_error_suggests_only_what_the_api_has(client: httpx.AsyncClient) -> None:
