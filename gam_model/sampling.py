@@ -253,6 +253,35 @@ def row_logsumexp(x: Tensor) -> Tensor:
     return x.amax(dim=-1, keepdim=True) - x.log_softmax(dim=-1).amax(dim=-1, keepdim=True)
 
 
+ARGMAX_BLOCK = 64  # row_argmax: entries per block
+ARGMAX_MIN_ROWS = 4  # fewer rows: torch's argmax, whose one call costs less than row_argmax's few
+
+
+def row_argmax(x: Tensor) -> Tensor:
+    """x.argmax(dim=-1) of x (R, V), the same indices (the first maximum; NaN counts as the maximum), faster on CPU.
+
+    torch's CPU argmax walks a row one element at a time (2.5 ms for 256 x 8192 floats on the dev machine, 18x its
+    amax); here each row's blocks of ARGMAX_BLOCK entries get a vectorised amax, then argmax runs over the block maxima
+    (the first block holding the maximum) and inside that block, and the last V % ARGMAX_BLOCK entries are compared
+    apart. CUDA's argmax is a parallel kernel already: used as is there, and for a few rows.
+    """
+    R, V = x.shape
+    V0 = V - V % ARGMAX_BLOCK
+    if x.device.type != "cpu" or R < ARGMAX_MIN_ROWS or V0 == 0:
+        return x.argmax(dim=-1)
+    blocks = x[:, :V0].view(R, V0 // ARGMAX_BLOCK, ARGMAX_BLOCK)  # a view: rows split into blocks
+    block_max = blocks.amax(dim=-1)  # (R, nb), NaN where a block holds one
+    best = block_max.argmax(dim=-1)  # (R,) the first block holding the row's maximum
+    idx = best * ARGMAX_BLOCK + blocks[torch.arange(R), best].argmax(dim=-1)  # (R,)
+    if V0 < V:  # the tail wins only with a greater value, or a NaN where the blocks have none
+        tail = x[:, V0:]
+        t_idx = tail.argmax(dim=-1)  # (R,)
+        t_val = tail.gather(1, t_idx.unsqueeze(1)).squeeze(1)
+        b_val = block_max.gather(1, best.unsqueeze(1)).squeeze(1)
+        idx = torch.where((t_val > b_val) | (t_val.isnan() & ~b_val.isnan()), t_idx + V0, idx)
+    return idx
+
+
 def top_p_threshold(logits: Tensor, top_p: Tensor) -> Tensor:
     """Per-row logit threshold (R, 1) of the smallest prefix of tokens, best first, whose mass reaches top_p (R, 1).
 
@@ -349,7 +378,7 @@ def sample(logits: Tensor, rows: list[SequenceSampler]) -> SampleOutput:
     if any(t != 1.0 for t in temps):  # dividing by 1 is exact: skipped when no row has another temperature
         scaled = scaled / to_device(torch.tensor(temps).unsqueeze(1), dev)  # (B, 1)
     logprobs_all = scaled.log_softmax(dim=-1)  # (B, V) the reported distribution
-    tokens = logits.argmax(dim=-1)  # (B,)
+    tokens = row_argmax(logits)  # (B,)
     sampled = [i for i, g in enumerate(greedy) if not g]
     if sampled:
         srows = [rows[i] for i in sampled]

@@ -14,7 +14,14 @@ from transformers.generation.logits_process import (
 )
 
 from gam_model import sampling
-from gam_model.sampling import SamplingParams, SequenceSampler, apply_penalties, sample, truncation_mask
+from gam_model.sampling import (
+    SamplingParams,
+    SequenceSampler,
+    apply_penalties,
+    row_argmax,
+    sample,
+    truncation_mask,
+)
 
 V = 97
 
@@ -147,6 +154,26 @@ def test_greedy_is_argmax_of_penalised_logits():
     out = sample(logits, rows)
     assert out.tokens[[0, 1, 3]].tolist() == logits[[0, 1, 3]].argmax(-1).tolist()
     assert out.tokens[2] == apply_penalties(logits, rows)[2].argmax() != logits[2].argmax()
+
+
+@pytest.mark.parametrize("V", [8192, 10000, 50257, 130, 64, 63])
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_row_argmax_is_argmax(V: int, rows: int):
+    """The blocked argmax gives torch's indices: the first of tied maxima (within a block, across blocks, in the tail
+    past the last whole block), NaN as the maximum, infinities, bf16 rows full of ties."""
+    g = torch.Generator().manual_seed(V + rows)
+    x = torch.randn(rows, V, generator=g)
+    cases = [x, x.round(), x.bfloat16(), torch.full((rows, V), -math.inf), torch.zeros(rows, V)]
+    for cols in ([V - 1], [0, V - 1], [V // 2, V - 1], [63, 64], [V // 3]):
+        for value in (math.nan, math.inf):
+            y = x.clone()
+            y[:, [c for c in cols if c < V]] = value
+            cases.append(y)
+    y = x.clone()
+    y[0, V - 1] = x[0].max() + 1  # one row's maximum in the tail, the others' not
+    cases.append(y)
+    for c in cases:
+        assert torch.equal(row_argmax(c), c.argmax(dim=-1))
 
 
 def test_do_sample_false_with_a_warper_samples_like_tgi():
