@@ -53,6 +53,10 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def decode_releasing_gil(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        """`decode` without holding the GIL (`decode_batch` releases it, `decode` does not), for a worker thread."""
+        return self.tok.decode_batch([ids], skip_special_tokens=skip_special_tokens)[0]
+
     def id_to_token(self, i: int) -> str:
         return self.tok.id_to_token(i) or ""
 

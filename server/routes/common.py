@@ -57,8 +57,9 @@ def check_text(text: str, param: str) -> None:
 
 
 # texts longer than this are tokenized in a worker thread that releases the GIL, so a large prompt never stalls the
-# event loop (streams, /health); shorter ones cost less than the thread hop
+# event loop (streams, /health); shorter ones cost less than the thread hop; the same for id lists to detokenize
 INLINE_TOKENIZE_CHARS = 16_384
+INLINE_DECODE_IDS = 16_384
 
 
 async def encode_text(ctx: ServerContext, text: str, add_special_tokens: bool = False) -> Encoding:
@@ -66,6 +67,13 @@ async def encode_text(ctx: ServerContext, text: str, add_special_tokens: bool = 
     if len(text) <= INLINE_TOKENIZE_CHARS:
         return ctx.tokenizer.tok.encode(text, add_special_tokens=add_special_tokens)
     return await asyncio.to_thread(ctx.tokenizer.encode_releasing_gil, text, add_special_tokens)
+
+
+async def decode_ids(ctx: ServerContext, ids: list[int]) -> str:
+    """Detokenize off the event loop when there are many ids (500,000 took 0.4 s inline)."""
+    if len(ids) <= INLINE_DECODE_IDS:
+        return ctx.tokenizer.decode(ids)
+    return await asyncio.to_thread(ctx.tokenizer.decode_releasing_gil, ids)
 
 
 async def encode_prompt(

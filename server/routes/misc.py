@@ -12,7 +12,7 @@ from server.context import ServerContext, get_context
 from server.core import EngineUnavailable
 from server.errors import ApiError
 from server.metrics import frontend_registry
-from server.routes.common import check_text, encode_text
+from server.routes.common import check_text, decode_ids, encode_text
 from server.types import DetokenizeRequest, TokenizeRequest, VLLMTokenizeRequest
 from server.version import VERSION
 
@@ -97,9 +97,9 @@ async def tokenize(body: TokenizeRequest | VLLMTokenizeRequest, ctx: Ctx) -> Any
 async def detokenize(body: DetokenizeRequest, ctx: Ctx) -> dict[str, str]:
     """vLLM /detokenize: `{"prompt": text}`; ids outside the vocabulary are a 422."""
     vocab = ctx.model_config.vocab_size
-    if any(t >= vocab for t in body.tokens):
+    if body.tokens and max(body.tokens) >= vocab:
         raise ApiError(422, f"tokens has an id >= the vocabulary size {vocab}", param="tokens")
-    return {"prompt": ctx.tokenizer.decode(body.tokens)}
+    return {"prompt": await decode_ids(ctx, body.tokens)}
 
 
 @router.get("/tokenizer_info", summary="Tokenizer facts (vLLM /tokenizer_info)")

@@ -86,6 +86,8 @@ async def requests_of(
     ):
         if bad:
             raise ApiError(400, f"{name} is not supported by this server", param=name)
+    if body.stream_options is not None and not body.stream:  # it would be ignored silently
+        raise ApiError(400, "stream_options is only allowed with stream: true", param="stream_options")
     if body.logprobs is not None and body.logprobs > ctx.settings.max_top_n_tokens:
         raise ApiError(
             400, f"logprobs must be <= {ctx.settings.max_top_n_tokens}, got {body.logprobs}", param="logprobs"

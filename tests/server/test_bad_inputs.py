@@ -85,6 +85,8 @@ BAD_JSON = [
     (OAI, oai(stop=["a", "b", "c", "d", "e"]), 400),
     (OAI, oai(stream="true"), 400),
     (OAI, oai(stream_options={"include_usage": "yes"}), 400),
+    (OAI, oai(stream_options={"include_usage": True}), 400),  # without stream (vLLM and OpenAI refuse it too)
+    (OAI, oai(stream=False, stream_options={"include_usage": True}), 400),
     (OAI, oai(suffix="end"), 400),
     (OAI, oai(logit_bias={"x": 10}), 400),
     # keys Python's int() takes but that are not token ids: an Arabic-Indic 5, padding, a digit separator, a sign

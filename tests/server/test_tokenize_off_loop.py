@@ -8,6 +8,7 @@ import threading
 import pytest
 
 from gam_model.tokenizer import Tokenizer
+from server.routes import common
 from tests.server.conftest import app_client
 
 LONG = "The season . In 1998 , the band released their second album 🎉 . " * 300  # ~20k chars, > the inline size
@@ -55,3 +56,26 @@ async def test_long_prompts_are_tokenized_in_a_worker_with_the_same_ids(make_set
         vllm = (await client.post("/tokenize", json={"prompt": LONG})).json()
         assert vllm["tokens"] == ids
         assert len(worker_calls) == 3 and threading.main_thread().name not in worker_calls
+
+
+async def test_long_id_lists_are_detokenized_in_a_worker_with_the_same_text(make_settings, monkeypatch) -> None:
+    calls: list[str] = []
+    real = Tokenizer.decode_releasing_gil
+
+    def observed(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        calls.append(threading.current_thread().name)
+        return real(self, ids, skip_special_tokens)
+
+    monkeypatch.setattr(Tokenizer, "decode_releasing_gil", observed)
+    async with app_client(make_settings()) as (app, client):
+        tok = app.state.ctx.tokenizer
+        ids = tok.encode(LONG * 2)
+        assert len(ids) > common.INLINE_DECODE_IDS
+        r = await client.post("/detokenize", json={"tokens": ids})
+        assert r.status_code == 200 and r.json()["prompt"] == tok.decode(ids)
+        assert calls and threading.main_thread().name not in calls
+        short = ids[:50]
+        assert (await client.post("/detokenize", json={"tokens": short})).json()["prompt"] == tok.decode(short)
+        assert len(calls) == 1  # a short list is decoded inline
+        r = await client.post("/detokenize", json={"tokens": [*short, 10**6]})
+        assert r.status_code == 422 and "vocabulary size" in r.json()["error"]
