@@ -16,6 +16,7 @@ class Tokenizer:
         self.eos_token_id = eos_token_id
         self.bos_token_id = bos_token_id
         self._max_token_bytes = self._bytes_bound(tok)
+        self._alone: dict[int, str] = {}  # token_text's answers so far
 
     @staticmethod
     def _bytes_bound(tok: HFTokenizer) -> int | None:
@@ -56,6 +57,14 @@ class Tokenizer:
     def decode_releasing_gil(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         """`decode` without holding the GIL (`decode_batch` releases it, `decode` does not), for a worker thread."""
         return self.tok.decode_batch([ids], skip_special_tokens=skip_special_tokens)[0]
+
+    def token_text(self, i: int) -> str:
+        """decode([i]): one token's text decoded alone (how alternatives are named), remembered per id: a response
+        with top-n logprobs names up to n alternatives per token, from a vocabulary's worth of ids at most."""
+        text = self._alone.get(i)
+        if text is None:
+            text = self._alone[i] = self.decode([i])
+        return text
 
     def id_to_token(self, i: int) -> str:
         return self.tok.id_to_token(i) or ""

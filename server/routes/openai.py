@@ -158,12 +158,24 @@ class LogprobsBuilder:
 
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
+        # prompt()'s answers by prompt: the n choices of a prompt echo the same entries (the core scores the prompt
+        # once for all of them), built once instead of n times on the event loop; keyed by the ids list's identity,
+        # which the entry keeps alive
+        self._echoed: dict[int, tuple[list[int], TokenLogprobs | None, dict[str, Any]]] = {}
 
     def prompt(self, ids: list[int], prompt: TokenLogprobs | None) -> dict[str, Any]:
         """The echoed prompt's entries (the first token has no logprob), offsets from 0. Each token is named by the
         text it adds, as a generated token is (a byte piece of a character "", the token completing it the
         character; the bytes of an unfinished last character are the last token's): the same ids get the same
-        `tokens` echoed or generated, and they join to the echoed text."""
+        `tokens` echoed or generated, and they join to the echoed text. Callers do not modify the result."""
+        seen = self._echoed.get(id(ids))
+        if seen is not None and seen[0] is ids and seen[1] == prompt:
+            return seen[2]
+        out = self._prompt(ids, prompt)
+        self._echoed[id(ids)] = (ids, prompt, out)
+        return out
+
+    def _prompt(self, ids: list[int], prompt: TokenLogprobs | None) -> dict[str, Any]:
         tok = self.ctx.tokenizer
         out = self._empty()
         detok = IncrementalDetokenizer(tok)
@@ -205,7 +217,7 @@ class LogprobsBuilder:
             if i == tid:
                 out[text] = json_float(logprob)  # in its place (best first)
             else:
-                out.setdefault(self.ctx.tokenizer.decode([i]), json_float(lp))
+                out.setdefault(self.ctx.tokenizer.token_text(i), json_float(lp))
         out[text] = json_float(logprob)  # last when it is not among the best (or its text is an alternative's)
         return out
 

@@ -83,7 +83,7 @@ def token_json(ctx: ServerContext, tid: int, text: str, logprob: float | None, s
 def top_json(ctx: ServerContext, ev: TokenEvent) -> list[dict[str, Any]]:
     """TGI top_tokens of one step: alternatives with their own decoded text."""
     tok = ctx.tokenizer
-    return [token_json(ctx, i, tok.decode([i]), lp, i in ctx.engine.special_ids) for i, lp in ev.top]
+    return [token_json(ctx, i, tok.token_text(i), lp, i in ctx.engine.special_ids) for i, lp in ev.top]
 
 
 def details_json(
@@ -100,7 +100,7 @@ def details_json(
     if p.decoder_input_details and prompt is not None:
         lps = [None, *prompt.logprobs]
         prefill = [
-            {"id": i, "text": tok.decode([i]), "logprob": json_float(lp)}
+            {"id": i, "text": tok.token_text(i), "logprob": json_float(lp)}
             for i, lp in zip(req.prompt_ids, lps, strict=True)
         ]
     d: dict[str, Any] = {

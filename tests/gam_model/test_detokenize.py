@@ -94,3 +94,12 @@ def test_rust_step_equals_the_reference_token_for_token(make, seed):
                 assert [fast.add(i) for i in ids[:cut]] == [ref.add(i) for i in ids[:cut]]
                 assert fast.flush() == ref.flush()
                 assert fast.text == ref.text
+
+
+@pytest.mark.parametrize("make", [byte_bpe, whitespace_bpe])
+def test_token_text_is_the_token_decoded_alone(make):
+    tok = make()
+    ids = list(range(tok.vocab_size))
+    random.Random(0).shuffle(ids)
+    for i in ids + ids[:50]:  # the second time from the memo
+        assert tok.token_text(i) == tok.decode([i])

@@ -12,6 +12,7 @@ import torch
 
 from gam_model.checkpoint import load_checkpoint
 from gam_model.scoring import token_logprobs
+from server.routes import openai as openai_routes
 from tests.server.conftest import app_client
 
 MODEL = "tiny-gam"
@@ -62,6 +63,41 @@ async def test_prompt_list_n_echo_logprobs(client: httpx.AsyncClient) -> None:
     assert all(x is not None and x <= 0 for x in lp["token_logprobs"][1:])
     assert all(1 <= len(alts) <= 3 for alts in lp["top_logprobs"][1:])  # the top 2 and the token itself
     assert data["usage"]["completion_tokens"] == 16
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_n_choices_echo_one_prompt_built_once(client: httpx.AsyncClient, monkeypatch, stream: bool) -> None:
+    """The n choices of a prompt echo the same logprob entries, built once per prompt (not once per choice on the
+    event loop: 0.1 s a choice for an 8,000-token prompt)."""
+    built: list[int] = []
+    real = openai_routes.LogprobsBuilder._prompt
+
+    def counted(self, ids, prompt):
+        built.append(len(ids))
+        return real(self, ids, prompt)
+
+    monkeypatch.setattr(openai_routes.LogprobsBuilder, "_prompt", counted)
+    body = {"model": MODEL, "prompt": ["The game was", "In the city of"], "n": 3, "max_tokens": 3, "echo": True,
+            "logprobs": 2, "temperature": 1.0, "seed": 5, "stream": stream}  # fmt: skip
+    r = await client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    if stream:
+        chunks = [json.loads(p) for p in sse_payloads(r.text)[:-1]]
+        echoes: dict[int, dict] = {}
+        for c in chunks:
+            for choice in c["choices"]:
+                echoes.setdefault(choice["index"], choice["logprobs"])
+        prompt_parts = [echoes[k] for k in range(6)]  # each choice's first chunk is its echo
+    else:
+        choices = sorted(r.json()["choices"], key=lambda c: c["index"])
+        n_prompt = [len(c["logprobs"]["tokens"]) - 3 for c in choices]
+        prompt_parts = [
+            {key: c["logprobs"][key][:m] for key in c["logprobs"]} for c, m in zip(choices, n_prompt, strict=True)
+        ]
+    assert len(built) == 2  # one per prompt
+    assert prompt_parts[0] == prompt_parts[1] == prompt_parts[2] != prompt_parts[3]
+    assert prompt_parts[3] == prompt_parts[4] == prompt_parts[5]
+    assert prompt_parts[0]["token_logprobs"][0] is None and prompt_parts[0]["token_logprobs"][1] is not None
 
 
 async def test_token_id_prompt(client: httpx.AsyncClient) -> None:
