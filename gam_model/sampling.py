@@ -41,7 +41,7 @@ from torch import Tensor
 from gam_model.device import to_device
 
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes up to 2**64-1; JSON clients are safer below 2**63
-F32_TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32 (a Python float)
+F32_MIN = 2.0**-149  # the smallest positive float32 (subnormal)
 TIE_ROOM = 16  # top_n_ranked: entries past the n that a tie at the n-th value may take before whole rows are ranked
 
 
@@ -370,8 +370,8 @@ def sample(logits: Tensor, rows: list[SequenceSampler]) -> SampleOutput:
     logits = apply_penalties(logits.float(), rows)  # (B, V)
     greedy = [r.params.greedy for r in rows]
     # the clamp keeps a temperature below float32's range (1e-300 is 0 in float32) from dividing the max by 0 (0 / 0
-    # is NaN): the smallest normal float32 stands in for it
-    temps = [1.0 if g else max(float(r.params.temperature), F32_TINY) for g, r in zip(greedy, rows, strict=True)]
+    # is NaN): the smallest positive float32 stands in for it; one float32 holds (1e-39, subnormal) is kept
+    temps = [1.0 if g else max(float(r.params.temperature), F32_MIN) for g, r in zip(greedy, rows, strict=True)]
     # shifted by the row max first (softmax is shift-invariant): a tiny temperature then sends the other logits to
     # -inf, never the best one to +inf (l / 1e-39 overflows, and softmax of +inf is NaN)
     scaled = logits - logits.amax(dim=-1, keepdim=True)  # (B, V), max 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,7 +66,10 @@ def parse_line(api: str, line: str) -> Event | None:
     try:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError:
-        return Event("error", error="stream:bad_json")
+        try:  # what orjson refuses but Python's json takes (NaN, -Infinity, "\\ud800" from a server in Python)
+            obj = json.loads(data)
+        except (ValueError, RecursionError):
+            return Event("error", error="stream:bad_json")
     if not isinstance(obj, dict):
         return Event("error", error="stream:bad_json")
     if "error" in obj:

@@ -32,6 +32,8 @@ def run(main: Coroutine[Any, Any, T]) -> T:
         import uvloop
     except ImportError:
         return asyncio.run(main)
+    if not hasattr(asyncio, "Runner"):  # Python 3.10 (supported): asyncio's own loop
+        return asyncio.run(main)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(main)
 

@@ -136,11 +136,14 @@ def logit_bias(ctx: ServerContext, raw: dict[str, float] | None) -> dict[int, fl
         # ASCII digits only: int() also takes "+5", " 5", "5_0" and other scripts' digits ("\u0665"), no token ids
         if not (key.isascii() and key.isdigit()):
             raise ApiError(400, f"logit_bias keys must be token ids, got {key!r}", param="logit_bias")
-        tid = int(key)
-        if not 0 <= tid < ctx.model_config.vocab_size:
+        vocab = ctx.model_config.vocab_size
+        # more digits than the vocabulary's ids have is out of it, unconverted: int() refuses over 4,300 (a 500)
+        digits = key.lstrip("0") or "0"
+        tid = int(digits) if len(digits) <= len(str(vocab)) else vocab
+        if not 0 <= tid < vocab:
             raise ApiError(
                 400,
-                f"logit_bias token id {tid} is outside the vocabulary [0, {ctx.model_config.vocab_size})",
+                f"logit_bias token id {key} is outside the vocabulary [0, {vocab})",
                 param="logit_bias",
             )
         out[tid] = b

@@ -216,6 +216,19 @@ def test_a_tiny_temperature_samples_the_argmax(temperature: float, warper: dict)
     assert out.top_ids[:, 0].tolist() == out.tokens.tolist() and bool((out.top_logprobs[:, 1] < -1e20).all())
 
 
+@pytest.mark.parametrize("temperature", [1e-39, 1e-42, 1e-45])
+def test_a_subnormal_temperature_is_divided_by_as_it_is(temperature: float):
+    """A temperature float32 holds only as a subnormal (1e-39, 1e-45: not 0) is the row's temperature, as any other:
+    the clamp for those that are 0 in float32 must not raise it to the smallest normal float32 (1.2e-38), which
+    reported finite logprobs near -1e38 for alternatives whose logit / temperature is -inf."""
+    logits = logits_batch(2, seed=15)
+    out = sample(logits, rows_for([SamplingParams(temperature=temperature, seed=s, top_n_tokens=5) for s in range(2)]))
+    t = torch.tensor(temperature)  # float32, > 0
+    assert t > 0
+    ref = ((logits - logits.amax(-1, keepdim=True)) / t).log_softmax(-1)
+    assert torch.equal(out.top_logprobs, ref.gather(1, out.top_ids))
+
+
 @pytest.mark.parametrize("penalty", [1e-300, 1e-40])
 def test_a_tiny_repetition_penalty_picks_a_seen_token(penalty: float):
     """A repetition penalty -> 0 boosts the seen tokens with a positive logit without bound: one of them is chosen,

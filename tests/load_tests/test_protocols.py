@@ -36,6 +36,18 @@ def test_openai_events() -> None:
     assert protocols.parse_line("openai", "data: {not json").error == "stream:bad_json"
 
 
+def test_what_python_json_takes_is_parsed_as_before() -> None:
+    """The data Python's json.loads read (a server written in Python: NaN and -Infinity logprobs, a lone surrogate
+    escaped) are still events, not bad JSON; nesting too deep for it is bad JSON, not a RecursionError."""
+    for extra in (', "logprob": -Infinity', ', "logprob": NaN', ', "special": false, "raw": "\\ud800"'):
+        ev = protocols.parse_line("tgi", 'data: {"token": {"id": 5, "text": " a"' + extra + "}}")
+        assert (ev.kind, ev.text) == ("token", " a"), extra
+    ev = protocols.parse_line("openai", 'data: {"choices": [{"text": " b", "logprobs": {"token_logprobs": [NaN]}}]}')
+    assert (ev.kind, ev.text) == ("token", " b")
+    assert protocols.parse_line("tgi", "data: " + "[" * 100_000 + "]" * 100_000).error == "stream:bad_json"
+    assert protocols.parse_line("openai", "data: \ufeff{}").error == "stream:bad_json"  # a BOM, as json.loads
+
+
 def test_bodies() -> None:
     b = protocols.body("tgi", "hi", 12)
     assert b == {"inputs": "hi", "parameters": {"max_new_tokens": 12, "details": True}, "stream": True}

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+from load_tests import runner
 from load_tests.cli import main
 from load_tests.metrics import summarize
 from load_tests.runner import LoadConfig, intervals, run_load
@@ -242,3 +243,15 @@ def test_cli_burst_calibrates_then_runs_at_a_multiple(scripted, tmp_path) -> Non
     cap = doc["calibration"]["capacity_req_per_s"]
     assert cap > 0 and doc["config"]["rate"] == pytest.approx(4 * cap)
     assert doc["config"]["burstiness"] == 0.5
+
+
+def test_run_works_without_asyncio_runner(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`run` (every load generator and bench entry point) works on Python 3.10, which the project supports
+    (requires-python >= 3.10) and whose asyncio has no Runner, with uvloop installed (uvicorn[standard] brings it)."""
+    monkeypatch.delattr(asyncio, "Runner")
+
+    async def answer() -> int:
+        await asyncio.sleep(0)
+        return 42
+
+    assert runner.run(answer()) == 42
