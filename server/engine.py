@@ -186,9 +186,10 @@ class RequestHandle:
         if self._ready:
             self._engine._due(sink)
 
-    def take(self) -> list[Event]:
-        """The events due now (RequestHandle.batches' lists), or [] if none are due yet."""
-        if not self._ready:
+    def take(self, waiting: bool = False) -> list[Event]:
+        """The events due now (RequestHandle.batches' lists), or [] if none are due yet; `waiting`: also those that
+        wait for --stream-interval (the stream ends now)."""
+        if not self._ready and not waiting:
             return []
         self._ready = False
         batch = list(self._events)

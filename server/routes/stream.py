@@ -138,15 +138,19 @@ class EventStream(Response):
         out: list[bytes] = []
         ok, last = True, False
         try:
-            for k, h in enumerate(self.handles):
-                for ev in h.take():
-                    if not self._render(k, ev, out):
-                        ok = False
-                        break
+            batches = [h.take() for h in self.handles]
+            # an error ends the whole stream: first every choice's tokens that came before it, also those still
+            # waiting for --stream-interval (at k = 1 they went out as they came), then the (first) error event
+            errors = [(k, b.pop()) for k, b in enumerate(batches) if b and isinstance(b[-1], ErrorEvent)]
+            if errors:
+                batches = [b or h.take(waiting=True) for h, b in zip(self.handles, batches, strict=True)]
+            for k, batch in enumerate(batches):
+                for ev in batch:
+                    self._render(k, ev, out)  # tokens and normal ends: rendered, never the end of the stream
                     if is_last(ev):
                         self._open -= 1
-                if not ok:
-                    break
+            if errors:
+                ok = self._render(*errors[0], out)
             last = not ok or self._open == 0
             if last and self._tail is not None:
                 out.append(self._tail(ok))

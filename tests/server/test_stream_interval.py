@@ -69,3 +69,23 @@ async def test_interval_groups_writes_and_keeps_every_event(make_settings, k: in
         # a whole answer is unchanged by the interval
         r = await client.post("/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": N}})
         assert r.json()["generated_text"] == "".join(e["token"]["text"] for e in ref_tgi)
+
+
+async def test_an_error_mid_stream_keeps_every_choices_tokens_before_it(make_settings) -> None:
+    """Two choices, and the 4th decode step fails (both end with the error event): with k = 4 the tokens each choice
+    had waiting for its next write (fewer than k) still go out before the error, as they did one by one at k = 1.
+    (Before, the first choice's error ended the stream and the other's waiting tokens were dropped.)"""
+    body = {"model": "tiny-gam", "prompt": PROMPT, "max_tokens": N, "temperature": 0, "stream": True, "n": 2}
+
+    def texts(chunks: list[dict]) -> list[tuple[int, str]]:
+        return sorted((c["choices"][0]["index"], c["choices"][0]["text"]) for c in chunks if "choices" in c)
+
+    out = {}
+    for k in (1, 4):
+        async with app_client(make_settings(stream_interval=k, fault_injection="step:4")) as (app, _):
+            writes = await sse_writes(app, "/v1/completions", body)
+        chunks = [json.loads(d) for w in writes for d in w if d != "[DONE]"]
+        assert "injected" in chunks[-1]["error"]["message"]
+        out[k] = texts(chunks), [c["choices"][0]["index"] for c in chunks[:-1]].count(1)
+    assert out[1][1] == 4  # the prefill token and 3 steps of choice 1 came before the error
+    assert out[4] == out[1]
