@@ -62,7 +62,6 @@ class DrainingServer(uvicorn.Server):
             super().handle_exit(sig, frame)
             return
         self._draining = True
-        self._exit_signal = (sig, frame)
         # the core ends what still runs at the grace; past it (and a margin) stop waiting whatever the counts say
         self._drain_until = time.monotonic() + engine.settings.shutdown_grace + 5.0
         engine.drain()
@@ -74,7 +73,11 @@ class DrainingServer(uvicorn.Server):
             self.engine_crashed = self.should_exit = True
         drained = engine is None or engine.idle or time.monotonic() > self._drain_until
         if self._draining and not self.should_exit and drained:
-            super().handle_exit(*self._exit_signal)
+            # stop as uvicorn's own handler would, but without recording the signal: uvicorn re-raises the signals
+            # it recorded once it has stopped, and the process would die of its SIGTERM (status 143) after a
+            # completed drain, where N frontends' supervisor exits 0. A drained server exits 0; a second signal
+            # (the rest of the drain skipped) still goes to uvicorn's handler and ends the process by that signal
+            self.should_exit = True
         return await super().on_tick(counter)
 
     def _engine(self) -> Engine | None:
