@@ -219,12 +219,20 @@ async def _gather(handle: RequestHandle) -> Collected:
 async def collect(request: Request, handles: list[RequestHandle]) -> list[Collected]:
     """Wait for whole generations, cancelling them if the client disconnects; an error event raises ApiError."""
     watcher = asyncio.create_task(watch_disconnect(request, handles))
+    gatherers = [asyncio.ensure_future(_gather(h)) for h in handles]
     try:
-        return list(await asyncio.gather(*(_gather(h) for h in handles)))
+        return list(await asyncio.gather(*gatherers))
     finally:
         watcher.cancel()
         for h in handles:
             h.cancel()  # no-op once finished
+        # when one choice failed, gather raised its error and left the others waiting for events that no longer
+        # come (their requests are cancelled): end them, and take the errors of those that failed too
+        for g in gatherers:
+            if not g.done():
+                g.cancel()
+            elif not g.cancelled():
+                g.exception()
 
 
 def sse(data: Any) -> bytes:

@@ -16,7 +16,7 @@ import pytest
 from gam_model.sampling import SamplingParams
 from load_tests.runner import LoadConfig
 from load_tests.soak import soak
-from server.engine import ErrorEvent, GenerationRequest
+from server.engine import ErrorEvent, GenerationRequest, RequestHandle
 from tests.server.conftest import LiveServer, app_client
 from tests.server.test_bad_inputs import check_shape
 
@@ -235,6 +235,35 @@ async def test_failed_step_mid_openai_stream_sends_error_then_done(make_settings
         assert err["error"]["type"] == "server_error" and "injected" in err["error"]["message"]
         assert [json.loads(d)["choices"][0]["index"] for d in data[:-2]] == [0, 0]  # prefill token, step 1
         assert (await client.get("/health")).status_code == 200
+
+
+async def test_one_choice_failing_leaves_no_waiting_gatherer(make_settings, monkeypatch) -> None:
+    """A whole (non-streamed) answer of 2 choices where only the second fails (its token handling raises): the call
+    answers 500 and the first choice is cancelled, and nothing is left waiting for its events. Before, the first
+    choice's gatherer stayed pending for good (asyncio.gather does not cancel the others when one raises): a task
+    and its handle per such call, until the garbage collector destroyed it with "Task was destroyed but it is
+    pending!"."""
+    token = RequestHandle._token
+
+    def failing(self: RequestHandle, *args: object) -> object:
+        if self.id & 0xFFFF == 2 and self._generated == 1:
+            raise RuntimeError("boom")
+        return token(self, *args)
+
+    monkeypatch.setattr(RequestHandle, "_token", failing)
+    async with app_client(make_settings(max_new_tokens=10**6)) as (app, client):
+        body = {"model": MODEL, "prompt": "The game", "max_tokens": 10**5, "n": 2}
+        r = await client.post("/v1/completions", json=body)
+        assert r.status_code == 500 and "boom" in r.text
+
+        def gatherers() -> list[asyncio.Task]:
+            return [t for t in asyncio.all_tasks() if getattr(t.get_coro(), "__qualname__", "") == "_gather"]
+
+        deadline = asyncio.get_running_loop().time() + 10
+        while gatherers():
+            assert asyncio.get_running_loop().time() < deadline, gatherers()
+            await asyncio.sleep(0.01)
+        assert not app.state.engine._handles
 
 
 # -- overload --------------------------------------------------------------------------------------------------
