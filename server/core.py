@@ -216,17 +216,18 @@ class EngineCore:
         else:
             self._out.replies.append(Reply(frontend, token, type(error).__name__, str(error)))
 
-    def cancel(self, ids: list[int]) -> None:
-        """The frontend dropped these requests (client gone): free their slots now; no event goes back."""
+    def cancel(self, ids: list[int], reason: str = "cancelled") -> None:
+        """The frontend dropped these requests (client gone; `reason` "error": the frontend failed them): free their
+        slots now; no event goes back."""
         gone = set(ids)
         for r in [r for r in self._waiting if r.id in gone]:
             self._waiting.remove(r)
-            self._end_request(r, "cancelled", 0)
+            self._end_request(r, reason, 0)
         for r in [r for r in self._scoring if r.id in gone]:
             self._scoring.remove(r)
-            self._end_request(r, "cancelled", 0)
+            self._end_request(r, reason, 0)
         for i in gone & self._running.keys():
-            self._end_request(self._running.pop(i), "cancelled", self.batch.remove(i))
+            self._end_request(self._running.pop(i), reason, self.batch.remove(i))
 
     def drain(self, grace: float | None = None) -> None:
         """Stop admitting new requests; requests still running after `grace` seconds are ended (calling it again

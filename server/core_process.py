@@ -212,7 +212,7 @@ class CoreServer:
                 self.core.reply(msg.frontend, msg.token, e)
             return True
         if isinstance(msg, p.Cancel):
-            self.core.cancel(msg.ids)
+            self.core.cancel(msg.ids, "error" if msg.failed else "cancelled")
             return True
         if isinstance(msg, p.Hello):
             self.frontends[msg.frontend] = ident

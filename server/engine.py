@@ -507,9 +507,10 @@ class Engine:
             raise EngineUnavailable("could not reach the engine core")
         return fut
 
-    def _cancel(self, h: RequestHandle) -> None:
+    def _cancel(self, h: RequestHandle, failed: bool = False) -> None:
+        """Drop h here and in the core (`failed`: this frontend ended it with an error, which the core counts)."""
         if self._handles.pop(h.id, None) is not None and self.alive:
-            self._send(p.Cancel([h.id]))
+            self._send(p.Cancel([h.id], failed))
 
     def _send(self, msg: p.ToCore) -> bool:
         """Queue msg for the core; False if it could not be (an answer to it would never come)."""
@@ -606,7 +607,7 @@ class Engine:
                 except Exception as e:  # this request's text step failed: end it alone
                     log.exception("request %d: token handling failed", rid)
                     ev, fin = ErrorEvent(f"token handling failed: {e}"), None
-                    self._cancel(h)
+                    self._cancel(h, failed=True)
                 if fin is not None:
                     del handles[rid]
                 h._put(ev)

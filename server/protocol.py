@@ -60,6 +60,7 @@ class Submit(msgspec.Struct, tag=True):
 
 class Cancel(msgspec.Struct, tag=True):
     ids: list[int]
+    failed: bool = False  # the frontend ended them with an error (counted as such), not their clients
 
 
 class Drain(msgspec.Struct, tag=True):

@@ -237,12 +237,8 @@ async def test_failed_step_mid_openai_stream_sends_error_then_done(make_settings
         assert (await client.get("/health")).status_code == 200
 
 
-async def test_one_choice_failing_leaves_no_waiting_gatherer(make_settings, monkeypatch) -> None:
-    """A whole (non-streamed) answer of 2 choices where only the second fails (its token handling raises): the call
-    answers 500 and the first choice is cancelled, and nothing is left waiting for its events. Before, the first
-    choice's gatherer stayed pending for good (asyncio.gather does not cancel the others when one raises): a task
-    and its handle per such call, until the garbage collector destroyed it with "Task was destroyed but it is
-    pending!"."""
+def fail_second_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The token handling (the frontend's text step) of request 2, the second choice of the first call, raises."""
     token = RequestHandle._token
 
     def failing(self: RequestHandle, *args: object) -> object:
@@ -251,6 +247,30 @@ async def test_one_choice_failing_leaves_no_waiting_gatherer(make_settings, monk
         return token(self, *args)
 
     monkeypatch.setattr(RequestHandle, "_token", failing)
+
+
+async def test_a_request_the_frontend_failed_counts_as_an_error(make_settings, monkeypatch) -> None:
+    """The client got a 500 for the choice whose token handling failed: /metrics, read after the answer, counts that
+    choice as an error and the other (ended with the call) as cancelled. Before, both counted as cancelled (the
+    frontend's Cancel did not say why)."""
+    fail_second_choice(monkeypatch)
+    async with app_client(make_settings(max_new_tokens=10**6)) as (_, client):
+        body = {"model": MODEL, "prompt": "The game", "max_tokens": 10**5, "n": 2}
+        r = await client.post("/v1/completions", json=body)
+        assert r.status_code == 500 and "boom" in r.text
+        metrics = (await client.get("/metrics")).text
+        assert 'gam_requests_total{endpoint="completions",finish_reason="error"} 1.0' in metrics
+        assert 'gam_requests_total{endpoint="completions",finish_reason="cancelled"} 1.0' in metrics
+        assert "gam_requests_running 0.0" in metrics
+
+
+async def test_one_choice_failing_leaves_no_waiting_gatherer(make_settings, monkeypatch) -> None:
+    """A whole (non-streamed) answer of 2 choices where only the second fails (its token handling raises): the call
+    answers 500 and the first choice is cancelled, and nothing is left waiting for its events. Before, the first
+    choice's gatherer stayed pending for good (asyncio.gather does not cancel the others when one raises): a task
+    and its handle per such call, until the garbage collector destroyed it with "Task was destroyed but it is
+    pending!"."""
+    fail_second_choice(monkeypatch)
     async with app_client(make_settings(max_new_tokens=10**6)) as (app, client):
         body = {"model": MODEL, "prompt": "The game", "max_tokens": 10**5, "n": 2}
         r = await client.post("/v1/completions", json=body)
