@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+from typing import Any
 
 import httpx
 import pytest
@@ -241,7 +242,7 @@ def fail_second_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     """The token handling (the frontend's text step) of request 2, the second choice of the first call, raises."""
     token = RequestHandle._token
 
-    def failing(self: RequestHandle, *args: object) -> object:
+    def failing(self: RequestHandle, *args: Any) -> Any:
         if self.id & 0xFFFF == 2 and self._generated == 1:
             raise RuntimeError("boom")
         return token(self, *args)
