@@ -208,6 +208,7 @@ class EngineCore:
                 f"{len(requests)} more do not fit now"
             )
         self._waiting.extend(_Req(i, r, arrival, deadline) for i, r in zip(ids, requests, strict=True))
+        self._next_deadline = min(self._next_deadline, deadline)  # a queued request ends at its deadline too
 
     def reply(self, frontend: int, token: int, error: BaseException | None) -> None:
         """Answer a Submit (with the exception it raised, if any)."""
@@ -396,8 +397,18 @@ class EngineCore:
         return scored
 
     def _expire(self, now: float) -> None:
-        """End the admitted requests past their deadline; the next deadline to look at again."""
+        """End the requests past their deadline, queued or admitted; the next deadline to look at again."""
         nxt = float("inf")
+        if any(now >= r.deadline for r in self._waiting):  # the queue ahead of them may be slow: not only at admission
+            kept: collections.deque[_Req] = collections.deque()
+            for r in self._waiting:
+                if now >= r.deadline:
+                    self._fail(r, f"request timed out after {now - r.arrival:.1f}s in the queue", 504, "timeout", 0)
+                else:
+                    kept.append(r)
+            self._waiting = kept
+        for r in self._waiting:
+            nxt = min(nxt, r.deadline)
         for r in self._scoring + list(self._running.values()):
             if now >= r.deadline:
                 msg = f"request timed out after {now - r.arrival:.1f}s"
