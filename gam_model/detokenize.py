@@ -32,7 +32,9 @@ class ReferenceDetokenizer:
         self.ids: list[int] = context  # decoded window source: prompt context + generated ids
         self.prefix_offset = 0  # start of the window decoded as the prefix
         self.read_offset = len(context)  # end of the text already emitted
-        self._text = ""  # all text emitted so far
+        self.chars = (
+            0  # characters emitted so far (the text itself is the caller's: kept here it cost a copy per token)
+        )
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
@@ -54,7 +56,7 @@ class ReferenceDetokenizer:
             del self.ids[: self.prefix_offset]
             self.read_offset -= self.prefix_offset
             self.prefix_offset = 0
-        self._text += new
+        self.chars += len(new)
         return new
 
     def flush(self) -> str:
@@ -65,13 +67,8 @@ class ReferenceDetokenizer:
         full = self._decode(self.ids[self.prefix_offset :])
         new = full[len(prefix) :] if len(full) > len(prefix) else ""
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        self._text += new
+        self.chars += len(new)
         return new
-
-    @property
-    def text(self) -> str:
-        """All text emitted so far."""
-        return self._text
 
 
 class IncrementalDetokenizer(ReferenceDetokenizer):
@@ -98,6 +95,6 @@ class IncrementalDetokenizer(ReferenceDetokenizer):
         if new:  # mirror the stream's window (ReferenceDetokenizer._emit, inline: once per token)
             del ids[: self.read_offset]
             self.prefix_offset, self.read_offset = 0, len(ids)
-            self._text += new
+            self.chars += len(new)
             return new
         return ""

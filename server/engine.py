@@ -132,12 +132,18 @@ class Sink(Protocol):
 class RequestHandle:
     """The handler's side of a submitted request: an async stream of events and a cancel switch."""
 
-    def __init__(self, request_id: int, request: GenerationRequest, engine: Engine, wake_every: int = 1) -> None:
+    def __init__(
+        self, request_id: int, request: GenerationRequest, engine: Engine, wake_every: int = 1, wake_after: float = 0.0
+    ) -> None:
         self.id = request_id
         self.request = request
         # when an event wakes the handler: 0 = only the last (a whole answer is built at the end); k = the first
-        # token, then once k events wait, and the last (--stream-interval k for streams)
+        # token, then once k events wait, and the last (--stream-interval k for streams); with k, wake_after > 0:
+        # also once the oldest waiting event has waited that many seconds, as of a later step's arrival
+        # (--stream-interval-ms)
         self.wake_every = wake_every
+        self.wake_after = wake_after
+        self._since = 0.0  # when the oldest waiting event came (Engine.now of its step)
         self.cancelled = False
         self.done = False  # its last event is queued
         self._engine = engine
@@ -165,13 +171,19 @@ class RequestHandle:
             self._put(ErrorEvent(message, 499, "cancelled"))
 
     def _put(self, ev: Event) -> None:
-        last = is_last(ev)
+        last = ev.finish is not None if type(ev) is TokenEvent else is_last(ev)  # is_last, the per-token case inline
         if last:
             self.done = True
         events = self._events
         events.append(ev)
-        k = self.wake_every
-        if last or (k and (len(events) >= k or self._generated <= 1)):
+        k, n = self.wake_every, len(events)
+        if n == 1:
+            self._since = self._engine.now
+        if (
+            last
+            or (k and (n >= k or self._generated <= 1))
+            or (self.wake_after and k and self._engine.now - self._since >= self.wake_after)
+        ):
             self._ready = True
             if self._sink is not None:
                 self._engine._due(self._sink)
@@ -318,6 +330,8 @@ class Engine:
         self._exited: asyncio.Future[None] | None = None
         self._sinks: dict[Sink, None] = {}  # sinks with due events, in order (a dict as an ordered set)
         self._flush_soon = False  # a _flush is scheduled on the loop
+        self.now = 0.0  # time.monotonic() when the core's message being handled came (once per message, not per token)
+        self._dispatching = False  # in _dispatch, which flushes at its end
 
     # -- lifetime ------------------------------------------------------------------------------------------
     async def start(self) -> p.Facts:
@@ -469,9 +483,9 @@ class Engine:
             r.validate()
         arrival = time.monotonic()
         deadline = arrival + (self.request_timeout if timeout is None else timeout)
-        wake = self.settings.stream_interval if stream else 0
+        wake, after = (self.settings.stream_interval, self.settings.stream_interval_ms / 1e3) if stream else (0, 0.0)
         handles = [
-            RequestHandle((self.frontend << p.FRONTEND_SHIFT) | next(self._ids), r, self, wake) for r in requests
+            RequestHandle((self.frontend << p.FRONTEND_SHIFT) | next(self._ids), r, self, wake, after) for r in requests
         ]
         token = next(self._tokens)
         for h in handles:
@@ -570,7 +584,7 @@ class Engine:
     def _due(self, sink: Sink) -> None:
         """Sink has due events: it gets them at the end of this step's dispatch, or at the loop's next turn."""
         self._sinks[sink] = None
-        if not self._flush_soon:
+        if not self._flush_soon and not self._dispatching:
             self._flush_soon = True
             asyncio.get_running_loop().call_soon(self._flush)
 
@@ -587,14 +601,24 @@ class Engine:
 
     def _dispatch(self, out: p.CoreOutput) -> None:
         """One core message: replies, then each row's token event, then scores and errors (one wake-up each)."""
+        self._dispatching = True  # the sinks made due here are flushed at the end, not scheduled one by one
+        self.now = time.monotonic()
+        try:
+            self._dispatch_rows(out)
+        finally:
+            self._dispatching = False
+            self._flush()
+
+    def _dispatch_rows(self, out: p.CoreOutput) -> None:
         for rep in out.replies:
             self._answer(rep.token, (rep.error, rep.message))
         handles = self._handles
         if out.ids:
             ids, tokens, logprobs = out.columns()
             finished, top, prompts = out.finished, out.top, out.prompts
+            get = handles.get
             for row, rid in enumerate(ids):
-                h = handles.get(rid)
+                h = get(rid)
                 if h is None:  # cancelled here already
                     continue
                 fin = finished.get(row) if finished else None
@@ -624,7 +648,6 @@ class Engine:
                         err.status, err.kind, err.message)  # fmt: skip
                 h._put(ErrorEvent(err.message, err.status, err.kind))
         self.num_running, self.num_waiting, self.free_slots = out.running, out.waiting, out.free_slots
-        self._flush()
 
     def _on_exit(self) -> None:
         """The core process ended: fail what is in flight, turn unhealthy, let the CLI stop the server."""

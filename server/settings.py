@@ -54,6 +54,13 @@ class Settings(BaseSettings):
     stream_interval: int = Field(
         1, ge=1, le=1024, description="streamed tokens per write after the first (1: each token as it is made)"
     )
+    stream_interval_ms: float = Field(
+        0.0,
+        ge=0,
+        le=60_000,
+        description="with --stream-interval > 1: also write a stream's waiting tokens once the oldest has waited this"
+        " many ms, as of the next step (0: by count only)",
+    )
     request_timeout: float = Field(300.0, gt=0, description="seconds from arrival until a request is ended")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest accepted request body; past it: 413")
     api_key: SecretStr | None = Field(None, description="bearer token required on all but /health and /metrics")

@@ -57,6 +57,7 @@ async def info(ctx: Ctx) -> dict[str, Any]:
         "deterministic": s.deterministic,
         "overlap": ctx.facts.overlap,
         "stream_interval": s.stream_interval,
+        "stream_interval_ms": s.stream_interval_ms,
         "max_client_batch_size": 1,
         "validation_workers": 1,
         "router": "gam-serve",

@@ -184,7 +184,7 @@ class LogprobsBuilder:
         detok = IncrementalDetokenizer(tok)
         last = len(ids) - 1
         for j, i in enumerate(ids):
-            out["text_offset"].append(len(detok.text))
+            out["text_offset"].append(detok.chars)
             text = detok.add(i) + (detok.flush() if j == last else "")
             out["tokens"].append(text)
             if prompt is None or j == 0:

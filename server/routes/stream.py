@@ -137,20 +137,21 @@ class EventStream(Response):
             return
         out: list[bytes] = []
         ok, last = True, False
+        render = self._render
         try:
             batches = [h.take() for h in self.handles]
             # an error ends the whole stream: first every choice's tokens that came before it, also those still
             # waiting for --stream-interval (at k = 1 they went out as they came), then the (first) error event
-            errors = [(k, b.pop()) for k, b in enumerate(batches) if b and isinstance(b[-1], ErrorEvent)]
+            errors = [(k, b.pop()) for k, b in enumerate(batches) if b and type(b[-1]) is ErrorEvent]
             if errors:
                 batches = [b or h.take(waiting=True) for h, b in zip(self.handles, batches, strict=True)]
             for k, batch in enumerate(batches):
                 for ev in batch:
-                    self._render(k, ev, out)  # tokens and normal ends: rendered, never the end of the stream
-                    if is_last(ev):
-                        self._open -= 1
+                    render(k, ev, out)  # tokens and normal ends: rendered, never the end of the stream
+                if batch and is_last(batch[-1]):  # its last event (errors were popped above): once per batch
+                    self._open -= 1
             if errors:
-                ok = self._render(*errors[0], out)
+                ok = render(*errors[0], out)
             last = not ok or self._open == 0
             if last and self._tail is not None:
                 out.append(self._tail(ok))
@@ -158,13 +159,13 @@ class EventStream(Response):
             log.exception("rendering a stream's events failed: ending it with an error event")
             last = True
             try:  # the API's own error event (and its end, e.g. OpenAI's [DONE]), so the client sees why it ended
-                self._render(0, ErrorEvent("internal error while rendering the answer"), out)
+                render(0, ErrorEvent("internal error while rendering the answer"), out)
                 if self._tail is not None:
                     out.append(self._tail(False))
             except Exception:
                 log.exception("rendering the error event failed too")
         if out or last:
-            self._write(b"".join(out), more=not last)
+            self._write(out[0] if len(out) == 1 else b"".join(out), more=not last)
         if last:
             self._cancel()  # the others, after an error
 

@@ -9,6 +9,9 @@ import json
 import pytest
 from starlette.types import ASGIApp
 
+from gam_model.sampling import SamplingParams
+from server.engine import Engine, GenerationRequest, RequestHandle, TokenEvent
+from tests.gam_model.tokenizers_for_tests import byte_bpe
 from tests.server.conftest import SlowClient, app_client
 
 PROMPT = "The game was"
@@ -89,3 +92,35 @@ async def test_an_error_mid_stream_keeps_every_choices_tokens_before_it(make_set
         out[k] = texts(chunks), [c["choices"][0]["index"] for c in chunks[:-1]].count(1)
     assert out[1][1] == 4  # the prefill token and 3 steps of choice 1 came before the error
     assert out[4] == out[1]
+
+
+def test_interval_ms_writes_once_the_oldest_waiting_token_has_waited_that_long(make_settings) -> None:
+    """--stream-interval 1024 --stream-interval-ms 50: the first token at once; later ones once the oldest waiting
+    one has waited 50 ms as of a later step's arrival (the engine's clock per core message, set here by hand), or
+    at the last event; without the ms setting the same tokens wait for the count."""
+
+    def due_after_each(wake_after: float) -> list[list[int]]:
+        engine = Engine(make_settings(), byte_bpe())
+        h = RequestHandle(1, GenerationRequest([1], SamplingParams(), 100), engine, 1024, wake_after)
+        taken = []
+        for i, now in enumerate([10.0, 10.01, 10.04, 10.0601, 10.07, 10.08]):
+            engine.now = now
+            h._generated = i + 1  # as the text step counts them
+            h._put(TokenEvent(i, 5, "a", "a", -1.0, False, []))
+            taken.append([ev.index for ev in h.take() if isinstance(ev, TokenEvent)])
+        return taken
+
+    assert due_after_each(0.05) == [[0], [], [], [1, 2, 3], [], []]
+    assert due_after_each(0.0) == [[0], [], [], [], [], []]
+
+
+async def test_interval_ms_keeps_every_event(make_settings) -> None:
+    async with app_client(make_settings()) as (app, client):
+        ref_tgi = tgi(await sse_writes(app, "/generate_stream", TGI_BODY))
+        ref_oai = openai(await sse_writes(app, "/v1/completions", OPENAI_BODY))
+    async with app_client(make_settings(stream_interval=1024, stream_interval_ms=1.0)) as (app, client):
+        info = (await client.get("/info")).json()
+        assert (info["stream_interval"], info["stream_interval_ms"]) == (1024, 1.0)
+        assert tgi(await sse_writes(app, "/generate_stream", TGI_BODY)) == ref_tgi
+        writes = await sse_writes(app, "/v1/completions", OPENAI_BODY)
+        assert openai(writes) == ref_oai and writes[-1][-1] == "[DONE]"
