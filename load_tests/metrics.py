@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -107,7 +108,7 @@ def error_kinds(records: list[RequestRecord]) -> dict[str, int]:
 def summarize(
     records: list[RequestRecord],
     duration_s: float,
-    percentiles: list[float] = (50, 90, 99),
+    percentiles: Sequence[float] = (50, 90, 99),
     slos: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Aggregate records over a benchmark that lasted duration_s seconds (wall time)."""
@@ -158,7 +159,7 @@ def timeline(records: list[RequestRecord], t0: float, bin_s: float = 1.0) -> dic
     for r in records:
         for t in r.token_times:
             tokens[min(n - 1, int((t - t0) / bin_s))] += 1
-        if r.success:
+        if r.success and r.end is not None:
             done[min(n - 1, int((r.end - t0) / bin_s))] += 1
         a = int((r.start - t0) / bin_s)
         b = int(((r.end if r.end is not None else last) - t0) / bin_s)

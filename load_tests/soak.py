@@ -15,7 +15,6 @@ import dataclasses
 import json
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,7 @@ def parse_metrics(text: str) -> ServerSample:
     """The soak-relevant values of a Prometheus text exposition."""
     running = waiting = 0.0
     rss: float | None = None
-    finished: Counter[str] = Counter()
+    finished: dict[str, float] = {}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
             if s.name == "gam_requests_running":
@@ -54,8 +53,9 @@ def parse_metrics(text: str) -> ServerSample:
             elif s.name == "process_resident_memory_bytes":
                 rss = s.value
             elif s.name == "gam_requests_total":
-                finished[s.labels["finish_reason"]] += s.value
-    return ServerSample(running, waiting, rss, dict(finished))
+                reason = s.labels["finish_reason"]
+                finished[reason] = finished.get(reason, 0.0) + s.value
+    return ServerSample(running, waiting, rss, finished)
 
 
 async def scrape(client: httpx.AsyncClient) -> ServerSample:
