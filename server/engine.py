@@ -20,6 +20,7 @@ import asyncio
 import atexit
 import collections
 import contextlib
+import heapq
 import itertools
 import logging
 import multiprocessing
@@ -27,6 +28,7 @@ import os
 import shutil
 import tempfile
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol, cast
@@ -139,11 +141,12 @@ class RequestHandle:
         self.request = request
         # when an event wakes the handler: 0 = only the last (a whole answer is built at the end); k = the first
         # token, then once k events wait, and the last (--stream-interval k for streams); with k, wake_after > 0:
-        # also once the oldest waiting event has waited that many seconds, as of a later step's arrival
-        # (--stream-interval-ms)
+        # also once the oldest waiting event has waited that many seconds (checked as a later step's events arrive,
+        # and by the engine's timer when none comes: --stream-interval-ms)
         self.wake_every = wake_every
         self.wake_after = wake_after
         self._since = 0.0  # when the oldest waiting event came (Engine.now of its step)
+        self._held = False  # in the engine's timer heap (Engine._hold)
         self.cancelled = False
         self.done = False  # its last event is queued
         self._engine = engine
@@ -191,6 +194,25 @@ class RequestHandle:
             w = self._waiter
             if w is not None and not w.done():
                 w.set_result(None)
+        elif n == 1 and self.wake_after and k and not self._held:  # it waits: also for the time, though no later
+            self._engine._hold(self)  # step comes to check it (a slow step, a stall)
+
+    def _release(self, now: float) -> float | None:
+        """The engine's timer: the waiting events are due if the oldest has waited wake_after by `now`; else when
+        they will be (None: none wait)."""
+        if not self._events or self._ready:
+            return None
+        due = self._since + self.wake_after
+        if due > now:
+            return due
+        self._ready = True
+        if self._sink is not None:
+            self._engine._due(self._sink)
+            return None
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+        return None
 
     def attach(self, sink: Sink) -> None:
         """Send due events to `sink` from now on (those already due go at the reader's next turn)."""
@@ -332,6 +354,13 @@ class Engine:
         self._flush_soon = False  # a _flush is scheduled on the loop
         self.now = 0.0  # time.monotonic() when the core's message being handled came (once per message, not per token)
         self._dispatching = False  # in _dispatch, which flushes at its end
+        # --stream-interval-ms: (when due, sequence, handle) of the streams whose events wait, at most one entry per
+        # stream (weakly: a finished one is not kept for t), and one timer for the earliest; an entry whose events
+        # went out meanwhile is dropped or moved to its newer wait's time when it comes due
+        self._held: list[tuple[float, int, weakref.ref[RequestHandle]]] = []
+        self._held_seq = itertools.count()
+        self._held_timer: asyncio.TimerHandle | None = None
+        self._held_due = 0.0  # when the timer is due (time.monotonic())
 
     # -- lifetime ------------------------------------------------------------------------------------------
     async def start(self) -> p.Facts:
@@ -444,6 +473,10 @@ class Engine:
 
     async def _close(self) -> None:
         self._unwatch()
+        if self._held_timer is not None:
+            self._held_timer.cancel()
+            self._held_timer = None
+        self._held.clear()
         if self._poller is not None:
             self._poller.cancel()
         if self._sock_fd is not None:
@@ -587,6 +620,40 @@ class Engine:
         if not self._flush_soon and not self._dispatching:
             self._flush_soon = True
             asyncio.get_running_loop().call_soon(self._flush)
+
+    def _hold(self, h: RequestHandle) -> None:
+        """h's events wait for --stream-interval: they are due once the oldest has waited h.wake_after, even when no
+        later step comes to check (a slow step, a stall); per wait, not per token."""
+        due = h._since + h.wake_after
+        h._held = True
+        heapq.heappush(self._held, (due, next(self._held_seq), weakref.ref(h)))
+        if self._held_timer is None or due < self._held_due:
+            self._arm(due)
+
+    def _arm(self, due: float) -> None:
+        if self._held_timer is not None:
+            self._held_timer.cancel()
+        self._held_due = due
+        loop = asyncio.get_running_loop()
+        # Engine.now is time.monotonic(); the loop's clock may be another (uvloop's): a delay, not a time
+        self._held_timer = loop.call_at(loop.time() + max(0.0, due - time.monotonic()), self._release_held)
+
+    def _release_held(self) -> None:
+        """The timer: every held stream whose oldest event has waited long enough gets its events now."""
+        self._held_timer = None
+        held, now = self._held, time.monotonic()
+        while held and held[0][0] <= now:
+            _, seq, ref = heapq.heappop(held)
+            h = ref()
+            if h is None:
+                continue
+            h._held = False
+            later = h._release(now)
+            if later is not None:  # its events went out meanwhile and newer ones wait
+                h._held = True
+                heapq.heappush(held, (later, seq, ref))
+        if held:
+            self._arm(held[0][0])
 
     def _flush(self) -> None:
         """Every due sink writes what its handles have (once per step: one write per stream, not per token)."""

@@ -59,7 +59,7 @@ class Settings(BaseSettings):
         ge=0,
         le=60_000,
         description="with --stream-interval > 1: also write a stream's waiting tokens once the oldest has waited this"
-        " many ms, as of the next step (0: by count only)",
+        " many ms (0: by count only)",
     )
     request_timeout: float = Field(300.0, gt=0, description="seconds from arrival until a request is ended")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest accepted request body; past it: 413")

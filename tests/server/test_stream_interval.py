@@ -4,7 +4,9 @@ are exactly those of k = 1."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
 import pytest
 from starlette.types import ASGIApp
@@ -94,10 +96,11 @@ async def test_an_error_mid_stream_keeps_every_choices_tokens_before_it(make_set
     assert out[4] == out[1]
 
 
-def test_interval_ms_writes_once_the_oldest_waiting_token_has_waited_that_long(make_settings) -> None:
+async def test_interval_ms_writes_once_the_oldest_waiting_token_has_waited_that_long(make_settings) -> None:
     """--stream-interval 1024 --stream-interval-ms 50: the first token at once; later ones once the oldest waiting
     one has waited 50 ms as of a later step's arrival (the engine's clock per core message, set here by hand), or
-    at the last event; without the ms setting the same tokens wait for the count."""
+    at the last event; without the ms setting the same tokens wait for the count. (On the loop, with no await in
+    between: the engine's timer for a stall, the next test, does not run here.)"""
 
     def due_after_each(wake_after: float) -> list[list[int]]:
         engine = Engine(make_settings(), byte_bpe())
@@ -124,3 +127,28 @@ async def test_interval_ms_keeps_every_event(make_settings) -> None:
         assert tgi(await sse_writes(app, "/generate_stream", TGI_BODY)) == ref_tgi
         writes = await sse_writes(app, "/v1/completions", OPENAI_BODY)
         assert openai(writes) == ref_oai and writes[-1][-1] == "[DONE]"
+
+
+async def test_interval_ms_writes_waiting_tokens_though_no_later_step_comes(make_settings) -> None:
+    """A stall (a slow step: another request's long prefill, a step slower than t): the token that waits goes out
+    once it has waited t ms, not only when the next step's tokens arrive (then a token waited a whole step, however
+    small t, and through a stall as long as the stall lasted)."""
+    engine = Engine(make_settings(), byte_bpe())
+    h = RequestHandle(1, GenerationRequest([1], SamplingParams(), 100), engine, 1024, 0.01)
+    delivered = asyncio.get_running_loop().create_future()
+
+    class Sink:
+        def deliver(self) -> None:
+            batch = h.take()
+            if batch and not delivered.done():
+                delivered.set_result([ev.index for ev in batch if isinstance(ev, TokenEvent)])
+
+    h.attach(Sink())
+    for i in range(2):  # the first token (at once), then one that waits; no step comes after it
+        engine.now = time.monotonic()
+        h._generated = i + 1
+        h._put(TokenEvent(i, 5, "a", "a", -1.0, False, []))
+        if i == 0:
+            assert [ev.index for ev in h.take() if isinstance(ev, TokenEvent)] == [0]
+    assert not h._ready  # waiting for the count or the time
+    assert await asyncio.wait_for(delivered, 30) == [1]  # a guard against a hang, not a timing bound
