@@ -187,13 +187,7 @@ class RequestHandle:
             or (k and (n >= k or self._generated <= 1))
             or (self.wake_after and k and self._engine.now - self._since >= self.wake_after)
         ):
-            self._ready = True
-            if self._sink is not None:
-                self._engine._due(self._sink)
-                return
-            w = self._waiter
-            if w is not None and not w.done():
-                w.set_result(None)
+            self._wake()
         elif n == 1 and self.wake_after and k and not self._held:  # it waits: also for the time, though no later
             self._engine._hold(self)  # step comes to check it (a slow step, a stall)
 
@@ -205,14 +199,18 @@ class RequestHandle:
         due = self._since + self.wake_after
         if due > now:
             return due
+        self._wake()
+        return None
+
+    def _wake(self) -> None:
+        """The waiting events are due: to the sink (at the reader's flush) or the waiting handler."""
         self._ready = True
         if self._sink is not None:
             self._engine._due(self._sink)
-            return None
+            return
         w = self._waiter
         if w is not None and not w.done():
             w.set_result(None)
-        return None
 
     def attach(self, sink: Sink) -> None:
         """Send due events to `sink` from now on (those already due go at the reader's next turn)."""
