@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gam_model.checkpoint import find_single_checkpoint
@@ -105,6 +105,14 @@ class Settings(BaseSettings):
             except RuntimeError as e:
                 raise ValueError(f"unknown device {v!r}: {e}") from e
         return v
+
+    @model_validator(mode="after")
+    def _interval(self) -> Settings:
+        if self.stream_interval_ms and self.stream_interval == 1:  # k = 1 writes every token at once: t does nothing
+            raise ValueError(
+                "--stream-interval-ms needs --stream-interval > 1 (for a time-based interval: --stream-interval 1024)"
+            )
+        return self
 
     def resolved_device(self) -> torch.device:
         """The device to run on (auto = cuda when available)."""

@@ -75,6 +75,7 @@ def test_defaults() -> None:
         ["--dtype", "int8"],
         ["--device", "tpu9"],
         ["--request-timeout", "-1"],
+        ["--stream-interval-ms", "50"],  # without --stream-interval > 1 it would do nothing
     ],
 )
 def test_bad_flags_exit(argv: list[str]) -> None:
