@@ -179,7 +179,8 @@ class CoreServer:
         while budget and self.sock.poll(timeout):
             timeout, budget = 0, budget - 1
             ident, raw = self.sock.recv_multipart()
-            changed |= self._handle(ident, p.decode_to_core(raw))
+            for msg in p.decode_to_core(raw):
+                changed |= self._handle(ident, msg)
         if changed:
             self._send(self.core.take_output(always=True))
         if block and not self._frontend_alive():

@@ -349,6 +349,7 @@ class Engine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._exited: asyncio.Future[None] | None = None
         self._sinks: dict[Sink, None] = {}  # sinks with due events, in order (a dict as an ordered set)
+        self._outbox: list[p.ToCore] = []  # messages for the core, sent at the end of this loop turn
         self._flush_soon = False  # a _flush is scheduled on the loop
         self.now = 0.0  # time.monotonic() when the core's message being handled came (once per message, not per token)
         self._dispatching = False  # in _dispatch, which flushes at its end
@@ -482,6 +483,7 @@ class Engine:
             with contextlib.suppress(Exception):
                 self._loop.remove_reader(self._sock_fd)
             self._sock_fd = None
+        self._send_outbox()  # what this turn queued (a Cancel) before the socket goes
         self._fail_everything("the engine stopped")
         if self._sock is not None:
             self._sock.close(linger=0)
@@ -558,19 +560,35 @@ class Engine:
             self._send(p.Cancel([h.id], failed))
 
     def _send(self, msg: p.ToCore) -> bool:
-        """Queue msg for the core; False if it could not be (an answer to it would never come)."""
-        if self._sock is None or self._stopped:
+        """Queue msg for the core: it goes with everything else this turn of the event loop queues, in order, as one
+        message (`_send_outbox`); False if it cannot (an answer to it would never come)."""
+        if self._sock is None or self._stopped or self._loop is None:
             return False
+        self._outbox.append(msg)
+        if len(self._outbox) == 1:
+            self._loop.call_soon(self._send_outbox)
+        return True
+
+    def _send_outbox(self) -> None:
+        """Send the queued messages; if they cannot be sent, the answers they wait for fail now (EngineUnavailable)."""
+        msgs, self._outbox = self._outbox, []
+        if not msgs:
+            return
         try:
-            self._sock.send(p.encode(msg), flags=_NOBLOCK)  # no high-water mark: it queues, never blocks
+            if self._sock is None:
+                raise zmq.ZMQError(msg="the socket is closed")
+            self._sock.send(p.encode(msgs), flags=_NOBLOCK)  # no high-water mark: it queues, never blocks
         except zmq.ZMQError as e:  # the socket closing at shutdown, or the core gone: its exit watch reports that
-            log.warning("could not send %s to the engine core: %r", type(msg).__name__, e)
-            return False
+            log.warning("could not send %d message(s) to the engine core: %r", len(msgs), e)
+            for m in msgs:
+                fut = self._pending.pop(m.token, None) if isinstance(m, (p.Submit, p.MetricsQuery)) else None
+                if fut is not None and not fut.done():
+                    fut.set_exception(EngineUnavailable("could not reach the engine core"))
+            return
         # a zmq socket's file descriptor is edge-triggered and a send can consume the edge of messages that came
         # meanwhile: look again on the loop's next turn (zmq_getsockopt(3), ZMQ_FD)
         if self._sock_fd is not None and self._loop is not None:
             self._loop.call_soon(self._on_readable)
-        return True
 
     @property
     def down_reason(self) -> str:

@@ -123,6 +123,6 @@ def _shutdown_core(address: str) -> None:
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 1000)
     s.connect(address)
-    s.send(p.encode(p.Shutdown()))
+    s.send(p.encode([p.Shutdown()]))
     s.close()
     ctx.term()

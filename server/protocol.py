@@ -180,5 +180,7 @@ class MetricsText(msgspec.Struct, tag=True):
 FromCore = Ready | Failed | CoreOutput | MetricsText
 
 encode = msgspec.msgpack.Encoder().encode
-decode_to_core = msgspec.msgpack.Decoder(ToCore).decode
+# a frontend sends what it has for the core at the end of its event loop's turn, as one message: a list (a burst of
+# submissions costs one zmq message, and one wake-up of each side's I/O thread, not one per request)
+decode_to_core = msgspec.msgpack.Decoder(list[ToCore]).decode
 decode_from_core = msgspec.msgpack.Decoder(FromCore).decode

@@ -276,11 +276,20 @@ async def test_choices_of_one_request_score_their_prompt_once(make_settings) -> 
         assert await scored_tokens(client) - before == sum(n - 1 for n in lengths)  # one scorer each
 
 
+async def until_sent(core: zmq.Socket) -> None:
+    """Let the event loop run until the frontend's next message reaches the stand-in core (it goes at the end of a loop
+    turn); bounded, never timed."""
+    for _ in range(1000):
+        if core.poll(0):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the frontend sent nothing")
+
+
 async def attach_to_stand_in(engine: Engine, core: zmq.Socket, address: str, pid: int) -> asyncio.Task[p.Facts]:
     """Start engine.attach(address, pid) and answer its Hello with Ready (the task, for the caller to await)."""
     connecting = asyncio.create_task(engine.attach(address, pid))
-    await asyncio.sleep(0)  # one loop turn: the task runs to its first wait, the Hello sent
-    assert core.poll(10_000)
+    await until_sent(core)  # the Hello
     ident, _ = core.recv_multipart()  # Hello
     core.send_multipart([ident, p.encode(p.Ready(p.Facts("m", "float32", "none", "cpu", 1, 4, 1, False, False)))])
     return connecting
@@ -327,10 +336,9 @@ async def test_core_message_hidden_by_a_send_is_still_read(make_settings, tmp_pa
     the answer not delivered before the send, the test still passes: it can miss, never flake.)"""
     async with stand_in_core(make_settings(), tmp_path) as (engine, core, _):
         query = asyncio.create_task(engine.metrics_text())
-        await asyncio.sleep(0)  # the query sent
-        assert core.poll(10_000)
+        await until_sent(core)  # the query
         ident, raw = core.recv_multipart()
-        msg = p.decode_to_core(raw)
+        [msg] = p.decode_to_core(raw)
         assert isinstance(msg, p.MetricsQuery)
         # the loop is blocked from here to the send: the answer reaches the frontend's socket, then the send
         core.send_multipart([ident, p.encode(p.MetricsText(msg.token, b"answer"))])
@@ -352,3 +360,23 @@ async def test_a_message_that_cannot_be_sent_fails_at_once(make_settings, tmp_pa
         with pytest.raises(EngineUnavailable, match="could not reach"):
             await asyncio.wait_for(engine.submit_all([request]), 10)
         assert not engine._pending and not engine._handles
+
+
+async def test_what_one_loop_turn_queues_goes_to_the_core_as_one_message(make_settings, tmp_path) -> None:
+    """Submissions, cancellations and queries made in one turn of the event loop reach the core as one message, in
+    order (a burst of requests costs one zmq message, not one each); the core answers each."""
+    async with stand_in_core(make_settings(), tmp_path) as (engine, core, _):
+        request = GenerationRequest([1, 2, 3], SamplingParams(), 4)
+        submits = [asyncio.ensure_future(engine.submit_all([request])) for _ in range(3)]
+        query = asyncio.ensure_future(engine.metrics_text())
+        await until_sent(core)
+        ident, raw = core.recv_multipart()
+        msgs = p.decode_to_core(raw)
+        assert [type(m) for m in msgs] == [p.Submit, p.Submit, p.Submit, p.MetricsQuery]
+        assert not core.poll(0)  # nothing else came
+        replies = [p.Reply(0, m.token) for m in msgs if isinstance(m, p.Submit)]
+        out = p.CoreOutput(replies=replies, running=0, waiting=3, free_slots=4)
+        core.send_multipart([ident, p.encode(out)])
+        core.send_multipart([ident, p.encode(p.MetricsText(msgs[-1].token, b"answer"))])
+        assert [len(h) for h in await asyncio.wait_for(asyncio.gather(*submits), 10)] == [1, 1, 1]
+        assert await asyncio.wait_for(query, 10) == b"answer"
