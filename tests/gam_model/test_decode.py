@@ -180,3 +180,19 @@ def test_sliding_step_computes_only_the_receptive_pyramid() -> None:
         h.remove()
     assert seen == [(cfg.n_layer - 1 - i) * cfg.history + 1 for i in range(cfg.n_layer)]  # [5, 3, 1]
     assert (out - reference_logits(model, seq)).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_local_tail_is_the_causal_conv_at_the_last_positions(k: int) -> None:
+    """The window path's conv (K shifted products at the last n positions) equals conv1d's there, also when the
+    input is shorter than n + K - 1 (zeros before its first position, as conv1d's padding)."""
+    blk = tiny_model(conv_kernel=k).block_list()[0]
+    g = torch.Generator().manual_seed(k)
+    for t in (1, 2, 5, 9):
+        h = torch.randn(3, t, blk.ln1.normalized_shape[0], generator=g)
+        hp = torch.nn.functional.pad(h.transpose(1, 2), (k - 1, 0))
+        full = torch.nn.functional.conv1d(hp, blk.causal_conv.weight, blk.causal_conv.bias, groups=h.shape[-1])
+        for n in range(1, t + 1):
+            got = blk.local_tail(h, n)
+            assert got.shape == (3, n, h.shape[-1])
+            torch.testing.assert_close(got, full.transpose(1, 2)[:, -n:], rtol=0, atol=1e-6)
