@@ -73,18 +73,16 @@ class GAMBlock(nn.Module):
         return self.fuse(x, h, local), h
 
     def local_tail(self, h: Tensor, n: int) -> Tensor:
-        """The causal conv of h (B, T, C) at its last n positions only: (B, n, C), as K shifted products summed in
-        `step`'s order. For the window path (prefill, the sliding-window step), where a few positions are needed and
-        conv1d's per-call cost was most of a block's (about 3x these few ops on CPU, measured at widths 40-512)."""
+        """The causal conv of h (B, T, C) at its last n positions only: (B, n, C), computed as `step` computes it (the
+        K products in h's dtype, summed over K, then the bias). For the window path (prefill, the sliding-window
+        step), where a few positions are needed and conv1d's per-call cost was most of a small block's."""
         K = self.kernel
         w = self.causal_conv.weight.squeeze(1).t()  # (K, C)
         assert self.causal_conv.bias is not None  # built with a bias
         tail = h[:, -(n + K - 1) :]  # what the last n outputs read
         hp = F.pad(tail, (0, 0, n + K - 1 - tail.shape[1], 0))  # (B, n+K-1, C): zeros before the first position
-        local = hp[:, :n] * w[0]
-        for k in range(1, K):
-            local = local + hp[:, k : k + n] * w[k]
-        return local + self.causal_conv.bias
+        win = hp.unfold(1, K, 1).transpose(2, 3)  # (B, n, K, C): each position's K inputs, as step's window
+        return (win * w).sum(dim=2) + self.causal_conv.bias
 
     def step(self, x: Tensor, hist: Tensor) -> tuple[Tensor, Tensor]:
         """One token per row: x (B, C), hist (B, K-1, C) previous ln1 outputs. Returns (x, new hist)."""

@@ -182,17 +182,25 @@ def test_sliding_step_computes_only_the_receptive_pyramid() -> None:
     assert (out - reference_logits(model, seq)).abs().max() <= TOL
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k", [2, 3, 4])
-def test_local_tail_is_the_causal_conv_at_the_last_positions(k: int) -> None:
-    """The window path's conv (K shifted products at the last n positions) equals conv1d's there, also when the
-    input is shorter than n + K - 1 (zeros before its first position, as conv1d's padding)."""
-    blk = tiny_model(conv_kernel=k).block_list()[0]
+def test_local_tail_is_the_causal_conv_at_the_last_positions(k: int, dtype: torch.dtype) -> None:
+    """The window path's conv at the last n positions is conv1d's there (also when the input is shorter than
+    n + K - 1: zeros before its first position, as conv1d's padding), and bit for bit what the cached step computes
+    at each of those positions from its K inputs."""
+    blk = tiny_model(conv_kernel=k).block_list()[0].to(dtype)
+    w, b = blk.causal_conv.weight.squeeze(1).t(), blk.causal_conv.bias
     g = torch.Generator().manual_seed(k)
     for t in (1, 2, 5, 9):
-        h = torch.randn(3, t, blk.ln1.normalized_shape[0], generator=g)
+        h = torch.randn(3, t, blk.ln1.normalized_shape[0], generator=g).to(dtype)
         hp = torch.nn.functional.pad(h.transpose(1, 2), (k - 1, 0))
-        full = torch.nn.functional.conv1d(hp, blk.causal_conv.weight, blk.causal_conv.bias, groups=h.shape[-1])
+        full = torch.nn.functional.conv1d(hp, blk.causal_conv.weight, b, groups=h.shape[-1]).transpose(1, 2)
+        padded = hp.transpose(1, 2)  # (B, T+K-1, C)
         for n in range(1, t + 1):
             got = blk.local_tail(h, n)
             assert got.shape == (3, n, h.shape[-1])
-            torch.testing.assert_close(got, full.transpose(1, 2)[:, -n:], rtol=0, atol=1e-6)
+            tol = 1e-6 if dtype == torch.float32 else 3e-2
+            torch.testing.assert_close(got, full[:, -n:], rtol=0, atol=tol)
+            for j in range(n):  # position t - n + j: its K inputs end there
+                end = t - n + j + k
+                assert torch.equal(got[:, j], (padded[:, end - k : end].contiguous() * w).sum(dim=1) + b)
