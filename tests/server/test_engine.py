@@ -331,19 +331,23 @@ async def test_a_core_that_exits_with_its_ready_is_not_taken_for_alive(make_sett
 
 async def test_core_message_hidden_by_a_send_is_still_read(make_settings, tmp_path) -> None:
     """A zmq socket's descriptor is edge-triggered and a send consumes the edge of messages that came meanwhile: the
-    frontend must look again after each send, or such a message waits for the next one (here: forever). A stand-in
-    core answers a metrics query while the event loop is blocked; a send then happens before the loop polls. (Were
-    the answer not delivered before the send, the test still passes: it can miss, never flake.)"""
+    frontend must look again after each send, or such a message waits for the next one (here: forever). The frontend
+    sends at the end of a loop turn, so the answer must come in that turn, after the loop last polled and before the
+    send: a callback queued ahead of the send has a stand-in core answer a metrics query while the loop is blocked.
+    (Were the answer not delivered before the send, the test still passes: it can miss, never flake.)"""
     async with stand_in_core(make_settings(), tmp_path) as (engine, core, _):
         query = asyncio.create_task(engine.metrics_text())
         await until_sent(core)  # the query
         ident, raw = core.recv_multipart()
         [msg] = p.decode_to_core(raw)
         assert isinstance(msg, p.MetricsQuery)
-        # the loop is blocked from here to the send: the answer reaches the frontend's socket, then the send
-        core.send_multipart([ident, p.encode(p.MetricsText(msg.token, b"answer"))])
-        time.sleep(0.3)
-        engine.drain(0.0)  # a send (Drain) before the loop looks at the descriptor
+
+        def answer() -> None:  # the loop is blocked from here to the send: the answer reaches the frontend's socket
+            core.send_multipart([ident, p.encode(p.MetricsText(msg.token, b"answer"))])
+            time.sleep(0.3)
+
+        asyncio.get_running_loop().call_soon(answer)
+        engine.drain(0.0)  # queues a Drain: its send runs right after answer(), in the same turn, before a poll
         assert await asyncio.wait_for(query, 10) == b"answer"
 
 
