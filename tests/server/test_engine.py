@@ -384,3 +384,26 @@ async def test_what_one_loop_turn_queues_goes_to_the_core_as_one_message(make_se
         core.send_multipart([ident, p.encode(p.MetricsText(msgs[-1].token, b"answer"))])
         assert [len(h) for h in await asyncio.wait_for(asyncio.gather(*submits), 10)] == [1, 1, 1]
         assert await asyncio.wait_for(query, 10) == b"answer"
+
+
+async def test_a_drain_from_a_signal_handler_inside_a_send_still_goes(make_settings, tmp_path) -> None:
+    """uvicorn runs DrainingServer.handle_exit (-> Engine.drain) as a plain signal handler: between any two bytecodes
+    of the loop's thread, so also inside another send, between its message being queued and the turn's send being
+    scheduled. Both messages still go, in one message (were the send left unscheduled, nothing would ever reach the
+    core again: the Drain lost and every later request waiting forever)."""
+    async with stand_in_core(make_settings(), tmp_path) as (engine, core, _):
+
+        class SignalAfterAppend(list[p.ToCore]):
+            def append(self, msg: p.ToCore) -> None:
+                super().append(msg)
+                if isinstance(msg, p.MetricsQuery):
+                    engine.drain(0.0)  # the SIGTERM lands here
+
+        engine._outbox = SignalAfterAppend()
+        query = asyncio.create_task(engine.metrics_text())
+        await until_sent(core)
+        ident, raw = core.recv_multipart()
+        msgs = p.decode_to_core(raw)
+        assert [type(m) for m in msgs] == [p.MetricsQuery, p.Drain] and isinstance(msgs[0], p.MetricsQuery)
+        core.send_multipart([ident, p.encode(p.MetricsText(msgs[0].token, b"answer"))])
+        assert await asyncio.wait_for(query, 10) == b"answer"
