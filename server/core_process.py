@@ -10,6 +10,7 @@ stops it) and dies with its parent.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import logging
@@ -142,6 +143,7 @@ class CoreServer:
         self.parent = parent  # the frontend's pid
         self.parent_at_start = os.getppid()  # the forkserver (or the frontend itself)
         self.frontends: dict[int, bytes] = {}
+        self.backlog: collections.deque[tuple[bytes, p.ToCore]] = collections.deque()  # received, not yet handled
         self.stopping = False
 
     def run(self) -> int:
@@ -172,15 +174,24 @@ class CoreServer:
                 self._send(self.core.take_output())
 
     def _inputs(self, block: bool) -> None:
-        """Handle every message waiting (waiting up to IDLE_POLL_MS for the first when idle)."""
-        timeout = IDLE_POLL_MS if block else 0
+        """Handle every message waiting (waiting up to IDLE_POLL_MS for the first when idle), at most
+        MAX_INPUTS_PER_STEP: a frontend's zmq message is a batch (what one turn of its event loop queued), counted per
+        message in it; what is past the bound waits, in order, for the next gap."""
+        backlog = self.backlog
+        timeout = IDLE_POLL_MS if block and not backlog else 0
         changed = False
         budget = MAX_INPUTS_PER_STEP  # a flood of submissions or /metrics scrapes cannot hold the step back for long
-        while budget and self.sock.poll(timeout):
-            timeout, budget = 0, budget - 1
-            ident, raw = self.sock.recv_multipart()
-            for msg in p.decode_to_core(raw):
-                changed |= self._handle(ident, msg)
+        while budget:
+            if not backlog:
+                if not self.sock.poll(timeout):
+                    break
+                timeout = 0
+                ident, raw = self.sock.recv_multipart()
+                backlog.extend([(ident, msg) for msg in p.decode_to_core(raw)])
+                continue
+            ident, msg = backlog.popleft()
+            budget -= 1
+            changed |= self._handle(ident, msg)
         if changed:
             self._send(self.core.take_output(always=True))
         if block and not self._frontend_alive():

@@ -350,6 +350,7 @@ class Engine:
         self._exited: asyncio.Future[None] | None = None
         self._sinks: dict[Sink, None] = {}  # sinks with due events, in order (a dict as an ordered set)
         self._outbox: list[p.ToCore] = []  # messages for the core, sent at the end of this loop turn
+        self._outbox_soon = False  # a _send_outbox is scheduled on the loop
         self._flush_soon = False  # a _flush is scheduled on the loop
         self.now = 0.0  # time.monotonic() when the core's message being handled came (once per message, not per token)
         self._dispatching = False  # in _dispatch, which flushes at its end
@@ -565,12 +566,17 @@ class Engine:
         if self._sock is None or self._stopped or self._loop is None:
             return False
         self._outbox.append(msg)
-        if len(self._outbox) == 1:
+        # a flag set after the append, not "the first message": a signal handler (uvicorn's, DrainingServer.
+        # handle_exit -> drain) runs between any two bytecodes, also here, and its message would otherwise make the
+        # outbox longer than one with no send scheduled, ever (sending twice is harmless: the second finds nothing)
+        if not self._outbox_soon:
+            self._outbox_soon = True
             self._loop.call_soon(self._send_outbox)
         return True
 
     def _send_outbox(self) -> None:
         """Send the queued messages; if they cannot be sent, the answers they wait for fail now (EngineUnavailable)."""
+        self._outbox_soon = False  # before the swap: a message queued from here on goes in a send of its own
         msgs, self._outbox = self._outbox, []
         if not msgs:
             return

@@ -4,13 +4,18 @@ open streams with a clear error, answers /health 503, and exits with status 1 so
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
+import os
 import signal
 from pathlib import Path
+from typing import Any, cast
 
 import httpx
 import psutil
 
+from server import protocol as p
+from server.core_process import MAX_INPUTS_PER_STEP, CoreServer
 from tests.server.conftest import GamServe
 
 CORE_NAME = "gam-engine-core"
@@ -81,3 +86,47 @@ async def test_two_frontends_share_one_core(checkpoint_dir: Path) -> None:
             proc.send_signal(signal.SIGTERM)
             code = await asyncio.to_thread(proc.wait, 60)
     assert code == 0, server.log[-3000:]
+
+
+class _Inbox:
+    """The core's socket, as CoreServer._inputs uses it: zmq messages waiting, in order (no I/O thread, no timing)."""
+
+    def __init__(self, batches: list[list[p.ToCore]]) -> None:
+        self.waiting = collections.deque([b"frontend", p.encode(b)] for b in batches)
+
+    def poll(self, timeout: int) -> bool:
+        return bool(self.waiting)
+
+    def recv_multipart(self) -> list[bytes]:
+        return self.waiting.popleft()
+
+
+class _Core:
+    """An EngineCore that only counts the cancellations it is given, in order."""
+
+    has_work = False
+
+    def __init__(self) -> None:
+        self.cancelled: list[int] = []
+
+    def cancel(self, ids: list[int], reason: str) -> None:
+        self.cancelled += ids
+
+    def take_output(self, always: bool = False) -> None:
+        return None
+
+
+def test_inputs_between_two_steps_are_bounded_per_message_not_per_batch() -> None:
+    """A frontend sends what one loop turn queued as one zmq message (a batch): the bound on the inputs handled
+    between two steps (a flood cannot hold the step back) counts the messages in it, and what is past the bound waits,
+    in order, for the next gap; otherwise MAX_INPUTS_PER_STEP batches of any size go before a step."""
+    n = MAX_INPUTS_PER_STEP
+    ids = iter(range(3 * n))
+    batches: list[list[p.ToCore]] = [[p.Cancel([next(ids)]) for _ in range(k)] for k in (n + 1, n - 1, n)]
+    core = _Core()
+    server = CoreServer(cast(Any, _Inbox(batches)), cast(Any, core), cast(Any, None), cast(Any, None), os.getpid())
+    for step in range(1, 4):
+        server._inputs(block=False)
+        assert core.cancelled == list(range(step * n))
+    server._inputs(block=False)
+    assert core.cancelled == list(range(3 * n))

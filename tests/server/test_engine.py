@@ -331,19 +331,23 @@ async def test_a_core_that_exits_with_its_ready_is_not_taken_for_alive(make_sett
 
 async def test_core_message_hidden_by_a_send_is_still_read(make_settings, tmp_path) -> None:
     """A zmq socket's descriptor is edge-triggered and a send consumes the edge of messages that came meanwhile: the
-    frontend must look again after each send, or such a message waits for the next one (here: forever). A stand-in
-    core answers a metrics query while the event loop is blocked; a send then happens before the loop polls. (Were
-    the answer not delivered before the send, the test still passes: it can miss, never flake.)"""
+    frontend must look again after each send, or such a message waits for the next one (here: forever). The frontend
+    sends at the end of a loop turn, so the answer must come in that turn, after the loop last polled and before the
+    send: a callback queued ahead of the send has a stand-in core answer a metrics query while the loop is blocked.
+    (Were the answer not delivered before the send, the test still passes: it can miss, never flake.)"""
     async with stand_in_core(make_settings(), tmp_path) as (engine, core, _):
         query = asyncio.create_task(engine.metrics_text())
         await until_sent(core)  # the query
         ident, raw = core.recv_multipart()
         [msg] = p.decode_to_core(raw)
         assert isinstance(msg, p.MetricsQuery)
-        # the loop is blocked from here to the send: the answer reaches the frontend's socket, then the send
-        core.send_multipart([ident, p.encode(p.MetricsText(msg.token, b"answer"))])
-        time.sleep(0.3)
-        engine.drain(0.0)  # a send (Drain) before the loop looks at the descriptor
+
+        def answer() -> None:  # the loop is blocked from here to the send: the answer reaches the frontend's socket
+            core.send_multipart([ident, p.encode(p.MetricsText(msg.token, b"answer"))])
+            time.sleep(0.3)
+
+        asyncio.get_running_loop().call_soon(answer)
+        engine.drain(0.0)  # queues a Drain: its send runs right after answer(), in the same turn, before a poll
         assert await asyncio.wait_for(query, 10) == b"answer"
 
 
@@ -379,4 +383,27 @@ async def test_what_one_loop_turn_queues_goes_to_the_core_as_one_message(make_se
         core.send_multipart([ident, p.encode(out)])
         core.send_multipart([ident, p.encode(p.MetricsText(msgs[-1].token, b"answer"))])
         assert [len(h) for h in await asyncio.wait_for(asyncio.gather(*submits), 10)] == [1, 1, 1]
+        assert await asyncio.wait_for(query, 10) == b"answer"
+
+
+async def test_a_drain_from_a_signal_handler_inside_a_send_still_goes(make_settings, tmp_path) -> None:
+    """uvicorn runs DrainingServer.handle_exit (-> Engine.drain) as a plain signal handler: between any two bytecodes
+    of the loop's thread, so also inside another send, between its message being queued and the turn's send being
+    scheduled. Both messages still go, in one message (were the send left unscheduled, nothing would ever reach the
+    core again: the Drain lost and every later request waiting forever)."""
+    async with stand_in_core(make_settings(), tmp_path) as (engine, core, _):
+
+        class SignalAfterAppend(list[p.ToCore]):
+            def append(self, msg: p.ToCore) -> None:
+                super().append(msg)
+                if isinstance(msg, p.MetricsQuery):
+                    engine.drain(0.0)  # the SIGTERM lands here
+
+        engine._outbox = SignalAfterAppend()
+        query = asyncio.create_task(engine.metrics_text())
+        await until_sent(core)
+        ident, raw = core.recv_multipart()
+        msgs = p.decode_to_core(raw)
+        assert [type(m) for m in msgs] == [p.MetricsQuery, p.Drain] and isinstance(msgs[0], p.MetricsQuery)
+        core.send_multipart([ident, p.encode(p.MetricsText(msgs[0].token, b"answer"))])
         assert await asyncio.wait_for(query, 10) == b"answer"
