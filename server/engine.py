@@ -581,20 +581,39 @@ class Engine:
         if not msgs:
             return
         try:
+            raw = p.encode(msgs)
+        except Exception:  # one message that cannot be encoded must not take the turn's others with it
+            log.exception("a message for the engine core could not be encoded")
+            msgs = [m for m in msgs if self._encodes(m)]
+            raw = p.encode(msgs)
+        try:
             if self._sock is None:
                 raise zmq.ZMQError(msg="the socket is closed")
-            self._sock.send(p.encode(msgs), flags=_NOBLOCK)  # no high-water mark: it queues, never blocks
+            self._sock.send(raw, flags=_NOBLOCK)  # no high-water mark: it queues, never blocks
         except zmq.ZMQError as e:  # the socket closing at shutdown, or the core gone: its exit watch reports that
             log.warning("could not send %d message(s) to the engine core: %r", len(msgs), e)
             for m in msgs:
-                fut = self._pending.pop(m.token, None) if isinstance(m, (p.Submit, p.MetricsQuery)) else None
-                if fut is not None and not fut.done():
-                    fut.set_exception(EngineUnavailable("could not reach the engine core"))
+                self._fail_answer(m, "could not reach the engine core")
             return
         # a zmq socket's file descriptor is edge-triggered and a send can consume the edge of messages that came
         # meanwhile: look again on the loop's next turn (zmq_getsockopt(3), ZMQ_FD)
         if self._sock_fd is not None and self._loop is not None:
             self._loop.call_soon(self._on_readable)
+
+    def _encodes(self, m: p.ToCore) -> bool:
+        """Whether m can be encoded; if not, what waits for its answer fails."""
+        try:
+            p.encode(m)
+        except Exception as e:
+            self._fail_answer(m, f"the request could not be sent to the engine core: {e}")
+            return False
+        return True
+
+    def _fail_answer(self, m: p.ToCore, message: str) -> None:
+        """The answer m waits for (a Submit's, a MetricsQuery's) will never come: fail it (EngineUnavailable)."""
+        fut = self._pending.pop(m.token, None) if isinstance(m, (p.Submit, p.MetricsQuery)) else None
+        if fut is not None and not fut.done():
+            fut.set_exception(EngineUnavailable(message))
 
     @property
     def down_reason(self) -> str:

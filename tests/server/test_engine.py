@@ -407,3 +407,20 @@ async def test_a_drain_from_a_signal_handler_inside_a_send_still_goes(make_setti
         assert [type(m) for m in msgs] == [p.MetricsQuery, p.Drain] and isinstance(msgs[0], p.MetricsQuery)
         core.send_multipart([ident, p.encode(p.MetricsText(msgs[0].token, b"answer"))])
         assert await asyncio.wait_for(query, 10) == b"answer"
+
+
+async def test_a_message_that_cannot_be_encoded_fails_alone(make_settings, tmp_path) -> None:
+    """A submission that cannot be encoded (an id past 64 bits: the APIs bound every integer, so only a bug could
+    make one) fails its own call; the messages queued in the same loop turn still reach the core."""
+    async with stand_in_core(make_settings(), tmp_path) as (engine, core, _):
+        bad = asyncio.ensure_future(engine.submit_all([GenerationRequest([2**70], SamplingParams(), 4)]))
+        query = asyncio.ensure_future(engine.metrics_text())
+        await until_sent(core)
+        ident, raw = core.recv_multipart()
+        [msg] = p.decode_to_core(raw)
+        assert isinstance(msg, p.MetricsQuery)
+        core.send_multipart([ident, p.encode(p.MetricsText(msg.token, b"answer"))])
+        with pytest.raises(EngineUnavailable, match="could not be sent"):
+            await asyncio.wait_for(bad, 10)
+        assert await asyncio.wait_for(query, 10) == b"answer"
+        assert not engine._pending and not engine._handles
