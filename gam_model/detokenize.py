@@ -32,9 +32,8 @@ class ReferenceDetokenizer:
         self.ids: list[int] = context  # decoded window source: prompt context + generated ids
         self.prefix_offset = 0  # start of the window decoded as the prefix
         self.read_offset = len(context)  # end of the text already emitted
-        self.chars = (
-            0  # characters emitted so far (the text itself is the caller's: kept here it cost a copy per token)
-        )
+        # characters emitted so far (the text itself is the caller's: kept here, it cost a copy per token)
+        self.chars = 0
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)

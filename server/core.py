@@ -289,12 +289,8 @@ class EngineCore:
             self._expire(t0)
         # 2. admit waiting requests into free slots (requests that asked for prompt logprobs are scored first)
         while self._waiting and self.free_slots > 0:
-            r = self._waiting.popleft()
-            if t0 >= r.deadline:
-                self._fail(r, f"request timed out after {t0 - r.arrival:.1f}s in the queue", 504, "timeout", 0)
-                continue
+            r = self._waiting.popleft()  # within its deadline: _expire ended the queued ones past it
             r.admitted = t0
-            self._next_deadline = min(self._next_deadline, r.deadline)
             if r.request.max_new_tokens == 0 and r.request.prompt_logprobs is None:  # echo only: nothing to run
                 self._out.scored.append(r.id)
                 self._end_request(r, "length", 0)
@@ -399,16 +395,15 @@ class EngineCore:
     def _expire(self, now: float) -> None:
         """End the requests past their deadline, queued or admitted; the next deadline to look at again."""
         nxt = float("inf")
-        if any(now >= r.deadline for r in self._waiting):  # the queue ahead of them may be slow: not only at admission
-            kept: collections.deque[_Req] = collections.deque()
-            for r in self._waiting:
-                if now >= r.deadline:
-                    self._fail(r, f"request timed out after {now - r.arrival:.1f}s in the queue", 504, "timeout", 0)
-                else:
-                    kept.append(r)
-            self._waiting = kept
+        # queued ones too, not only at admission: the requests ahead of them may hold the slots past their deadline
+        kept: collections.deque[_Req] = collections.deque()
         for r in self._waiting:
-            nxt = min(nxt, r.deadline)
+            if now >= r.deadline:
+                self._fail(r, f"request timed out after {now - r.arrival:.1f}s in the queue", 504, "timeout", 0)
+            else:
+                kept.append(r)
+                nxt = min(nxt, r.deadline)
+        self._waiting = kept
         for r in self._scoring + list(self._running.values()):
             if now >= r.deadline:
                 msg = f"request timed out after {now - r.arrival:.1f}s"

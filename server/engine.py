@@ -140,7 +140,7 @@ class RequestHandle:
         self.id = request_id
         self.request = request
         # when an event wakes the handler: 0 = only the last (a whole answer is built at the end); k = the first
-        # token, then once k events wait, and the last (--stream-interval k for streams); with k, wake_after > 0:
+        # token, then once k events wait, and the last (--stream-interval k for streams); wake_after > 0 (with k > 1):
         # also once the oldest waiting event has waited that many seconds (checked as a later step's events arrive,
         # and by the engine's timer when none comes: --stream-interval-ms)
         self.wake_every = wake_every
@@ -185,10 +185,10 @@ class RequestHandle:
         if (
             last
             or (k and (n >= k or self._generated <= 1))
-            or (self.wake_after and k and self._engine.now - self._since >= self.wake_after)
+            or (self.wake_after and self._engine.now - self._since >= self.wake_after)
         ):
             self._wake()
-        elif n == 1 and self.wake_after and k and not self._held:  # it waits: also for the time, though no later
+        elif n == 1 and self.wake_after and not self._held:  # it waits: also for the time, though no later
             self._engine._hold(self)  # step comes to check it (a slow step, a stall)
 
     def _release(self, now: float) -> float | None:

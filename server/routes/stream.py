@@ -165,7 +165,7 @@ class EventStream(Response):
             except Exception:
                 log.exception("rendering the error event failed too")
         if out or last:
-            self._write(out[0] if len(out) == 1 else b"".join(out), more=not last)
+            self._write(b"".join(out), more=not last)
         if last:
             self._cancel()  # the others, after an error
 
