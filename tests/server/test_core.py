@@ -33,7 +33,10 @@ def test_a_queued_request_ends_at_its_deadline_while_the_slots_stay_busy(model, 
     core.on_request = stats.append
     now = time.monotonic()
     prompt = tok.encode("The game")
-    long = GenerationRequest(prompt, SamplingParams(), 10**6)
+    assert tok.eos_token_id is not None
+    # greedy with eos biased out: it cannot end (random sampling could draw eos and free the slot)
+    never_ends = SamplingParams(do_sample=False, logit_bias={tok.eos_token_id: -100.0})
+    long = GenerationRequest(prompt, never_ends, 10**6)
     core.submit([1], [long], now, now + 600)
     core.iteration()
     assert core.take_output() is not None and core.num_running == 1
