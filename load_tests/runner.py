@@ -120,6 +120,13 @@ class RunResult:
         return self.t1 - self.t0
 
 
+async def sleep_until(t: float) -> None:
+    """Sleep until time.perf_counter() >= t. One asyncio.sleep can end early: uvloop's timers (libuv) count whole
+    milliseconds of a cached loop clock, so a 30 ms sleep may return after 29.x ms. The loop sleeps again for any rest."""
+    while (rest := t - time.perf_counter()) > 0:
+        await asyncio.sleep(rest)
+
+
 def intervals(rate: float, burstiness: float, rng: np.random.Generator) -> Iterator[float]:
     """Gaps between arrivals: gamma(shape=burstiness, scale=1/(rate*burstiness)), mean 1/rate (Poisson at 1)."""
     theta = 1.0 / (rate * burstiness)
@@ -197,7 +204,7 @@ class _Load:
                 break
             tasks.append(asyncio.create_task(limited(self._next())))
             due += next(gaps)  # absolute schedule: a late wake-up does not push every later arrival back
-            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            await sleep_until(due)
         return tasks
 
     async def run(self) -> RunResult:

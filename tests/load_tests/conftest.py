@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 import threading
@@ -16,6 +15,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
+
+from load_tests.runner import sleep_until
 
 TTFT_S = 0.10  # sleep before the first token
 GAP_S = 0.03  # sleep between tokens
@@ -39,11 +40,12 @@ def scripted_app(script: Script) -> Starlette:
 
     async def tokens(n: int, fmt) -> object:
         done = False
+        t0 = time.perf_counter()
         try:
-            await asyncio.sleep(TTFT_S)
             for i in range(n):
-                if i:
-                    await asyncio.sleep(GAP_S)
+                # an absolute schedule on the clock the load generator reads: token i is sent no earlier than
+                # TTFT_S + i * GAP_S after the request arrived, so the tests' lower bounds hold exactly
+                await sleep_until(t0 + TTFT_S + i * GAP_S)
                 for chunk in fmt(i, n):
                     yield chunk
             done = True
