@@ -23,6 +23,7 @@ from server.errors import (
     ApiError,
     error_response,
     install_error_handlers,
+    tgi_error_type,
 )
 from server.routes import misc, openai, playground, tgi
 from server.routes.stream import BODY_SEND
@@ -61,6 +62,61 @@ class BodyLimitMiddleware:
             return msg
 
         await self.app(scope, counting_receive, send)
+
+
+# the endpoint label of gam_request_failures_total, by path (the names gam_requests_total uses where they overlap);
+# any other path (a 404) is "other": the label's values stay a fixed set whatever clients send
+FAILURE_ENDPOINTS = {
+    "/generate": "generate",
+    "/generate_stream": "generate_stream",
+    "/": "generate",
+    "/v1/completions": "completions",
+    "/v1/chat/completions": "chat_completions",
+    "/v1/models": "models",
+    "/tokenize": "tokenize",
+    "/detokenize": "detokenize",
+    "/tokenizer_info": "tokenizer_info",
+    "/info": "info",
+}
+NOT_COUNTED = frozenset({"/health", "/metrics"})  # probes and scrapes: a 503 there is the server's state, not a call
+
+
+class FailureCountMiddleware:
+    """Counts every API call answered with an HTTP error status (gam_request_failures_total in the engine core,
+    label error_type = TGI's name for the status), whatever answered it: validation, auth, body limit, routing, the
+    engine. A stream that ends with an error event after its 200 is counted where the event is written
+    (server/routes/stream.py)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in NOT_COUNTED:
+            await self.app(scope, receive, send)
+            return
+
+        started = False
+
+        def count(status: int) -> None:
+            engine = getattr(scope["app"].state, "engine", None)
+            if engine is not None:
+                engine.count_failure(FAILURE_ENDPOINTS.get(path, "other"), tgi_error_type(status))
+
+        async def counting_send(msg: Message) -> None:
+            nonlocal started
+            if msg["type"] == "http.response.start":
+                started = True
+                if msg["status"] >= 400:
+                    count(msg["status"])
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        except Exception:
+            if not started:  # Starlette's outermost error middleware answers it with a 500, past this one
+                count(500)
+            raise
 
 
 class GamApp(FastAPI):
@@ -140,4 +196,5 @@ def create_app(settings: Settings, attach: Attach | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     if settings.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value())
+    app.add_middleware(FailureCountMiddleware)  # the outermost: it sees the key check's 401s too
     return app

@@ -234,6 +234,9 @@ class CoreServer:
             text = generate_latest(self.metrics.registry)
             self.sock.send_multipart([ident, p.encode(p.MetricsText(msg.token, text))])
             return False
+        if isinstance(msg, p.Failure):
+            self.metrics.count_failure(msg.endpoint, msg.error_type)
+            return False
         if isinstance(msg, p.Drain):
             self.core.drain(msg.grace)
             return True

@@ -173,6 +173,10 @@ class RequestHandle:
             self.cancel()
             self._put(ErrorEvent(message, 499, "cancelled"))
 
+    def count_failure(self, ev: ErrorEvent) -> None:
+        """Count the API call of this request as answered with ev (an error event that ends its stream)."""
+        self._engine.count_failure(self.request.endpoint, ev.error_type)
+
     def _put(self, ev: Event) -> None:
         last = ev.finish is not None if type(ev) is TokenEvent else is_last(ev)  # is_last, the per-token case inline
         if last:
@@ -536,6 +540,11 @@ class Engine:
                 self._handles.pop(h.id, None)
             raise ERRORS.get(error, RuntimeError)(message)
         return handles
+
+    def count_failure(self, endpoint: str, error_type: str) -> None:
+        """Count an API call answered with an error in the core's gam_request_failures_total. It goes with this
+        loop turn's other messages, before any later query of the metrics from this frontend."""
+        self._send(p.Failure(endpoint, error_type))
 
     async def metrics_text(self) -> bytes:
         """The core's Prometheus exposition (its registry holds every gam_* metric)."""

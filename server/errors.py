@@ -87,6 +87,11 @@ class ApiError(Exception):
         self.error_type, self.headers = error_type, headers
 
 
+def tgi_error_type(status: int) -> str:
+    """TGI's error_type for an HTTP status (the answer's own for TGI routes; the metrics' label on every route)."""
+    return TGI_TYPES.get(status, "validation" if status < 500 else "generation")
+
+
 def is_openai_path(path: str) -> bool:
     return path.startswith("/v1/") or path == "/v1"
 
@@ -109,7 +114,7 @@ def error_body(
         return {"error": {"message": message, "type": t, "param": param, "code": code}}
     return {
         "error": message,
-        "error_type": error_type or TGI_TYPES.get(status, "validation" if status < 500 else "generation"),
+        "error_type": error_type or tgi_error_type(status),
     }
 
 

@@ -144,6 +144,13 @@ class Metrics:
         self.requests = Counter(
             "gam_requests", "Finished requests by endpoint and finish reason", ["endpoint", "finish_reason"], registry=r
         )
+        self.failures = Counter(
+            "gam_request_failures",
+            "API calls answered with an error (HTTP status >= 400, or an error event ending the stream), by endpoint "
+            "and TGI error_type",
+            ["endpoint", "error_type"],
+            registry=r,
+        )
         self.prompt_tokens_total = Counter("gam_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
         self.generated_tokens_total = Counter("gam_generated_tokens", "Generated tokens", registry=r)
         self.scored_tokens_total = Counter(
@@ -208,6 +215,10 @@ class Metrics:
         if s.ttft_s is not None:
             self.ttft.observe(s.ttft_s)
         self.generated_tokens.observe(s.generated_tokens)
+
+    def count_failure(self, endpoint: str, error_type: str) -> None:
+        """An API call answered with an error (an HTTP status >= 400, or an error event ending its stream)."""
+        self.failures.labels(endpoint=endpoint, error_type=error_type).inc()
 
     def count_rejected(self, endpoint: str, sequences: int) -> None:
         """A call refused before reaching the engine (queue full, draining): its sequences, as other outcomes count."""

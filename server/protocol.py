@@ -75,7 +75,14 @@ class MetricsQuery(msgspec.Struct, tag=True):
     token: int
 
 
-ToCore = Hello | Submit | Cancel | Drain | Shutdown | MetricsQuery
+class Failure(msgspec.Struct, tag=True):
+    """An API call this frontend answered with an error (for gam_request_failures_total)."""
+
+    endpoint: str
+    error_type: str
+
+
+ToCore = Hello | Submit | Cancel | Drain | Shutdown | MetricsQuery | Failure
 
 
 # -- core -> frontend -------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import types
 from collections.abc import Awaitable, Callable, Coroutine, Generator
-from typing import Any
+from typing import Any, cast
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -142,7 +142,7 @@ class EventStream(Response):
             batches = [h.take() for h in self.handles]
             # an error ends the whole stream: first every choice's tokens that came before it, also those still
             # waiting for --stream-interval (at k = 1 they went out as they came), then the (first) error event
-            errors = [(k, b.pop()) for k, b in enumerate(batches) if b and type(b[-1]) is ErrorEvent]
+            errors = [(k, cast(ErrorEvent, b.pop())) for k, b in enumerate(batches) if b and type(b[-1]) is ErrorEvent]
             if errors:
                 batches = [b or h.take(waiting=True) for h, b in zip(self.handles, batches, strict=True)]
             for k, batch in enumerate(batches):
@@ -151,6 +151,7 @@ class EventStream(Response):
                 if batch and is_last(batch[-1]):  # its last event (errors were popped above): once per batch
                     self._open -= 1
             if errors:
+                self.handles[0].count_failure(errors[0][1])
                 ok = render(*errors[0], out)
             last = not ok or self._open == 0
             if last and self._tail is not None:
@@ -159,7 +160,9 @@ class EventStream(Response):
             log.exception("rendering a stream's events failed: ending it with an error event")
             last = True
             try:  # the API's own error event (and its end, e.g. OpenAI's [DONE]), so the client sees why it ended
-                render(0, ErrorEvent("internal error while rendering the answer"), out)
+                failure = ErrorEvent("internal error while rendering the answer")
+                self.handles[0].count_failure(failure)
+                render(0, failure, out)
                 if self._tail is not None:
                     out.append(self._tail(False))
             except Exception:

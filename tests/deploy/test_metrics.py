@@ -22,6 +22,7 @@ DOCUMENTED = {
     "gam_batch_size": "histogram",
     "gam_step_duration_seconds": "histogram",
     "gam_requests": "counter",
+    "gam_request_failures": "counter",
     "gam_prompt_tokens": "counter",
     "gam_generated_tokens": "counter",
     "gam_prompt_logprob_tokens": "counter",

@@ -8,6 +8,7 @@ import collections
 import json
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -19,6 +20,7 @@ from server.core_process import MAX_INPUTS_PER_STEP, CoreServer
 from tests.server.conftest import GamServe
 
 CORE_NAME = "gam-engine-core"
+FAILURES = 'gam_request_failures_total{endpoint="generate",error_type="validation"}'
 
 
 async def test_killed_core_fails_streams_turns_unhealthy_and_exits_1(checkpoint_dir: Path) -> None:
@@ -83,6 +85,19 @@ async def test_two_frontends_share_one_core(checkpoint_dir: Path) -> None:
                 float(ln.rsplit(" ", 1)[1]) for ln in metrics.splitlines() if ln.startswith("gam_requests_total{")
             )
             assert done == len(prompts) * 5
+            # error answers of both workers are counted in the one core: the count reaches 6 (a worker's count
+            # goes to the core as it answers; a scrape through the other worker may come first, so poll, bounded)
+            bad = {"inputs": "The game", "parameters": {"top_p": 2}}
+            assert all([(await c.post("/generate", json=bad)).status_code == 422 for _ in range(6)])
+
+            async def failed() -> float:
+                text = (await c.get("/metrics")).text
+                return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith(FAILURES))
+
+            deadline = time.monotonic() + 30
+            while (n := await failed()) < 6 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert n == 6
             proc.send_signal(signal.SIGTERM)
             code = await asyncio.to_thread(proc.wait, 60)
     assert code == 0, server.log[-3000:]

@@ -195,8 +195,8 @@ def test_only_middlewares_that_leave_response_bodies_alone(make_settings) -> Non
     """Stream bodies go straight to the ASGI server's send (server/routes/stream.py BODY_SEND), past the middleware
     stack: a middleware that rewrites or reorders response messages (GZip, an `@app.middleware("http")` function)
     would break every stream, so adding one must be a decision (and then streams must send through it)."""
-    from server.app import BodyLimitMiddleware, create_app
+    from server.app import BodyLimitMiddleware, FailureCountMiddleware, create_app
     from server.auth import ApiKeyMiddleware
 
     app = create_app(make_settings(api_key="k"))
-    assert {m.cls for m in app.user_middleware} == {BodyLimitMiddleware, ApiKeyMiddleware}
+    assert {m.cls for m in app.user_middleware} == {BodyLimitMiddleware, ApiKeyMiddleware, FailureCountMiddleware}

@@ -1,0 +1,88 @@
+"""gam_request_failures_total: every API call answered with an error, by endpoint and TGI error_type, counted in the
+engine core whatever answered it (validation, the key check, the body limit, routing, the engine, an error event
+ending a stream), and readable in /metrics as soon as the client has its answer."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from server.app import create_app
+
+from .conftest import app_client
+
+KEY = {"Authorization": "Bearer k"}
+
+
+def failures(text: str) -> dict[tuple[str, str], float]:
+    """{(endpoint, error_type): count} of gam_request_failures_total in a /metrics text."""
+    return {
+        (s.labels["endpoint"], s.labels["error_type"]): s.value
+        for f in text_string_to_metric_families(text)
+        if f.name == "gam_request_failures"
+        for s in f.samples
+        if s.name == "gam_request_failures_total"
+    }
+
+
+async def test_error_answers_are_counted_by_endpoint_and_type(make_settings) -> None:
+    async with app_client(make_settings(api_key="k", max_body_bytes=4096)) as (_, client):
+
+        async def metrics() -> dict[tuple[str, str], float]:
+            return failures((await client.get("/metrics")).text)
+
+        assert await metrics() == {}
+        expected: dict[tuple[str, str], float] = {}
+        calls = [
+            # (method, path, body, with the key, status, (endpoint, error_type))
+            ("POST", "/generate", {"inputs": "The game", "parameters": {"top_p": 2}}, True, 422, ("generate", "validation")),
+            ("POST", "/v1/completions", {"model": "tiny-gam", "prompt": "x", "temperature": -1}, True, 400,
+             ("completions", "validation")),
+            ("POST", "/generate_stream", {"inputs": "The game"}, False, 401, ("generate_stream", "authentication")),
+            ("GET", "/nowhere", None, True, 404, ("other", "not_found")),
+            ("POST", "/v1/chat/completions", {"model": "tiny-gam", "messages": []}, True, 404,
+             ("chat_completions", "not_found")),
+            ("POST", "/tokenize", {"inputs": "word " * 1000}, True, 413, ("tokenize", "validation")),
+            ("POST", "/generate", {"inputs": "The game", "parameters": {"max_new_tokens": 2}}, True, 200, None),
+            ("GET", "/health", None, False, 200, None),
+        ]  # fmt: skip
+        for method, path, body, keyed, status, key in calls:
+            r = await client.request(method, path, json=body, headers=KEY if keyed else None)
+            assert r.status_code == status, (path, r.text)
+            if key is not None:
+                expected[key] = expected.get(key, 0) + 1
+            # read right after the answer: the count is already there (it went to the core before this query)
+            assert await metrics() == expected, path
+        assert (
+            'gam_requests_total{endpoint="generate",finish_reason="length"} 1.0' in (await client.get("/metrics")).text
+        )
+
+
+async def test_a_stream_ended_by_an_error_event_is_counted(make_settings) -> None:
+    """The 200 went out with the stream's head; the error event that ends it is the failure."""
+    async with app_client(make_settings(fault_injection="step:2")) as (_, client):
+        r = await client.post("/generate_stream", json={"inputs": "The game", "parameters": {"max_new_tokens": 10}})
+        assert r.status_code == 200
+        last = json.loads(r.text.strip().split("\n\n")[-1][len("data:") :])
+        assert last["error_type"] == "generation"
+        assert failures((await client.get("/metrics")).text) == {("generate_stream", "generation"): 1.0}
+
+
+async def test_an_unexpected_exception_is_counted_as_a_500(make_settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in a handler: Starlette's outermost middleware answers 500, past the counting middleware."""
+    from server.routes import misc
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(misc, "encode_text", broken)
+    app = create_app(make_settings())
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as client:
+            r = await client.post("/tokenize", json={"inputs": "The game"})
+            assert r.status_code == 500
+            assert failures((await client.get("/metrics")).text) == {("tokenize", "generation"): 1.0}
