@@ -71,7 +71,7 @@ class DrainingServer(uvicorn.Server):
         if engine is not None and engine.crashed and not self.should_exit:
             logging.getLogger(__name__).error("%s: stopping the server (exit status 1)", engine.crashed)
             self.engine_crashed = self.should_exit = True
-        drained = engine is None or engine.idle or time.monotonic() > self._drain_until
+        drained = engine is None or engine.drained or time.monotonic() > self._drain_until
         if self._draining and not self.should_exit and drained:
             # stop as uvicorn's own handler would, but without recording the signal: uvicorn re-raises the signals
             # it recorded once it has stopped, and the process would die of its SIGTERM (status 143) after a

@@ -145,6 +145,7 @@ class CoreServer:
         self.frontends: dict[int, bytes] = {}
         self.backlog: collections.deque[tuple[bytes, p.ToCore]] = collections.deque()  # received, not yet handled
         self.stopping = False
+        self.drained_sent = False
 
     def run(self) -> int:
         """Serve until Shutdown; returns the exit code (1 if the loop died)."""
@@ -251,3 +252,8 @@ class CoreServer:
         for f, part in out.split(list(self.frontends)).items():
             if part.ids or part.errors or part.replies or part.scored or len(self.frontends) == 1:
                 self.sock.send_multipart([self.frontends[f], p.encode(part)], copy=False)
+        if self.core.draining and not self.core.has_work and not self.drained_sent:
+            self.drained_sent = True  # after every frontend's last output, on the same sockets
+            raw = p.encode(p.Drained())
+            for ident in self.frontends.values():
+                self.sock.send_multipart([ident, raw])

@@ -333,6 +333,7 @@ class Engine:
         self.num_waiting = 0
         self.free_slots = settings.max_batch_size
         self._draining = False
+        self._core_drained = False  # the core said p.Drained
         self._stopped = False
         self._ids = itertools.count(1)
         self._tokens = itertools.count(1)
@@ -450,8 +451,14 @@ class Engine:
 
     @property
     def idle(self) -> bool:
-        """None of this frontend's requests is in flight (or the core is gone): a draining server may stop listening."""
+        """None of this frontend's requests is in flight (or the core is gone)."""
         return not self._handles or not self.alive
+
+    @property
+    def drained(self) -> bool:
+        """The drain is over for the whole server: the core reported no request left from any frontend (p.Drained),
+        and this one has delivered its last events; or the core is gone. A draining server may stop listening then."""
+        return not self.alive or (self._core_drained and not self._handles)
 
     def drain(self, grace: float | None = None) -> None:
         """Stop admitting new requests; requests still running after `grace` seconds (default --shutdown-grace) are
@@ -656,6 +663,8 @@ class Engine:
                     self._answer(msg.token, msg.text)
                 elif isinstance(msg, p.Failed):  # the core's loop died; its process exits next
                     self._crash(msg.message)
+                elif isinstance(msg, p.Drained):
+                    self._core_drained = True
             except Exception:  # one bad message must not stop the stream of every other request
                 log.exception("could not handle a message from the engine core")
 

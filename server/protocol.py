@@ -184,7 +184,13 @@ class MetricsText(msgspec.Struct, tag=True):
     text: bytes
 
 
-FromCore = Ready | Failed | CoreOutput | MetricsText
+class Drained(msgspec.Struct, tag=True):
+    """Sent to every frontend once the core, draining, has no request left from any of them (after their last
+    outputs): a frontend may stop listening then, not when only its own requests are done (another frontend still
+    draining shares the listening socket, and connections this one accepted would be closed unanswered)."""
+
+
+FromCore = Ready | Failed | CoreOutput | MetricsText | Drained
 
 encode = msgspec.msgpack.Encoder().encode
 # a frontend sends what it has for the core at the end of its event loop's turn, as one message: a list (a burst of

@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from tests.server.conftest import GamServe
@@ -116,4 +117,64 @@ async def test_a_drained_server_exits_0(checkpoint_dir: Path, frontends: int) ->
             assert r.status_code == 200
         proc.send_signal(signal.SIGTERM)
         exit_code = await asyncio.to_thread(proc.wait, GRACE_S + 60)
+    assert exit_code == 0, server.log[-2000:]
+
+
+async def both_frontends_serving(url: str) -> None:
+    """Until each of 2 frontends has answered a /metrics scrape (it names itself in gam_frontend_process_*): a worker
+    listens once its startup is over, and one can be ready seconds before the other (bounded)."""
+    seen: set[str] = set()
+    no_reuse = httpx.Limits(max_keepalive_connections=0)  # a new connection per scrape: either worker may take it
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=no_reuse) as c:
+        for _ in range(600):
+            text = (await c.get("/metrics")).text
+            seen |= {f for f in ("0", "1") if f'gam_frontend_process_cpu_seconds_total{{frontend="{f}"}}' in text}
+            if len(seen) == 2:
+                return
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"only frontend(s) {seen} answered")
+
+
+async def test_frontends_stop_listening_only_when_the_whole_server_is_drained(checkpoint_dir: Path) -> None:
+    """--api-server-count 2, SIGTERM while one stream runs: the frontend with no request of its own keeps answering
+    (503) until the core has no request left from either; then both exit and the server exits 0. Before, it stopped
+    at once, and a connection it had just accepted was closed unanswered while the other frontend drained."""
+    server = GamServe(
+        checkpoint_dir, "--api-server-count", "2", "--shutdown-grace", "600", "--max-new-tokens", "100000"
+    )
+    body = {"model": "tiny-gam", "prompt": "The game", "max_tokens": 100_000, "stream": True, "logit_bias": {"0": -100}}
+
+    def alive(w: psutil.Process) -> bool:
+        try:
+            return w.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    with server as proc:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            await server.wait_healthy(client)
+            workers = [p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+            assert len(workers) == 2
+            await both_frontends_serving(server.url)
+            async with client.stream("POST", "/v1/completions", json=body) as r:
+                assert r.status_code == 200, await r.aread()
+                lines = r.aiter_lines()
+                async for line in lines:
+                    if line.startswith("data:"):
+                        break
+                proc.send_signal(signal.SIGTERM)
+                # the stream goes on (eos biased out, a long grace); a frontend that stops early stops within a
+                # tick of the signal (0.1 s), long before 1,000 more tokens
+                n = 0
+                async for line in lines:
+                    n += line.startswith("data:")
+                    if n >= 1000 or not all(alive(w) for w in workers):
+                        break
+                assert n >= 1000 and all(alive(w) for w in workers), n
+                no_reuse = httpx.Limits(max_keepalive_connections=0)  # each probe a new connection: either worker
+                async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=no_reuse) as probe:
+                    codes = [(await probe.get("/health")).status_code for _ in range(8)]
+                assert codes == [503] * 8
+            # the client left: its request is cancelled, the core is drained, both frontends stop
+            exit_code = await asyncio.to_thread(proc.wait, 60)
     assert exit_code == 0, server.log[-2000:]
