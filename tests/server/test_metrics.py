@@ -9,6 +9,7 @@ import json
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.types import Message
 
 from server.app import create_app
 
@@ -86,3 +87,37 @@ async def test_an_unexpected_exception_is_counted_as_a_500(make_settings, monkey
             r = await client.post("/tokenize", json={"inputs": "The game"})
             assert r.status_code == 500
             assert failures((await client.get("/metrics")).text) == {("tokenize", "generation"): 1.0}
+
+
+@pytest.mark.parametrize("mid_body", [False, True])
+async def test_a_client_that_leaves_before_its_answer_is_not_a_failure(make_settings, mid_body: bool) -> None:
+    """A non-streamed call whose client disconnects is cancelled (gam_requests_total's `cancelled`), as a stream
+    whose client leaves is: no one gets an error answer, so none is counted (the handler's 499, or FastAPI's 400
+    for a body cut short, goes nowhere)."""
+    async with app_client(make_settings()) as (app, client):
+        raw = json.dumps({"inputs": "The game", "parameters": {"max_new_tokens": 60}}).encode()
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/generate", "raw_path": b"/generate", "root_path": "", "query_string": b"",
+                 "headers": [(b"host", b"test"), (b"content-type", b"application/json"),
+                             (b"transfer-encoding", b"chunked")],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}  # fmt: skip
+        # the whole body, or its first half only; then the client is gone
+        body: list[Message] = [
+            {"type": "http.request", "body": raw[: len(raw) // 2] if mid_body else raw, "more_body": mid_body}
+        ]
+        statuses: list[int] = []
+
+        async def receive() -> Message:
+            return body.pop() if body else {"type": "http.disconnect"}
+
+        async def send(msg: Message) -> None:
+            if msg["type"] == "http.response.start":
+                statuses.append(msg["status"])
+
+        await app(scope, receive, send)
+        assert statuses == [400 if mid_body else 499]  # what the handler answered, to no one
+        text = (await client.get("/metrics")).text
+        if not mid_body:
+            assert 'gam_requests_total{endpoint="generate",finish_reason="cancelled"} 1.0' in text
+        assert failures(text) == {}
+
