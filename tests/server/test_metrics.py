@@ -121,3 +121,28 @@ async def test_a_client_that_leaves_before_its_answer_is_not_a_failure(make_sett
             assert 'gam_requests_total{endpoint="generate",finish_reason="cancelled"} 1.0' in text
         assert failures(text) == {}
 
+
+@pytest.mark.parametrize("fails", [1, 2])
+async def test_a_stream_whose_error_event_fails_to_render_is_counted_once(
+    make_settings, monkeypatch: pytest.MonkeyPatch, fails: int
+) -> None:
+    """The error event ending a stream fails to render: the stream ends with the internal error event instead (or,
+    if that fails too, with none); still one API call answered with an error."""
+    from server.routes import tgi
+
+    real, calls = tgi.error_body, []
+
+    def error_body(*args: object, **kwargs: object) -> object:
+        calls.append(args)
+        if len(calls) <= fails:
+            raise RuntimeError("a bug")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tgi, "error_body", error_body)
+    async with app_client(make_settings(fault_injection="step:2")) as (_, client):
+        r = await client.post("/generate_stream", json={"inputs": "The game", "parameters": {"max_new_tokens": 10}})
+        assert r.status_code == 200 and len(calls) == 2
+        if fails == 1:
+            last = json.loads(r.text.strip().split("\n\n")[-1][len("data:") :])
+            assert last["error"] == "internal error while rendering the answer"
+        assert failures((await client.get("/metrics")).text) == {("generate_stream", "generation"): 1.0}
