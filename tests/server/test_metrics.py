@@ -94,8 +94,9 @@ async def test_a_client_that_leaves_before_its_answer_is_not_a_failure(make_sett
     """A non-streamed call whose client disconnects is cancelled (gam_requests_total's `cancelled`), as a stream
     whose client leaves is: no one gets an error answer, so none is counted (the handler's 499, or FastAPI's 400
     for a body cut short, goes nowhere)."""
-    async with app_client(make_settings()) as (app, client):
-        raw = json.dumps({"inputs": "The game", "parameters": {"max_new_tokens": 60}}).encode()
+    # 4000 tokens: the call is still running when its handler sees the disconnect (seconds later, at the least)
+    async with app_client(make_settings(max_new_tokens=4000)) as (app, client):
+        raw = json.dumps({"inputs": "The game", "parameters": {"max_new_tokens": 4000}}).encode()
         scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
                  "scheme": "http", "path": "/generate", "raw_path": b"/generate", "root_path": "", "query_string": b"",
                  "headers": [(b"host", b"test"), (b"content-type", b"application/json"),
