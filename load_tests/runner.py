@@ -122,7 +122,10 @@ class RunResult:
 
 async def sleep_until(t: float) -> None:
     """Sleep until time.perf_counter() >= t. One asyncio.sleep can end early: uvloop's timers (libuv) count whole
-    milliseconds of a cached loop clock, so a 30 ms sleep may return after 29.x ms. The loop sleeps again for any rest."""
+    milliseconds of a cached loop clock, so a 30 ms sleep may return after 29.x ms. The loop sleeps again for any rest.
+    A time already past still yields once to the event loop: an open loop that is behind (a burst) lets the requests
+    it created start, and the streams being read get their chunks, while it catches up."""
+    await asyncio.sleep(max(0.0, t - time.perf_counter()))
     while (rest := t - time.perf_counter()) > 0:
         await asyncio.sleep(rest)
 

@@ -85,7 +85,7 @@ class FailureCountMiddleware:
     """Counts every API call answered with an HTTP error status (gam_request_failures_total in the engine core,
     label error_type = TGI's name for the status), whatever answered it: validation, auth, body limit, routing, the
     engine. A stream that ends with an error event after its 200 is counted where the event is written
-    (server/routes/stream.py)."""
+    (server/routes/stream.py). A call whose client disconnected before its answer started is not: no one gets it."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -97,11 +97,21 @@ class FailureCountMiddleware:
             return
 
         started = False
+        # the client went away before its answer started: what the app answers then (a non-streamed call's 499, FastAPI's
+        # 400 for a body cut short) reaches no one; the call is cancelled, as a stream whose client leaves is
+        gone = False
 
         def count(status: int) -> None:
             engine = getattr(scope["app"].state, "engine", None)
-            if engine is not None:
+            if engine is not None and not gone:
                 engine.count_failure(FAILURE_ENDPOINTS.get(path, "other"), tgi_error_type(status))
+
+        async def watching_receive() -> Message:
+            nonlocal gone
+            msg = await receive()
+            if msg["type"] == "http.disconnect" and not started:
+                gone = True
+            return msg
 
         async def counting_send(msg: Message) -> None:
             nonlocal started
@@ -112,7 +122,7 @@ class FailureCountMiddleware:
             await send(msg)
 
         try:
-            await self.app(scope, receive, counting_send)
+            await self.app(scope, watching_receive, counting_send)
         except Exception:
             if not started:  # Starlette's outermost error middleware answers it with a 500, past this one
                 count(500)

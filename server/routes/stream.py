@@ -137,6 +137,7 @@ class EventStream(Response):
             return
         out: list[bytes] = []
         ok, last = True, False
+        failure: ErrorEvent | None = None  # the error event that ends the answer: the call is counted as failed once
         render = self._render
         try:
             batches = [h.take() for h in self.handles]
@@ -151,7 +152,7 @@ class EventStream(Response):
                 if batch and is_last(batch[-1]):  # its last event (errors were popped above): once per batch
                     self._open -= 1
             if errors:
-                self.handles[0].count_failure(errors[0][1])
+                failure = errors[0][1]
                 ok = render(*errors[0], out)
             last = not ok or self._open == 0
             if last and self._tail is not None:
@@ -161,12 +162,13 @@ class EventStream(Response):
             last = True
             try:  # the API's own error event (and its end, e.g. OpenAI's [DONE]), so the client sees why it ended
                 failure = ErrorEvent("internal error while rendering the answer")
-                self.handles[0].count_failure(failure)
                 render(0, failure, out)
                 if self._tail is not None:
                     out.append(self._tail(False))
             except Exception:
                 log.exception("rendering the error event failed too")
+        if failure is not None:  # before the write: a client that has it finds it counted in its next scrape
+            self.handles[0].count_failure(failure)
         if out or last:
             self._write(b"".join(out), more=not last)
         if last:

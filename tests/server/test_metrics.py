@@ -9,6 +9,7 @@ import json
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.types import Message
 
 from server.app import create_app
 
@@ -86,3 +87,63 @@ async def test_an_unexpected_exception_is_counted_as_a_500(make_settings, monkey
             r = await client.post("/tokenize", json={"inputs": "The game"})
             assert r.status_code == 500
             assert failures((await client.get("/metrics")).text) == {("tokenize", "generation"): 1.0}
+
+
+@pytest.mark.parametrize("mid_body", [False, True])
+async def test_a_client_that_leaves_before_its_answer_is_not_a_failure(make_settings, mid_body: bool) -> None:
+    """A non-streamed call whose client disconnects is cancelled (gam_requests_total's `cancelled`), as a stream
+    whose client leaves is: no one gets an error answer, so none is counted (the handler's 499, or FastAPI's 400
+    for a body cut short, goes nowhere)."""
+    # 4000 tokens: the call is still running when its handler sees the disconnect (seconds later, at the least)
+    async with app_client(make_settings(max_new_tokens=4000)) as (app, client):
+        raw = json.dumps({"inputs": "The game", "parameters": {"max_new_tokens": 4000}}).encode()
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/generate", "raw_path": b"/generate", "root_path": "", "query_string": b"",
+                 "headers": [(b"host", b"test"), (b"content-type", b"application/json"),
+                             (b"transfer-encoding", b"chunked")],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}  # fmt: skip
+        # the whole body, or its first half only; then the client is gone
+        body: list[Message] = [
+            {"type": "http.request", "body": raw[: len(raw) // 2] if mid_body else raw, "more_body": mid_body}
+        ]
+        statuses: list[int] = []
+
+        async def receive() -> Message:
+            return body.pop() if body else {"type": "http.disconnect"}
+
+        async def send(msg: Message) -> None:
+            if msg["type"] == "http.response.start":
+                statuses.append(msg["status"])
+
+        await app(scope, receive, send)
+        assert statuses == [400 if mid_body else 499]  # what the handler answered, to no one
+        text = (await client.get("/metrics")).text
+        if not mid_body:
+            assert 'gam_requests_total{endpoint="generate",finish_reason="cancelled"} 1.0' in text
+        assert failures(text) == {}
+
+
+@pytest.mark.parametrize("fails", [1, 2])
+async def test_a_stream_whose_error_event_fails_to_render_is_counted_once(
+    make_settings, monkeypatch: pytest.MonkeyPatch, fails: int
+) -> None:
+    """The error event ending a stream fails to render: the stream ends with the internal error event instead (or,
+    if that fails too, with none); still one API call answered with an error."""
+    from server.routes import tgi
+
+    real, calls = tgi.error_body, []
+
+    def error_body(*args: object, **kwargs: object) -> object:
+        calls.append(args)
+        if len(calls) <= fails:
+            raise RuntimeError("a bug")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tgi, "error_body", error_body)
+    async with app_client(make_settings(fault_injection="step:2")) as (_, client):
+        r = await client.post("/generate_stream", json={"inputs": "The game", "parameters": {"max_new_tokens": 10}})
+        assert r.status_code == 200 and len(calls) == 2
+        if fails == 1:
+            last = json.loads(r.text.strip().split("\n\n")[-1][len("data:") :])
+            assert last["error"] == "internal error while rendering the answer"
+        assert failures((await client.get("/metrics")).text) == {("generate_stream", "generation"): 1.0}
