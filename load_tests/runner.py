@@ -170,8 +170,10 @@ class _Load:
         self.records.append(rec)
         return body, rec, cut
 
-    async def _one(self, client: Client, body: dict, rec: RequestRecord, cut: int | None) -> None:
-        rec.start = time.perf_counter()
+    async def _one(
+        self, client: Client, body: dict, rec: RequestRecord, cut: int | None, start: float | None = None
+    ) -> None:
+        rec.start = time.perf_counter() if start is None else start
         try:
             await asyncio.wait_for(client.stream(self.cfg.api, self.path, body, rec, cut), self.cfg.timeout_s)
         except TimeoutError:
@@ -184,8 +186,9 @@ class _Load:
 
     async def _closed(self, client: Client, deadline: float) -> None:
         async def worker() -> None:
-            while len(self.records) < self.cfg.num_requests and time.perf_counter() < deadline:
-                await self._one(client, *self._next())
+            # the time checked against the deadline is the request's start: none starts after the duration
+            while len(self.records) < self.cfg.num_requests and (start := time.perf_counter()) < deadline:
+                await self._one(client, *self._next(), start=start)
 
         await asyncio.gather(*(worker() for _ in range(self.cfg.concurrency)))
 

@@ -550,8 +550,10 @@ class Engine:
 
     def count_failure(self, endpoint: str, error_type: str) -> None:
         """Count an API call answered with an error in the core's gam_request_failures_total. It goes with this
-        loop turn's other messages, before any later query of the metrics from this frontend."""
-        self._send(p.Failure(endpoint, error_type))
+        loop turn's other messages, before any later query of the metrics from this frontend. Not with the core gone
+        (its metrics are gone with it)."""
+        if self.alive:
+            self._send(p.Failure(endpoint, error_type))
 
     async def metrics_text(self) -> bytes:
         """The core's Prometheus exposition (its registry holds every gam_* metric)."""
