@@ -45,6 +45,12 @@ def main(argv: list[str] | None = None) -> None:
         help="weights as gam-serve --quantize loads them (auto: as stored)",
     )
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="gam-serve's batch-invariant mode: each prompt's tokens are bit-identical alone or beside others, and "
+        "equal a --deterministic server's on CPU (README)",
+    )
     p.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt)")
     p.add_argument("--verbose", action="store_true", help="print seed, token count and finish reason to stderr")
     args = p.parse_args(argv)
@@ -70,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     except CheckpointError as e:
         sys.exit(f"gam-generate: {e}")
-    decoder = Decoder(model, num_slots=len(args.prompt))
+    decoder = Decoder(model, num_slots=len(args.prompt), deterministic=args.deterministic)
 
     def stream(_: int, text: str) -> None:
         sys.stdout.write(text)
