@@ -55,6 +55,15 @@ FP8 = torch.float8_e4m3fn
 STORAGE = {"int8": torch.int8, "fp8": torch.uint8}
 NAME = {v: k for k, v in STORAGE.items()}
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# --dtype of the command-line tools (gam-generate, gam-eval): gam-serve's names (which its messages use), their short
+# forms, and auto (None: `default_dtype`, or a pre-quantized checkpoint's own dtype), as gam-serve resolves it
+CLI_DTYPES: dict[str, torch.dtype | None] = {
+    "auto": None,
+    **DTYPE_NAMES,
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
 
 
 class QuantizationError(ValueError):

@@ -11,9 +11,7 @@ import torch
 from gam_model.checkpoint import CheckpointError, load_checkpoint
 from gam_model.data import read_text
 from gam_model.evaluate import MODES, evaluate_text
-from gam_model.quant import CHOICES, quantization_of
-
-DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from gam_model.quant import CHOICES, CLI_DTYPES, quantization_of
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -29,7 +27,10 @@ def main(argv: list[str] | None = None) -> None:
         help="sliding: exact for the served semantics (default); chunked: non-overlapping block_size chunks",
     )
     p.add_argument(
-        "--dtype", choices=DTYPES, default="auto", help="auto: as gam-serve (fp32 on CPU, bf16 on CUDA or quantized)"
+        "--dtype",
+        choices=CLI_DTYPES,
+        default="auto",
+        help="auto: as gam-serve (fp32 on CPU, bf16 on CUDA or quantized)",
     )
     p.add_argument(
         "--quantize",
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        model, tok, meta = load_checkpoint(args.model, args.device, DTYPES[args.dtype], args.quantize)
+        model, tok, meta = load_checkpoint(args.model, args.device, CLI_DTYPES[args.dtype], args.quantize)
     except CheckpointError as e:
         raise SystemExit(f"gam-eval: {e}") from e
     dtype = str(model.pos_embedding.weight.dtype).removeprefix("torch.")

@@ -6,14 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from gam_model.checkpoint import CheckpointError, find_single_checkpoint, load_checkpoint
 from gam_model.decode import Decoder
 from gam_model.generate import generate
+from gam_model.quant import CHOICES, CLI_DTYPES
 from gam_model.sampling import SamplingParams
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"
 
 
@@ -34,8 +32,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string; repeatable")
-    p.add_argument("--dtype", choices=DTYPES, default="fp32")
+    p.add_argument(
+        "--dtype",
+        choices=CLI_DTYPES,
+        default="auto",
+        help="auto: as gam-serve (fp32 on CPU, bf16 on CUDA or quantized)",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=CHOICES,
+        default="auto",
+        help="weights as gam-serve --quantize loads them (auto: as stored)",
+    )
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="gam-serve's batch-invariant mode: each prompt's tokens are bit-identical alone or beside others, and "
+        "equal a --deterministic server's on CPU (README)",
+    )
     p.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt)")
     p.add_argument("--verbose", action="store_true", help="print seed, token count and finish reason to stderr")
     args = p.parse_args(argv)
@@ -56,10 +71,12 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         p.error(str(e))
     try:
-        model, tok, _ = load_checkpoint(args.model or default_model_dir(), args.device, DTYPES[args.dtype])
+        model, tok, _ = load_checkpoint(
+            args.model or default_model_dir(), args.device, CLI_DTYPES[args.dtype], args.quantize
+        )
     except CheckpointError as e:
         sys.exit(f"gam-generate: {e}")
-    decoder = Decoder(model, num_slots=len(args.prompt))
+    decoder = Decoder(model, num_slots=len(args.prompt), deterministic=args.deterministic)
 
     def stream(_: int, text: str) -> None:
         sys.stdout.write(text)

@@ -166,19 +166,22 @@ class LogprobsBuilder:
         # which the entry keeps alive
         self._echoed: dict[int, tuple[list[int], TokenLogprobs | None, dict[str, Any]]] = {}
 
-    def prompt(self, ids: list[int], prompt: TokenLogprobs | None) -> dict[str, Any]:
-        """The echoed prompt's entries (the first token has no logprob), offsets from 0. Each token is named by the
-        text it adds, as a generated token is (a byte piece of a character "", the token completing it the
-        character; the bytes of an unfinished last character are the last token's): the same ids get the same
-        `tokens` echoed or generated, and they join to the echoed text. Callers do not modify the result."""
+    def prompt(self, ids: list[int], prompt: TokenLogprobs | None, text: str) -> dict[str, Any]:
+        """The echoed prompt's entries (the first token has no logprob), offsets from 0 into the echoed `text` (the
+        prompt ids' text). Each token is named by the text it adds, as a generated token is (a byte piece of a
+        character "", the token completing it the character; the bytes of an unfinished last character are the last
+        token's): the same ids get the same `tokens` echoed or generated, and they join to the echoed text when the
+        tokenizer round-trips it (byte-level BPE does); where it does not (a Whitespace pre-tokenizer without a
+        decoder, [UNK]), the offsets are the tokenizer's own, where each token starts in `text`. Callers do not
+        modify the result."""
         seen = self._echoed.get(id(ids))
         if seen is not None and seen[0] is ids and seen[1] == prompt:
             return seen[2]
-        out = self._prompt(ids, prompt)
+        out = self._prompt(ids, prompt, text)
         self._echoed[id(ids)] = (ids, prompt, out)
         return out
 
-    def _prompt(self, ids: list[int], prompt: TokenLogprobs | None) -> dict[str, Any]:
+    def _prompt(self, ids: list[int], prompt: TokenLogprobs | None, ptext: str) -> dict[str, Any]:
         tok = self.ctx.tokenizer
         out = self._empty()
         detok = IncrementalDetokenizer(tok)
@@ -195,6 +198,10 @@ class LogprobsBuilder:
                 out["token_logprobs"].append(json_float(lp))
                 alternatives = zip(prompt.top_ids[j - 1], prompt.top_logprobs[j - 1], strict=True)
                 out["top_logprobs"].append(self._top(alternatives, i, text, lp))
+        if detok.chars != len(ptext) or "".join(out["tokens"]) != ptext:  # the texts do not round-trip
+            enc = tok.tok.encode(ptext, add_special_tokens=False)
+            if enc.ids == ids:
+                out["text_offset"] = [start for start, _ in enc.offsets]
         return out
 
     def generated(self, tokens: list[TokenEvent], offset: int) -> dict[str, Any]:
@@ -257,7 +264,7 @@ async def completions(request: Request, body: CompletionRequest, ctx: Ctx) -> An
         if body.logprobs is not None:
             logprobs = lp.generated(res.tokens, len(ptext) if body.echo else 0)
             if body.echo:
-                logprobs = lp.concat(lp.prompt(pids, res.prompt), logprobs)
+                logprobs = lp.concat(lp.prompt(pids, res.prompt, ptext), logprobs)
         choices.append(
             {
                 "index": k,
@@ -323,7 +330,7 @@ def _stream(
     def echo(k: int, prompt: TokenLogprobs | None) -> bytes:
         ptext, pids = prompts[k // body.n]
         offsets[k] = len(ptext)
-        return chunk(k, ptext, lp.prompt(pids, prompt) if body.logprobs is not None else None, None)
+        return chunk(k, ptext, lp.prompt(pids, prompt, ptext) if body.logprobs is not None else None, None)
 
     # with logprobs, a choice's echo waits for its first event, which carries the prompt logprobs
     echo_pending = set(range(len(handles))) if body.echo and body.logprobs is not None else set()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -133,3 +135,59 @@ def test_cli_default_model_is_the_single_one_under_weights(model, tok, tmp_path,
     save_checkpoint(tmp_path / "other", model, tok, CheckpointMeta())
     with pytest.raises(SystemExit, match=r"holds 2 models \(bundled, other\)"):
         main(["--prompt", "x"])
+
+
+def test_cli_loads_checkpoints_as_gam_serve_does(model, tok, tmp_path, capsys):
+    """gam-generate's --dtype and --quantize mean what gam-serve's do (auto by default), so a pre-quantized
+    checkpoint runs with the default flags, and `--quantize int8` gives the text the server's `--quantize int8` gives
+    (gam_model.generate on the model load_checkpoint makes; the server's engine core loads it the same way). The
+    default had been an explicit fp32, which a checkpoint pre-quantized for bf16 refuses, with a message naming flags
+    gam-generate did not have."""
+    from gam_model.checkpoint import load_checkpoint
+    from gam_model.cli.quantize import main as quantize_main
+
+    src = save_checkpoint(tmp_path / "ckpt", model, tok, CheckpointMeta(eos_token_id=tok.eos_token_id))
+    quantize_main([str(src), str(tmp_path / "q")])
+    capsys.readouterr()
+    args = ["--prompt", PROMPTS[3], "--max-new-tokens", "12", "--temperature", "0"]
+
+    def want(d, **kw) -> str:
+        m, t, _ = load_checkpoint(d, **kw)
+        return generate(Decoder(m, 1), t, [PROMPTS[3]], SamplingParams(temperature=0), max_new_tokens=12)[0].text
+
+    for d, extra, kw in [
+        (tmp_path / "q", [], {}),  # pre-quantized: int8 in bf16, as made
+        (tmp_path / "q", ["--dtype", "bfloat16"], {}),  # gam-serve's spelling, which the refusal message names
+        (src, ["--quantize", "int8"], {"quantize": "int8"}),  # quantized at load: bf16 activations
+        (src, ["--quantize", "int8", "--dtype", "float32"], {"quantize": "int8", "dtype": torch.float32}),
+        (src, ["--dtype", "bf16"], {"dtype": torch.bfloat16}),
+    ]:
+        main(["--model", str(d), *args, *extra])
+        assert capsys.readouterr().out == want(d, **kw) + "\n", extra
+    with pytest.raises(SystemExit, match=r"pre-quantized for bfloat16 activations"):
+        main(["--model", str(tmp_path / "q"), *args, "--dtype", "float32"])
+
+
+BUNDLED = Path(__file__).resolve().parents[2] / "weights" / "gam-wikitext2"
+TEXT = (Path(__file__).resolve().parents[1] / "fixtures" / "wikitext2_valid_head.txt").read_text()
+
+
+@pytest.mark.slow
+def test_cli_deterministic_reproduces_a_deterministic_server(capsys):
+    """`gam-serve --deterministic` answers a seeded request with bits a default-mode Decoder need not reproduce (other
+    GEMM shapes: in bf16 the bundled model's seeded tokens differed within 40 tokens for 4 of 6 prompts), so
+    gam-generate has the same flag: a prompt's text is the deterministic Decoder's (the engine core's), alone or
+    beside other prompts."""
+    from gam_model.checkpoint import load_checkpoint
+
+    m, tok, _ = load_checkpoint(BUNDLED, dtype=torch.bfloat16)
+    prompts = [" the", TEXT[:300], TEXT[1000:1100]]
+    args = ["--model", str(BUNDLED), "--max-new-tokens", "40", "--temperature", "0.8", "--seed", "103"]
+    args += ["--dtype", "bf16", "--deterministic"]
+    main([*args, "--prompt", prompts[0]])
+    alone = capsys.readouterr().out
+    main([*args, *(a for p in prompts for a in ("--prompt", p))])
+    beside = capsys.readouterr().out  # prompts[0]'s text first (a text may hold line breaks)
+    params = SamplingParams(temperature=0.8, seed=103)
+    want = generate(Decoder(m, 8, deterministic=True), tok, prompts[:1], params, max_new_tokens=40)[0].text
+    assert alone == want + "\n" and beside.startswith(want + "\n")

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from gam_model.checkpoint import load_checkpoint
+from gam_model.evaluate import evaluate_text
 from gam_model.scoring import token_logprobs
 from tests.server.conftest import MODEL_ID, LiveServer, tiny_settings
 
@@ -25,6 +26,7 @@ PAIRS = [
     ("The game was played", " at the stadium in the city"),
     ("The season ." * 20, " The season ."),  # past block_size (48): the sliding-window semantics
 ]
+ROLLING = "The season . It was played at the stadium in the city ." * 6  # past block_size, within max_length (256)
 pytestmark = pytest.mark.skipif(not LM_EVAL_PYTHON, reason="needs lm-eval's venv (make test sets GAM_LM_EVAL_PYTHON)")
 
 
@@ -35,7 +37,7 @@ def server(checkpoint_dir: Path):
 
 
 def test_lm_eval_local_completions(server, checkpoint_dir: Path) -> None:
-    spec = {"loglikelihood": PAIRS, "generate_until": [["The game was", ["."], 8]]}
+    spec = {"loglikelihood": PAIRS, "generate_until": [["The game was", ["."], 8]], "rolling": [ROLLING]}
     out = subprocess.run(
         [str(LM_EVAL_PYTHON), str(CLIENT), server.url, MODEL_ID, json.dumps(spec)],
         capture_output=True,
@@ -53,6 +55,9 @@ def test_lm_eval_local_completions(server, checkpoint_dir: Path) -> None:
         assert ll == pytest.approx(sum(lp.logprobs[n_ctx - 1 :]), abs=1e-3)
         want_greedy = all(whole[i + 1] == lp.top_ids[i][0] for i in range(n_ctx - 1, len(whole) - 1))
         assert greedy == want_greedy
+    # loglikelihood_rolling (perplexity tasks): one window while the text fits lm-eval's max_length, so it is gam-eval's
+    # exact sliding-window NLL of the text (both open it with the eos token)
+    assert res["rolling"] == [pytest.approx(-evaluate_text(model, tok, ROLLING).nll, abs=1e-3)]
     # generate_until: greedy text up to the stop string, as the OpenAI API answers it
     body = {"model": MODEL_ID, "prompt": "The game was", "max_tokens": 8, "temperature": 0, "stop": ["."]}
     want = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30).json()["choices"][0]["text"]

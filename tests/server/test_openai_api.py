@@ -72,9 +72,9 @@ async def test_n_choices_echo_one_prompt_built_once(client: httpx.AsyncClient, m
     built: list[int] = []
     real = openai_routes.LogprobsBuilder._prompt
 
-    def counted(self, ids, prompt):
+    def counted(self, ids, prompt, text):
         built.append(len(ids))
-        return real(self, ids, prompt)
+        return real(self, ids, prompt, text)
 
     monkeypatch.setattr(openai_routes.LogprobsBuilder, "_prompt", counted)
     body = {"model": MODEL, "prompt": ["The game was", "In the city of"], "n": 3, "max_tokens": 3, "echo": True,
@@ -327,3 +327,38 @@ async def test_max_tokens_left_out_defaults_within_the_server_limit(make_setting
             assert r.json()["usage"]["completion_tokens"] <= 8
         r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "The game", "max_tokens": 9})
         assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_text_offset_with_a_tokenizer_that_does_not_round_trip(tmp_path: Path, stream: bool) -> None:
+    """The paper's tokenizer recipe (BPE after a Whitespace pre-tokenizer, no decoder: what gam-import serves for a
+    paper checkpoint) decodes " st ad i u m" where the prompt said "stadium", so the echoed tokens' texts do not join
+    to the echoed prompt. Their offsets are still where each token starts in the choice's text (from the tokenizer's
+    own offsets), and the generated ones follow: the offsets had summed the tokens' texts, running past the prompt
+    (the last prompt token after the first generated one)."""
+    from gam_model import data
+    from gam_model.checkpoint import CheckpointMeta, save_checkpoint
+    from tests.conftest import tiny_model
+    from tests.server.conftest import FIXTURE_TEXT, tiny_settings
+
+    tok = data.train_tokenizer([FIXTURE_TEXT], "paper", vocab_size=400)
+    model = tiny_model(seed=3, vocab_size=tok.vocab_size, block_size=48)
+    d = save_checkpoint(tmp_path / "paper", model, tok, CheckpointMeta(model_name="paper", eos_token_id=3))
+    prompt = "The game was played at the stadium , and"
+    async with app_client(tiny_settings(d)) as (_, client):
+        body = {"model": "paper", "prompt": prompt, "max_tokens": 6, "echo": True, "logprobs": 0, "stream": stream}
+        body |= {"temperature": 0.9, "seed": 1}
+        r = await client.post("/v1/completions", json=body)
+        if stream:
+            chunks = [json.loads(p)["choices"][0] for p in sse_payloads(r.text)[:-1]]
+            text = "".join(c["text"] for c in chunks)
+            tokens = [t for c in chunks for t in c["logprobs"]["tokens"]]
+            offsets = [o for c in chunks for o in c["logprobs"]["text_offset"]]
+        else:
+            (choice,) = r.json()["choices"]
+            text, tokens, offsets = choice["text"], choice["logprobs"]["tokens"], choice["logprobs"]["text_offset"]
+    n_prompt = len(tok.encode(prompt))
+    assert text.startswith(prompt) and "".join(tokens[:n_prompt]) != prompt  # the tokens' texts do not round-trip
+    assert offsets == sorted(offsets) and offsets[0] == 0 and offsets[n_prompt] == len(prompt)
+    for off, t in zip(offsets, tokens, strict=True):
+        assert text[off:].lstrip().startswith(t.strip()), (off, t)  # a prompt token's text may add a space

@@ -3,7 +3,8 @@
 Executed by tests/server/test_lm_eval.py in lm-eval's own virtualenv (lm-eval needs huggingface_hub >= 1, the
 TGI client of the main venv pins it < 1), so it imports nothing from this project.
 
-    python lm_eval_client.py URL MODEL '{"loglikelihood": [[ctx, cont], ...], "generate_until": [[ctx, stop, n]]}'
+    python lm_eval_client.py URL MODEL '{"loglikelihood": [[ctx, cont], ...], "generate_until": [[ctx, stop, n]],
+                                        "rolling": [text, ...]}'
 """
 
 from __future__ import annotations
@@ -26,7 +27,11 @@ def main() -> None:
             for i, (ctx, stop, n) in enumerate(spec["generate_until"])
         ]
     )
-    print(json.dumps({"tokenizer": type(lm.tokenizer).__name__, "loglikelihood": ll, "generate_until": gen}))
+    rolling = lm.loglikelihood_rolling(
+        [Instance("loglikelihood_rolling", {}, (text,), i) for i, text in enumerate(spec.get("rolling", []))]
+    )
+    out = {"tokenizer": type(lm.tokenizer).__name__, "loglikelihood": ll, "generate_until": gen, "rolling": rolling}
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":
