@@ -188,6 +188,20 @@ class GamServe:
                 pass
             await asyncio.sleep(0.2)
 
+    async def wait_frontends(self, n: int) -> None:
+        """Until each of the n frontends (--api-server-count n) has answered a /metrics scrape (it names itself in
+        gam_frontend_process_*): a worker listens once its own startup is over, seconds after another may (bounded)."""
+        seen: set[int] = set()
+        no_reuse = httpx.Limits(max_keepalive_connections=0)  # a new connection per scrape: any worker may take it
+        async with httpx.AsyncClient(base_url=self.url, timeout=60, limits=no_reuse) as c:
+            for _ in range(1200):
+                text = (await c.get("/metrics")).text
+                seen |= {i for i in range(n) if f'gam_frontend_process_cpu_seconds_total{{frontend="{i}"}}' in text}
+                if len(seen) == n:
+                    return
+                await asyncio.sleep(0.05)
+        raise AssertionError(f"only frontend(s) {sorted(seen)} of {n} answered")
+
 
 class SlowClient:
     """An HTTP client that calls the app directly (ASGI), so each send is seen as the app made it (httpx's in-process

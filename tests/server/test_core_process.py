@@ -77,6 +77,7 @@ async def test_two_frontends_share_one_core(checkpoint_dir: Path) -> None:
             assert sum(p.name() == CORE_NAME for p in tree) == 1
             workers = [p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
             assert len(workers) == 2
+            await server.wait_frontends(2)
             alone = [await ask(c, q, False) for q in prompts]
             together = await asyncio.gather(*(ask(c, q, k % 2 == 1) for k in range(4) for q in prompts))
             assert list(together) == alone * 4

@@ -120,21 +120,6 @@ async def test_a_drained_server_exits_0(checkpoint_dir: Path, frontends: int) ->
     assert exit_code == 0, server.log[-2000:]
 
 
-async def both_frontends_serving(url: str) -> None:
-    """Until each of 2 frontends has answered a /metrics scrape (it names itself in gam_frontend_process_*): a worker
-    listens once its startup is over, and one can be ready seconds before the other (bounded)."""
-    seen: set[str] = set()
-    no_reuse = httpx.Limits(max_keepalive_connections=0)  # a new connection per scrape: either worker may take it
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=no_reuse) as c:
-        for _ in range(600):
-            text = (await c.get("/metrics")).text
-            seen |= {f for f in ("0", "1") if f'gam_frontend_process_cpu_seconds_total{{frontend="{f}"}}' in text}
-            if len(seen) == 2:
-                return
-            await asyncio.sleep(0.1)
-    raise AssertionError(f"only frontend(s) {seen} answered")
-
-
 async def test_frontends_stop_listening_only_when_the_whole_server_is_drained(checkpoint_dir: Path) -> None:
     """--api-server-count 2, SIGTERM while one stream runs: the frontend with no request of its own keeps answering
     (503) until the core has no request left from either; then both exit and the server exits 0. Before, it stopped
@@ -155,7 +140,7 @@ async def test_frontends_stop_listening_only_when_the_whole_server_is_drained(ch
             await server.wait_healthy(client)
             workers = [p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
             assert len(workers) == 2
-            await both_frontends_serving(server.url)
+            await server.wait_frontends(2)
             async with client.stream("POST", "/v1/completions", json=body) as r:
                 assert r.status_code == 200, await r.aread()
                 lines = r.aiter_lines()
