@@ -18,7 +18,7 @@ from gam_model.sampling import SamplingParams
 from load_tests.runner import LoadConfig
 from load_tests.soak import soak
 from server.engine import ErrorEvent, GenerationRequest, RequestHandle
-from tests.server.conftest import LiveServer, app_client
+from tests.server.conftest import EOS_ID, LiveServer, app_client
 from tests.server.test_bad_inputs import check_shape
 
 MODEL = "tiny-gam"
@@ -201,7 +201,8 @@ async def test_degenerate_parameters_answer_valid_json(client: httpx.AsyncClient
 
 # -- faults ----------------------------------------------------------------------------------------------------
 def greedy_request(n: int) -> GenerationRequest:
-    return GenerationRequest([5, 6, 7], SamplingParams(), n)
+    """Greedy with eos biased out: it runs to its length (SamplingParams() samples, and could draw eos early)."""
+    return GenerationRequest([5, 6, 7], SamplingParams(do_sample=False, logit_bias={EOS_ID: -100.0}), n)
 
 
 async def events_of(handle) -> list:
