@@ -227,7 +227,7 @@ async def test_failed_step_fails_exactly_its_requests(make_settings) -> None:
 
 async def test_failed_step_mid_openai_stream_sends_error_then_done(make_settings) -> None:
     async with app_client(make_settings(fault_injection="step:2")) as (_, client):
-        body = {"model": MODEL, "prompt": "The game", "max_tokens": 10, "stream": True, "logprobs": 1}
+        body = {"model": MODEL, "prompt": "The game", "max_tokens": 10, "stream": True, "logprobs": 1, "temperature": 0}
         r = await client.post("/v1/completions", json=body)
         assert r.status_code == 200
         data = [b[len("data: ") :] for b in r.text.split("\n\n") if b.strip()]
