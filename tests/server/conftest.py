@@ -33,6 +33,10 @@ from tests.conftest import tiny_model
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE_TEXT = Path(__file__).resolve().parent.parent / "fixtures" / "wikitext2_train_excerpt.txt"
 MODEL_ID = "tiny-gam"
+EOS_ID = 0  # the fixture tokenizer's eos (train_tokenizer; checked in checkpoint_dir)
+# OpenAI logit_bias that keeps a sampled request from ever drawing eos: the trained tiny model still gives it about
+# 1e-5 per token, so a request that must hold its slot (or reach its length) could otherwise end early by chance
+NO_EOS = {str(EOS_ID): -100}
 
 
 def train_tokenizer(vocab_size: int = 320) -> Tokenizer:
@@ -62,6 +66,7 @@ def checkpoint_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A checkpoint directory (config.json, model.safetensors, tokenizer.json) of a tiny GAM briefly trained on
     the WikiText-2 excerpt (block_size 48, so generations cross into the sliding-window regime)."""
     tok = train_tokenizer()
+    assert tok.eos_token_id == EOS_ID
     model = tiny_model(seed=3, vocab_size=tok.vocab_size, block_size=48)
     fit(model, tok.encode(FIXTURE_TEXT.read_text()), block=48)
     d = tmp_path_factory.mktemp("ckpt") / MODEL_ID

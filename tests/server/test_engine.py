@@ -17,7 +17,7 @@ from gam_model.sampling import SamplingParams
 from gam_model.tokenizer import Tokenizer
 from server import protocol as p
 from server.engine import Engine, EngineUnavailable, GenerationRequest
-from tests.server.conftest import app_client, metric_values
+from tests.server.conftest import EOS_ID, app_client, metric_values
 
 PROMPTS = [
     "The game was",
@@ -165,7 +165,9 @@ async def test_metrics_move(make_settings) -> None:
     async with app_client(make_settings()) as (_, client):
         await client.post("/generate", json=tgi_body("The game", 5))
         await client.post("/generate_stream", json=tgi_body("The game", 4))
-        await client.post("/v1/completions", json={"model": "tiny-gam", "prompt": "x", "max_tokens": 3})
+        await client.post(
+            "/v1/completions", json={"model": "tiny-gam", "prompt": "x", "max_tokens": 3, "temperature": 0}
+        )
         text = (await client.get("/metrics")).text
         values = {
             line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
@@ -223,7 +225,9 @@ async def test_prompt_logprobs_are_scored_between_steps(make_settings) -> None:
                 events.append(ev)
             return events
 
-        running = asyncio.create_task(consume("run", GenerationRequest(ids[:5], SamplingParams(), 60)))
+        # greedy with eos biased out: all 60 tokens come (sampled, it could draw eos: about 1 run in 2500)
+        never_ends = SamplingParams(do_sample=False, logit_bias={EOS_ID: -100.0})
+        running = asyncio.create_task(consume("run", GenerationRequest(ids[:5], never_ends, 60)))
         while "run" not in order:
             await asyncio.sleep(0.001)
         scored = await consume("score", GenerationRequest(ids, SamplingParams(), 1, prompt_logprobs=2))

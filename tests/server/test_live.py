@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server.conftest import LiveServer, app_client
+from tests.server.conftest import NO_EOS, LiveServer, app_client
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,7 +39,10 @@ def metric(url: str, name: str) -> float:
     ("path", "body"),
     [
         ("/generate_stream", {"inputs": "The game", "parameters": {"max_new_tokens": 10**6}}),
-        ("/v1/completions", {"model": "tiny-gam", "prompt": "The game", "max_tokens": 10**6, "stream": True}),
+        (
+            "/v1/completions",
+            {"model": "tiny-gam", "prompt": "The game", "max_tokens": 10**6, "stream": True, "logit_bias": NO_EOS},
+        ),
         ("/generate", {"inputs": "The game", "parameters": {"max_new_tokens": 10**6}}),
     ],
 )

@@ -47,8 +47,10 @@ def test_input_limit_at_its_boundary_in_each_api_shape(bundled) -> None:
         for n in (limit - 1, limit, limit + 1):
             text = tok.decode(ids[:n])
             tgi = c.post("/generate", json={"inputs": text, "parameters": {"max_new_tokens": 8, "details": True}})
-            oai_text = c.post("/v1/completions", json={"model": "gam-wikitext2", "prompt": text, "max_tokens": 8})
-            oai_ids = c.post("/v1/completions", json={"model": "gam-wikitext2", "prompt": ids[:n], "max_tokens": 8})
+            # greedy, as the TGI request: all 8 tokens come (OpenAI's default temperature 1 could draw eos early)
+            oai = {"model": "gam-wikitext2", "max_tokens": 8, "temperature": 0}
+            oai_text = c.post("/v1/completions", json={**oai, "prompt": text})
+            oai_ids = c.post("/v1/completions", json={**oai, "prompt": ids[:n]})
             if n <= limit:
                 assert tgi.status_code == 200 and tgi.json()["details"]["generated_tokens"] == 8
                 assert oai_text.status_code == oai_ids.status_code == 200

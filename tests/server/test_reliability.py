@@ -18,7 +18,7 @@ from gam_model.sampling import SamplingParams
 from load_tests.runner import LoadConfig
 from load_tests.soak import soak
 from server.engine import ErrorEvent, GenerationRequest, RequestHandle
-from tests.server.conftest import LiveServer, app_client
+from tests.server.conftest import EOS_ID, LiveServer, app_client
 from tests.server.test_bad_inputs import check_shape
 
 MODEL = "tiny-gam"
@@ -201,7 +201,8 @@ async def test_degenerate_parameters_answer_valid_json(client: httpx.AsyncClient
 
 # -- faults ----------------------------------------------------------------------------------------------------
 def greedy_request(n: int) -> GenerationRequest:
-    return GenerationRequest([5, 6, 7], SamplingParams(), n)
+    """Greedy with eos biased out: it runs to its length (SamplingParams() samples, and could draw eos early)."""
+    return GenerationRequest([5, 6, 7], SamplingParams(do_sample=False, logit_bias={EOS_ID: -100.0}), n)
 
 
 async def events_of(handle) -> list:
@@ -226,7 +227,7 @@ async def test_failed_step_fails_exactly_its_requests(make_settings) -> None:
 
 async def test_failed_step_mid_openai_stream_sends_error_then_done(make_settings) -> None:
     async with app_client(make_settings(fault_injection="step:2")) as (_, client):
-        body = {"model": MODEL, "prompt": "The game", "max_tokens": 10, "stream": True, "logprobs": 1}
+        body = {"model": MODEL, "prompt": "The game", "max_tokens": 10, "stream": True, "logprobs": 1, "temperature": 0}
         r = await client.post("/v1/completions", json=body)
         assert r.status_code == 200
         data = [b[len("data: ") :] for b in r.text.split("\n\n") if b.strip()]

@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import time
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 
-from tests.server.conftest import GamServe
+from tests.server.conftest import NO_EOS, GamServe
 
 GRACE_S = 2.0
 SECRET = "walrus-obsidian-9013"  # in every prompt; must not reach the process's logs
@@ -38,7 +39,10 @@ async def tgi_stream(client: httpx.AsyncClient, i: int, started: asyncio.Event) 
 
 
 async def openai_stream(client: httpx.AsyncClient, i: int, started: asyncio.Event) -> list[dict | str]:
-    body = {"model": "tiny-gam", "prompt": f"{SECRET} {i} The game", "max_tokens": 100_000, "stream": True}
+    # sampled, with eos biased out: a stream that drew eos would end, a waiting one would take its slot, and the
+    # 16 running + 16 waiting state the test waits for would never come (the loop spun for good: about 1 run in 1000)
+    body = {"model": "tiny-gam", "prompt": f"{SECRET} {i} The game", "max_tokens": 100_000, "stream": True,
+            "logit_bias": NO_EOS}  # fmt: skip
     events: list[dict | str] = []
     async with client.stream("POST", "/v1/completions", json=body) as r:
         assert r.status_code == 200
@@ -76,10 +80,13 @@ async def test_sigterm_with_32_open_streams(checkpoint_dir: Path) -> None:
                 asyncio.create_task((tgi_stream if i % 2 else openai_stream)(client, i, started[i])) for i in range(32)
             ]
             await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 60)
+            deadline = time.monotonic() + 60  # a bounded wait for a state that must come
             while True:  # all 32 accepted: 16 decoding, 16 waiting for a slot
                 m = (await client.get("/metrics")).text
-                if metric(m, "gam_requests_running") == 16 and metric(m, "gam_requests_waiting") == 16:
+                running, waiting = metric(m, "gam_requests_running"), metric(m, "gam_requests_waiting")
+                if running == 16 and waiting == 16:
                     break
+                assert time.monotonic() < deadline, f"never 16 running + 16 waiting: {running} + {waiting}"
                 await asyncio.sleep(0.05)
             proc.send_signal(signal.SIGTERM)
             # while it drains, the socket stays open: probes get 503 (not "connection refused") and new work 503
