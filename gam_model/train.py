@@ -292,7 +292,8 @@ class Trainer:
         assert self.cfg.time_budget_min is not None  # plan() runs only under a time budget
         budget = self.cfg.time_budget_min * 60.0
         fit = self.step + int(max(0.0, budget - self.elapsed) / sec_per_step)
-        target = max(self.cfg.warmup_steps + 1, int(fit * 0.92))  # 8% margin for noise
+        # 8% margin for noise, never fewer steps than already made (calibration can spend the budget on a stalled CPU)
+        target = max(self.cfg.warmup_steps + 1, self.step, int(fit * 0.92))
         if self.max_steps is None:
             self.max_steps = target
             print(f"schedule: {self.max_steps} steps ({sec_per_step:.2f}s/step, budget {budget / 60:.0f} min)")

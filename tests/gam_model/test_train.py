@@ -105,6 +105,15 @@ def test_time_budget_fixes_the_schedule(tmp_path):
     assert state["elapsed"] > 0  # how long it took is the machine's business: the schedule is fixed by then
 
 
+def test_a_schedule_fixed_after_the_budget_is_spent_ends_where_the_run_is(tmp_path):
+    """Calibration that took the whole budget (a stalled machine): the schedule is the steps already made, never
+    fewer (the run would go on past max_steps, its final checkpoint never written)."""
+    t = Trainer(tiny_cfg(tmp_path / "t", max_steps=None, time_budget_min=0.05, calib_steps=6))
+    t.step, t.elapsed = 6, 10.0  # 6 steps in 10 s, over the 3 s budget
+    t.plan(sec_per_step=10.0 / 6)
+    assert t.max_steps == 6
+
+
 def test_cli_paper_tokenizer(tmp_path):
     out = tmp_path / "p"
     train_main(
