@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 
 from gam_model.checkpoint import CheckpointError, load_checkpoint
+from gam_model.cli import add_load_arguments
 from gam_model.data import read_text
 from gam_model.evaluate import MODES, evaluate_text
-from gam_model.quant import CHOICES, CLI_DTYPES, quantization_of
+from gam_model.quant import CLI_DTYPES, quantization_of
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,19 +27,7 @@ def main(argv: list[str] | None = None) -> None:
         default="sliding",
         help="sliding: exact for the served semantics (default); chunked: non-overlapping block_size chunks",
     )
-    p.add_argument(
-        "--dtype",
-        choices=CLI_DTYPES,
-        default="auto",
-        help="auto: as gam-serve (fp32 on CPU, bf16 on CUDA or quantized)",
-    )
-    p.add_argument(
-        "--quantize",
-        choices=CHOICES,
-        default="auto",
-        help="weights as gam-serve --quantize loads them (auto: as stored)",
-    )
-    p.add_argument("--device", default="cpu")
+    add_load_arguments(p)
     p.add_argument("--batch-size", type=int, default=256, help="windows per forward past block_size")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", dest="json_out", default=None, help="also write the results to this JSON file")

@@ -7,9 +7,10 @@ import sys
 from pathlib import Path
 
 from gam_model.checkpoint import CheckpointError, find_single_checkpoint, load_checkpoint
+from gam_model.cli import add_load_arguments
 from gam_model.decode import Decoder
 from gam_model.generate import generate
-from gam_model.quant import CHOICES, CLI_DTYPES
+from gam_model.quant import CLI_DTYPES
 from gam_model.sampling import SamplingParams
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"
@@ -32,19 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string; repeatable")
-    p.add_argument(
-        "--dtype",
-        choices=CLI_DTYPES,
-        default="auto",
-        help="auto: as gam-serve (fp32 on CPU, bf16 on CUDA or quantized)",
-    )
-    p.add_argument(
-        "--quantize",
-        choices=CHOICES,
-        default="auto",
-        help="weights as gam-serve --quantize loads them (auto: as stored)",
-    )
-    p.add_argument("--device", default="cpu")
+    add_load_arguments(p)
     p.add_argument(
         "--deterministic",
         action="store_true",
