@@ -165,9 +165,7 @@ class CoreServer:
             # the frontend turns unhealthy on this message, then fails what is in flight: a client that got its
             # error finds /health 503 (the process exit it also notices may come later)
             with contextlib.suppress(Exception):
-                raw = p.encode(p.Failed(f"the engine loop died: {e!r}"))
-                for ident in self.frontends.values():
-                    self.sock.send_multipart([ident, raw])
+                self._broadcast(p.Failed(f"the engine loop died: {e!r}"))
             return 1
         finally:
             if self.stopping:
@@ -253,7 +251,11 @@ class CoreServer:
             if part.ids or part.errors or part.replies or part.scored or len(self.frontends) == 1:
                 self.sock.send_multipart([self.frontends[f], p.encode(part)], copy=False)
         if self.core.draining and not self.core.has_work and not self.drained_sent:
-            self.drained_sent = True  # after every frontend's last output, on the same sockets
-            raw = p.encode(p.Drained())
-            for ident in self.frontends.values():
-                self.sock.send_multipart([ident, raw])
+            self.drained_sent = True
+            self._broadcast(p.Drained())  # after every frontend's last output, on the same sockets
+
+    def _broadcast(self, msg: p.Failed | p.Drained) -> None:
+        """Send msg to every frontend."""
+        raw = p.encode(msg)
+        for ident in self.frontends.values():
+            self.sock.send_multipart([ident, raw])

@@ -10,9 +10,8 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gam_model.checkpoint import find_single_checkpoint
-from gam_model.quant import default_dtype
+from gam_model.quant import DTYPE_NAMES, default_dtype
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 
 
@@ -127,7 +126,7 @@ class Settings(BaseSettings):
 
     def requested_dtype(self) -> torch.dtype | None:
         """--dtype as given; None for auto."""
-        return None if self.dtype == "auto" else DTYPES[self.dtype]
+        return None if self.dtype == "auto" else DTYPE_NAMES[self.dtype]
 
     def resolved_overlap(self) -> bool | None:
         """--overlap as the batch core takes it (None: auto, decided by the decoder's device)."""
