@@ -63,6 +63,9 @@ log = logging.getLogger(__name__)
 # zmq's option and flag values as plain ints: its enums cost a Python-level Flag operation per use, per message
 _EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
 START_TIMEOUT_S = 600.0  # model load + CUDA graph capture
+# the longest a turn of the event loop handles the core's messages before the streams write what those carried (a
+# token's added delay when this frontend is behind; when it keeps up, one message waits per turn)
+READ_BUDGET_S = 0.005
 ERRORS: dict[str, Callable[[str], Exception]] = {
     "QueueFull": QueueFull,
     "TooManySequences": TooManySequences,
@@ -351,6 +354,7 @@ class Engine:
         self._sock: zmq.Socket | None = None
         self._sock_fd: int | None = None  # registered with the loop (add_reader) while reading
         self._first: asyncio.Future[bytes] | None = None  # the core's first message (Ready or Failed), once it comes
+        self._inbox: collections.deque[bytes] = collections.deque()  # the core's messages read, not handled yet
         self._loop: asyncio.AbstractEventLoop | None = None
         self._exited: asyncio.Future[None] | None = None
         self._sinks: dict[Sink, None] = {}  # sinks with due events, in order (a dict as an ordered set)
@@ -358,7 +362,7 @@ class Engine:
         self._outbox_soon = False  # a _send_outbox is scheduled on the loop
         self._flush_soon = False  # a _flush is scheduled on the loop
         self.now = 0.0  # time.monotonic() when the core's message being handled came (once per message, not per token)
-        self._dispatching = False  # in _dispatch, which flushes at its end
+        self._dispatching = False  # in _handle_inbox, which flushes at its end
         # --stream-interval-ms: (when due, sequence, handle) of the streams whose events wait, at most one entry per
         # stream (weakly: a finished one is not kept for t), and one timer for the earliest; an entry whose events
         # went out meanwhile is dropped or moved to its newer wait's time when it comes due
@@ -639,36 +643,61 @@ class Engine:
 
     # -- the core's messages -------------------------------------------------------------------------------
     def _on_readable(self) -> None:
-        """The socket's descriptor fired (or a send may have hidden a message): handle every message waiting."""
+        """The socket's descriptor fired (or a send may have hidden a message): take every message waiting into the
+        inbox, then handle it (_handle_inbox)."""
         sock = self._sock
         if sock is None or self._sock_fd is None:
             return
+        inbox = self._inbox
+        was_empty = not inbox
         while True:
             try:
                 if not cast(int, sock.get(_EVENTS)) & _POLLIN:
-                    return
+                    break
                 raw = sock.recv(_NOBLOCK)
             except zmq.ZMQError as e:
-                if e.errno == zmq.EAGAIN:
-                    return
-                log.warning("could not read from the engine core: %r", e)
-                return
+                if e.errno != zmq.EAGAIN:
+                    log.warning("could not read from the engine core: %r", e)
+                break
             first = self._first
             if first is not None and not first.done():  # the Ready (or Failed) that _connect waits for
                 first.set_result(raw)
                 continue
-            try:
-                msg = p.decode_from_core(raw)
-                if isinstance(msg, p.CoreOutput):
-                    self._dispatch(msg)
-                elif isinstance(msg, p.MetricsText):
-                    self._answer(msg.token, msg.text)
-                elif isinstance(msg, p.Failed):  # the core's loop died; its process exits next
-                    self._crash(msg.message)
-                elif isinstance(msg, p.Drained):
-                    self._core_drained = True
-            except Exception:  # one bad message must not stop the stream of every other request
-                log.exception("could not handle a message from the engine core")
+            inbox.append(raw)
+        if inbox and was_empty:  # else a _handle_inbox is scheduled already
+            self._handle_inbox()
+
+    def _handle_inbox(self) -> None:
+        """Handle the core's messages in the inbox, in order, then let every stream with due events write them,
+        once. One write per stream per turn, not per core message: a frontend that falls behind the core (several
+        steps wait) sends each stream the tokens of all of them in one write, so the per-write cost (the HTTP stack's
+        and the kernel's) shrinks as the load grows, as vLLM's output collectors merge the outputs a slow handler
+        has not taken yet; each token is still its own event. A turn handles messages for at most READ_BUDGET_S:
+        then the streams write and the rest waits for the loop's next turn, after its other callbacks (new
+        requests, /health)."""
+        inbox = self._inbox
+        self._dispatching = True  # the sinks made due here are flushed at the end, not one by one
+        start = time.monotonic()
+        try:
+            while inbox:
+                try:
+                    msg = p.decode_from_core(inbox.popleft())
+                    if isinstance(msg, p.CoreOutput):
+                        self._dispatch(msg)
+                    elif isinstance(msg, p.MetricsText):
+                        self._answer(msg.token, msg.text)
+                    elif isinstance(msg, p.Failed):  # the core's loop died; its process exits next
+                        self._crash(msg.message)
+                    elif isinstance(msg, p.Drained):
+                        self._core_drained = True
+                except Exception:  # one bad message must not stop the stream of every other request
+                    log.exception("could not handle a message from the engine core")
+                if inbox and time.monotonic() - start >= READ_BUDGET_S:
+                    asyncio.get_running_loop().call_soon(self._handle_inbox)
+                    break
+        finally:
+            self._dispatching = False
+            self._flush()
 
     def _answer(self, token: int, value: object) -> None:
         fut = self._pending.pop(token, None)
@@ -676,7 +705,8 @@ class Engine:
             fut.set_result(value)
 
     def _due(self, sink: Sink) -> None:
-        """Sink has due events: it gets them at the end of this step's dispatch, or at the loop's next turn."""
+        """Sink has due events: it gets them once the core's messages of this turn are handled, or at the loop's next
+        turn."""
         self._sinks[sink] = None
         if not self._flush_soon and not self._dispatching:
             self._flush_soon = True
@@ -728,14 +758,10 @@ class Engine:
                     log.exception("a stream's writer failed")
 
     def _dispatch(self, out: p.CoreOutput) -> None:
-        """One core message: replies, then each row's token event, then scores and errors (one wake-up each)."""
-        self._dispatching = True  # the sinks made due here are flushed at the end, not scheduled one by one
+        """One core message: replies, then each row's token event, then scores and errors (one wake-up each; the
+        streams write at the end of the turn, _handle_inbox)."""
         self.now = time.monotonic()
-        try:
-            self._dispatch_rows(out)
-        finally:
-            self._dispatching = False
-            self._flush()
+        self._dispatch_rows(out)
 
     def _dispatch_rows(self, out: p.CoreOutput) -> None:
         for rep in out.replies:

@@ -10,13 +10,14 @@ import subprocess
 import time
 from collections.abc import AsyncIterator
 
+import numpy as np
 import pytest
 import zmq
 
 from gam_model.sampling import SamplingParams
 from gam_model.tokenizer import Tokenizer
 from server import protocol as p
-from server.engine import Engine, EngineUnavailable, GenerationRequest
+from server.engine import Engine, EngineUnavailable, GenerationRequest, TokenEvent
 from tests.server.conftest import EOS_ID, app_client, metric_values
 
 PROMPTS = [
@@ -428,3 +429,68 @@ async def test_a_message_that_cannot_be_encoded_fails_alone(make_settings, tmp_p
             await asyncio.wait_for(bad, 10)
         assert await asyncio.wait_for(query, 10) == b"answer"
         assert not engine._pending and not engine._handles
+
+
+class RecordingSink:
+    """A stream's writer that records the token indices of each write (server/routes/stream.py's EventStream takes
+    its handles' due events the same way); the error events that end the streams at the engine's shutdown, by name."""
+
+    def __init__(self, handle) -> None:
+        self.handle, self.writes = handle, []
+
+    def deliver(self) -> None:
+        self.writes.append([ev.index if isinstance(ev, TokenEvent) else type(ev).__name__ for ev in self.handle.take()])
+
+
+def step_output(rids: list[int], token: int) -> bytes:
+    """The core's message for one step that gave every request in rids a token."""
+    n = len(rids)
+    return p.encode(
+        p.CoreOutput(
+            ids=np.array(rids, np.int64).tobytes(),
+            tokens=np.full(n, token, np.int64).tobytes(),
+            logprobs=np.zeros(n, np.float32).tobytes(),
+            running=n,
+        )
+    )
+
+
+async def streams_on_stand_in(engine: Engine, core: zmq.Socket, n: int) -> list[RecordingSink]:
+    """n streamed requests submitted to the stand-in core (which accepts them), each written to a RecordingSink."""
+    submitting = asyncio.ensure_future(engine.submit_all([GenerationRequest([1, 2, 3], SamplingParams(), 8)] * n))
+    await until_sent(core)
+    ident, raw = core.recv_multipart()
+    [submit] = p.decode_to_core(raw)
+    assert isinstance(submit, p.Submit)
+    core.send_multipart([ident, p.encode(p.CoreOutput(replies=[p.Reply(0, submit.token)], running=n))])
+    sinks = [RecordingSink(h) for h in await asyncio.wait_for(submitting, 10)]
+    for s in sinks:
+        s.handle.attach(s)
+    return sinks
+
+
+async def test_steps_read_together_go_out_in_one_write_per_stream(make_settings, tmp_path) -> None:
+    """A frontend that falls behind the core finds several steps waiting: each stream writes the tokens of all of
+    them at once (one write per stream per turn of the loop, not per step), every token still its own event."""
+    async with stand_in_core(make_settings(), tmp_path) as (engine, core, _):
+        sinks = await streams_on_stand_in(engine, core, 2)
+        rids = [s.handle.id for s in sinks]
+        engine._inbox.extend(step_output(rids, tok) for tok in (5, 6, 7))  # three steps read in one turn
+        engine._handle_inbox()
+        assert [s.writes for s in sinks] == [[[0, 1, 2]], [[0, 1, 2]]]
+
+
+async def test_a_turn_handles_the_core_for_at_most_its_budget(make_settings, tmp_path, monkeypatch) -> None:
+    """Past READ_BUDGET_S a turn stops handling the core's messages: the streams write what it handled, the rest
+    waits for the loop's next turn (other callbacks run between), in order, nothing lost."""
+    monkeypatch.setattr("server.engine.READ_BUDGET_S", 0.0)  # every message is over budget
+    async with stand_in_core(make_settings(), tmp_path) as (engine, core, _):
+        [sink] = await streams_on_stand_in(engine, core, 1)
+        engine._inbox.extend(step_output([sink.handle.id], tok) for tok in (5, 6, 7))
+        engine._handle_inbox()
+        assert sink.writes == [[0]] and len(engine._inbox) == 2
+        for _ in range(1000):  # bounded: the rest is handled on later turns
+            if not engine._inbox and len(sink.writes) == 3:
+                break
+            await asyncio.sleep(0)
+        assert sink.writes == [[0], [1], [2]]
