@@ -6,7 +6,6 @@ import contextlib
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -60,6 +59,24 @@ def process_tree_cpu(pid: int, system: bool = False) -> dict[int, tuple[str, flo
 def tree_cpu_seconds(pid: int) -> float:
     """process_cpu_seconds of a process and all its live descendants (the engine core is a child process)."""
     return sum(seconds for _, seconds in process_tree_cpu(pid).values())
+
+
+def listening_port(proc: subprocess.Popen, timeout: float) -> int | None:
+    """The TCP port a server process started on port 0 listens on, once it does (the kernel picked a free port for
+    the server's own socket, so no other process can take it first, as one can take a port picked free here, closed
+    and passed on); None if the process exits or does not listen within `timeout` seconds."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(psutil.Error):  # exited meanwhile: poll() says so
+            conns = psutil.Process(proc.pid).net_connections("tcp")
+            ports = {c.laddr.port for c in conns if c.status == psutil.CONN_LISTEN}
+            if ports:
+                (port,) = ports  # a server with two listeners would need saying which one
+                return port
+        time.sleep(0.05)
+    return None
 
 
 PROMPTS = Path(__file__).resolve().parent.parent / "load_tests" / "prompts.txt"  # WikiText-2 excerpt
@@ -127,8 +144,9 @@ def serve_help() -> str:
 
 
 class ServerProcess:
-    """`gam-serve` in a subprocess on 127.0.0.1 at a free port; a context manager that waits for /health. `checkout`:
-    serve that checkout's code (another commit's worktree) instead of this one's."""
+    """`gam-serve` in a subprocess on 127.0.0.1 at a port the kernel picks (--port 0, which every checkout accepts); a
+    context manager that waits for /health. `checkout`: serve that checkout's code (another commit's worktree) instead
+    of this one's."""
 
     def __init__(self, model_dir: Path, threads: int = 1, checkout: Path | None = None, **settings: object) -> None:
         self.model_dir, self.threads, self.settings = model_dir, threads, settings
@@ -137,10 +155,7 @@ class ServerProcess:
         self.url = ""
 
     def __enter__(self) -> ServerProcess:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        args = ["--model", str(self.model_dir), "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+        args = ["--model", str(self.model_dir), "--host", "127.0.0.1", "--port", "0", "--log-level", "warning"]
         for k, v in self.settings.items():
             flag = k.replace("_", "-")
             args += [f"--{flag}"] if v is True else [f"--no-{flag}"] if v is False else [f"--{flag}", str(v)]
@@ -150,8 +165,13 @@ class ServerProcess:
             root = self.checkout.resolve()
             env["PYTHONPATH"] = str(root)
         self.proc = subprocess.Popen([sys.executable, "-c", SERVE, *args], cwd=root, env=env)
-        self.url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 300
+        port = listening_port(self.proc, 300)
+        if port is None:
+            why = f"exited with {self.proc.returncode}" if self.proc.poll() is not None else "did not listen in 300 s"
+            self.__exit__()
+            raise RuntimeError(f"gam-serve {why}")
+        self.url = f"http://127.0.0.1:{port}"
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gam-serve exited with {self.proc.returncode}")

@@ -79,8 +79,9 @@ def serve(settings: Settings) -> int:
     ]
     for w in workers:
         w.start()
-    log.info("%d frontends on %s:%d share the engine core (pid %s)", len(workers), settings.host, settings.port,
-             core.process.pid)  # fmt: skip
+    # the bound port, not settings.port: with --port 0 the kernel picked it
+    log.info("%d frontends on %s:%d share the engine core (pid %s)", len(workers), settings.host,
+             sock.getsockname()[1], core.process.pid)  # fmt: skip
     stopping = False
 
     def forward(sig: int, frame: FrameType | None) -> None:

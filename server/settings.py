@@ -23,7 +23,7 @@ class Settings(BaseSettings):
     model: Path | None = Field(None, description="checkpoint directory (default: the single model under weights/)")
     model_id: str | None = Field(None, description="name served in /info and /v1/models (default: the checkpoint's)")
     host: str = Field("127.0.0.1", description="interface to bind")
-    port: int = Field(8000, ge=0, le=65535, description="TCP port")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0: a free one the kernel picks; the log names it)")
     device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,9 +19,9 @@ import promql_parser
 import pytest
 import yaml
 
+from bench.common import listening_port
 from tests.deploy.manifests import GRAFANA_VARS, ROOT, alert_rules, all_queries, k8s_object
 from tests.server.conftest import LiveServer, tiny_settings
-from tests.server.test_live import free_port
 
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 INSTALL_HINT = "run `make test` (it installs it) or `apt-get install -y prometheus`"
@@ -129,7 +130,16 @@ class Prometheus:
 
 
 @pytest.fixture(scope="module")
-def prometheus(server: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
+def dead_port() -> Iterator[int]:
+    """A port nobody listens on while the module runs: bound here and never listened on, so connections to it are
+    refused and no other process can take it (a port picked free and closed could be taken and answer)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def prometheus(server: LiveServer, dead_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
     """Debian's prometheus with the compose config and rules, rewritten only where a test must: targets (the live
     server, plus a port nobody listens on: a replica that is down), 1 s intervals, the rule file path, `for:`."""
     tmp = tmp_path_factory.mktemp("prometheus")
@@ -143,28 +153,29 @@ def prometheus(server: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> 
     config["rule_files"] = [str(tmp / "alerts.yml")]
     (job,) = config["scrape_configs"]
     assert job["job_name"] == "gam-serve"  # the alerts select job="gam-serve"
-    dead = f"127.0.0.1:{free_port()}"
+    dead = f"127.0.0.1:{dead_port}"
     # namespace: the label a prometheus-operator scrape adds in Kubernetes, which the KEDA trigger selects on
     targets = {"targets": [f"127.0.0.1:{server.port}", dead], "labels": {"namespace": k8s_namespace()}}
     job["static_configs"] = [targets]
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
     promtool("check", "config", tmp / "prometheus.yml")  # the full check: rule files loaded and checked too
 
-    port = free_port()
     log = (tmp / "prometheus.log").open("w")
     proc = subprocess.Popen(
         [
             tool("prometheus"),
             f"--config.file={tmp / 'prometheus.yml'}",
             f"--storage.tsdb.path={tmp / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
+            "--web.listen-address=127.0.0.1:0",  # its own listener on a port the kernel picks (never released)
             "--log.level=warn",
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    prom = Prometheus(f"http://127.0.0.1:{port}", dead)
     try:
+        port = listening_port(proc, DEADLINE_S)
+        assert port, f"prometheus did not listen: {(tmp / 'prometheus.log').read_text()}"
+        prom = Prometheus(f"http://127.0.0.1:{port}", dead)
 
         def ready() -> bool:
             assert proc.poll() is None, f"prometheus exited: {(tmp / 'prometheus.log').read_text()}"

@@ -127,8 +127,9 @@ def scripted_app(script: Script) -> Starlette:
 def scripted() -> Iterator[tuple[str, Script]]:
     """(base URL, Script) of a scripted server running on 127.0.0.1 in a thread."""
     script = Script()
+    # uvicorn serves on this socket, so the port is never released; no SO_REUSEADDR, with which another socket could
+    # bind the same port until uvicorn listens
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(scripted_app(script), log_level="warning", lifespan="off"))

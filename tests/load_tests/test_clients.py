@@ -156,10 +156,10 @@ def test_the_load_generators_loop_runs_both_clients_alike() -> None:
 
 @pytest.mark.parametrize("kind", ["httpx", "raw"])
 async def test_a_refused_connection_is_a_connect_error(kind: str) -> None:
-    with socket.socket() as s:  # a port nobody listens on
+    with socket.socket() as s:  # a port nobody listens on: bound, never listened on (and no other process takes it)
         s.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{s.getsockname()[1]}"
-    assert await outcomes(kind, url, ["x"]) == [("x", None, "ConnectError", "", 0, None, True)]
+        assert await outcomes(kind, url, ["x"]) == [("x", None, "ConnectError", "", 0, None, True)]
 
 
 @pytest.mark.parametrize("kind", ["httpx", "raw"])

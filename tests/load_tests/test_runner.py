@@ -161,11 +161,11 @@ async def test_drain_cancels_requests_still_running(scripted, client: str) -> No
 
 
 async def test_raw_client_records_a_refused_connection_and_refuses_https() -> None:
-    with socket.socket() as s:  # a port nobody listens on
+    with socket.socket() as s:  # a port nobody listens on: bound, never listened on (and no other process takes it)
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cfg = LoadConfig(url=f"http://127.0.0.1:{port}", client="raw", concurrency=1, num_requests=1, duration_s=5)
-    res = await run_load(cfg, progress=False)
+        cfg = LoadConfig(url=f"http://127.0.0.1:{port}", client="raw", concurrency=1, num_requests=1, duration_s=5)
+        res = await run_load(cfg, progress=False)
     assert [r.error for r in res.records] == ["ConnectError"]  # as the httpx client names it
     with pytest.raises(ValueError, match="plain http"):
         await run_load(LoadConfig(url="https://127.0.0.1:1", client="raw", num_requests=1), progress=False)
@@ -205,10 +205,10 @@ def test_cli_writes_json_png_and_table(scripted, tmp_path, capsys) -> None:
 
 
 def test_cli_stops_when_the_server_cannot_be_reached(capsys) -> None:
-    with socket.socket() as s:  # a port nobody listens on
+    with socket.socket() as s:  # a port nobody listens on: bound, never listened on (and no other process takes it)
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    assert main(["--url", f"http://127.0.0.1:{port}", "--no-progress"]) == 2
+        assert main(["--url", f"http://127.0.0.1:{port}", "--no-progress"]) == 2
     assert "cannot reach" in capsys.readouterr().err
 
 

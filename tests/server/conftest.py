@@ -23,6 +23,7 @@ import uvicorn
 from fastapi import FastAPI
 from starlette.types import ASGIApp
 
+from bench.common import listening_port
 from gam_model import data
 from gam_model.checkpoint import CheckpointMeta, save_checkpoint
 from gam_model.tokenizer import Tokenizer
@@ -117,12 +118,13 @@ async def client(make_settings) -> AsyncIterator[httpx.AsyncClient]:
 
 
 class LiveServer:
-    """A real uvicorn on 127.0.0.1 at a free port, in a background thread."""
+    """A real uvicorn on 127.0.0.1 at a free port, in a background thread. uvicorn serves on the socket bound here, so
+    the port is never released; without SO_REUSEADDR, as another socket with it could bind the same port until uvicorn
+    listens (Linux allows that while neither listens)."""
 
     def __init__(self, settings: Settings) -> None:
         self.app = create_app(settings)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -158,21 +160,25 @@ def live_server(make_settings) -> Iterator[LiveServer]:
 
 
 class GamServe:
-    """A real `gam-serve` process (python -m server.cli) on a free 127.0.0.1 port, killed on exit if still running;
-    its combined output is `.log` afterwards."""
+    """A real `gam-serve` process (python -m server.cli) on 127.0.0.1, killed on exit if still running; its combined
+    output is `.log` afterwards. It runs with --port 0: the kernel picks a free port for the server's own socket (a
+    port picked free here and passed on could be taken by another process before the server binds it); `port` and
+    `url` are set once entered, when the server listens."""
 
     def __init__(self, model: Path, *args: str, **env: str) -> None:
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        sock.close()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [sys.executable, "-m", "server.cli", "--model", str(model), "--port", str(self.port), *args]
+        self.cmd = [sys.executable, "-m", "server.cli", "--model", str(model), "--port", "0", *args]
         self.env = {**os.environ, "OMP_NUM_THREADS": "1", "GAM_DEVICE": "cpu", **env}
+        self.port = 0
+        self.url = ""
         self.log = ""
 
     def __enter__(self) -> subprocess.Popen:
         self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        port = listening_port(self.proc, 120)
+        if port is None:
+            self.__exit__()
+            raise AssertionError(f"gam-serve did not start: {self.log[-3000:]}")
+        self.port, self.url = port, f"http://127.0.0.1:{port}"
         return self.proc
 
     def __exit__(self, *exc: object) -> None:

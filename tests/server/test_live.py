@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.common import listening_port
 from tests.server.conftest import NO_EOS, LiveServer, app_client
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -90,18 +90,11 @@ async def test_api_key(make_settings) -> None:
         assert (await client.get("/metrics")).status_code == 200
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_drains_then_exits(checkpoint_dir: Path, sig: signal.Signals) -> None:
     """gam-serve (the CLI) on SIGTERM or Ctrl-C sent to its whole process group (systemd, a terminal): refuses new
     work, ends a long stream with the drain's final event (the engine core survives the signal), exits 0."""
-    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GAM_MAX_NEW_TOKENS": "100000", "GAM_DEVICE": "cpu"}
     cmd = [
         sys.executable,
@@ -110,7 +103,7 @@ def test_sigterm_drains_then_exits(checkpoint_dir: Path, sig: signal.Signals) ->
         "--model",
         str(checkpoint_dir),
         "--port",
-        str(port),
+        "0",  # the kernel picks a free port for the server's own socket (no gap in which another process takes it)
         "--shutdown-grace",
         "1",
         "--max-batch-size",
@@ -121,8 +114,10 @@ def test_sigterm_drains_then_exits(checkpoint_dir: Path, sig: signal.Signals) ->
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
     )
-    url = f"http://127.0.0.1:{port}"
     try:
+        port = listening_port(proc, 240)
+        assert port, proc.stdout.read().decode() if proc.poll() is not None else "no start"
+        url = f"http://127.0.0.1:{port}"
 
         def healthy() -> bool:
             try:

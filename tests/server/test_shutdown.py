@@ -71,8 +71,8 @@ def ended_properly_openai(events: list[dict | str]) -> bool:
 async def test_sigterm_with_32_open_streams(checkpoint_dir: Path) -> None:
     args = ("--shutdown-grace", str(GRACE_S), "--max-batch-size", "16", "--max-queue", "32", "--log-level", "debug")
     server = GamServe(checkpoint_dir, *args, GAM_MAX_NEW_TOKENS="100000")
-    url = server.url
     with server as proc:
+        url = server.url
         async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(60, connect=5)) as client:
             await server.wait_healthy(client)
             started = [asyncio.Event() for _ in range(32)]
@@ -125,6 +125,9 @@ async def test_a_drained_server_exits_0(checkpoint_dir: Path, frontends: int) ->
         proc.send_signal(signal.SIGTERM)
         exit_code = await asyncio.to_thread(proc.wait, GRACE_S + 60)
     assert exit_code == 0, server.log[-2000:]
+    # it ran on --port 0 (GamServe): the log names the port the kernel picked, as operators need it
+    assert f"Uvicorn running on http://127.0.0.1:{server.port}" in server.log
+    assert frontends == 1 or f"{frontends} frontends on 127.0.0.1:{server.port} share" in server.log
 
 
 async def test_frontends_stop_listening_only_when_the_whole_server_is_drained(checkpoint_dir: Path) -> None:
