@@ -52,10 +52,17 @@ if [ -z "$model_dir" ]; then  # no bundled model: paper config, random weights
   model_dir=$(mktemp -d)/gam-random
   "$PY" -c "import sys; from pathlib import Path; from bench.common import random_paper_checkpoint as r; r(Path(sys.argv[1]))" "$model_dir" || status=1
 fi
-port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-"$PY" -m server.cli --model "$model_dir" --host 127.0.0.1 --port "$port" --device "$DEVICE" --dtype bfloat16 \
+# --port 0: the kernel picks a free port for the server's own socket (a port picked here and passed on can be taken)
+"$PY" -m server.cli --model "$model_dir" --host 127.0.0.1 --port 0 --device "$DEVICE" --dtype bfloat16 \
   --max-batch-size 64 --cuda-graphs --log-level warning &
 server=$!
+port=$("$PY" -c 'import sys, time, psutil
+p = psutil.Process(int(sys.argv[1]))
+for _ in range(1800):  # up to 180 s: model load and CUDA graph capture come first
+    ports = {c.laddr.port for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+    if ports:
+        sys.exit(print(ports.pop()))
+    time.sleep(0.1)' "$server" 2>/dev/null)
 healthy=0
 for _ in $(seq 1 180); do
   if "$PY" -c "import httpx, sys; sys.exit(httpx.get('http://127.0.0.1:$port/health', timeout=2).status_code != 200)" 2>/dev/null; then
