@@ -302,11 +302,17 @@ def test_alerts_fire_on_purpose(loaded: Prometheus) -> None:
     assert {r["alert"] for r in alert_rules(PROMETHEUS_DIR / "alerts.yml")} == FIRED | set(EXEMPT)
 
     def firing() -> dict[str, dict[str, Any]]:
-        now = {a["labels"]["alertname"]: a for a in loaded.alerts() if a["state"] == "firing"}
+        # by name; GamServeDown fires once per target that is down: the dead target's is the one that must fire (the
+        # live server can miss a scrape on a loaded machine too, and its alert must not stand in for it)
+        now = {
+            a["labels"]["alertname"]: a
+            for a in loaded.alerts()
+            if a["state"] == "firing"
+            and (a["labels"]["alertname"] != "GamServeDown" or a["labels"].get("instance") == loaded.dead_target)
+        }
         return now if set(now) >= FIRED else {}
 
     alerts = loaded.wait("alerts firing: " + ", ".join(sorted(FIRED)), firing)
-    assert alerts["GamServeDown"]["labels"]["instance"] == loaded.dead_target
     for name in FIRED:
         a = alerts[name]
         assert a["labels"]["severity"] in ("warning", "critical")
