@@ -97,3 +97,26 @@ def test_model_dir_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(ValueError, match="2 models"):
         Settings().resolved_model_dir()
     assert Settings(model=tmp_path / "b").resolved_model_dir() == tmp_path / "b"
+
+
+@pytest.mark.parametrize("key", ["", "   ", "s3cret\n", " s3cret", "s3cret\t", "s3c\rret", "s3c\x00ret"])
+def test_an_api_key_no_header_can_carry_is_refused(key: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An HTTP header value has no leading or trailing whitespace and no control characters, so a key with them can
+    never be sent (a k8s Secret made with --from-file keeps the file's newline: every call got 401), and an empty key
+    let in any `Authorization: Bearer` with no token: refused at start-up (exit 2), from the flag and the env."""
+    with pytest.raises(ValueError, match="api_key"):
+        Settings(api_key=key)
+    if "\x00" in key:  # an environment variable cannot hold one
+        return
+    monkeypatch.setenv("GAM_API_KEY", key)
+    with pytest.raises(SystemExit) as e:
+        from server.cli import main
+
+        main([])
+    assert e.value.code == 2
+
+
+def test_an_api_key_with_inner_spaces_is_kept() -> None:
+    """Inner spaces and tabs can be sent (`Authorization: Bearer a b`): such a key stays as given."""
+    key = Settings(api_key="two words\tand a tab").api_key
+    assert key is not None and key.get_secret_value() == "two words\tand a tab"
