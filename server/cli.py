@@ -35,6 +35,15 @@ class CliSettings(Settings):
     )
 
 
+def describe(e: Exception) -> str:
+    """A start-up error for stderr. Bad settings are named with what is wrong but not the values given: pydantic's
+    own text quotes its input (for an error of the whole object, every flag and GAM_* variable, the API key too)."""
+    if not isinstance(e, ValidationError):
+        return str(e)
+    errors = e.errors(include_url=False, include_context=False, include_input=False)
+    return "bad settings: " + "; ".join(f"{'.'.join(map(str, x['loc'])) or 'settings'}: {x['msg']}" for x in errors)
+
+
 class DrainingServer(uvicorn.Server):
     """uvicorn.Server that drains before it stops listening.
 
@@ -103,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
             settings.resolved_device(),
         )
     except (ValidationError, CheckpointError, QuantizationError) as e:
-        print(f"gam-serve: {e}", file=sys.stderr)
+        print(f"gam-serve: {describe(e)}", file=sys.stderr)
         raise SystemExit(2) from e
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # imported late: `gam-serve --help` stays fast

@@ -120,3 +120,27 @@ def test_an_api_key_with_inner_spaces_is_kept() -> None:
     """Inner spaces and tabs can be sent (`Authorization: Bearer a b`): such a key stays as given."""
     key = Settings(api_key="two words\tand a tab").api_key
     assert key is not None and key.get_secret_value() == "two words\tand a tab"
+
+
+@pytest.mark.parametrize(
+    ("env_key", "argv"),
+    [
+        ("topsecret-key", ["--stream-interval-ms", "50"]),  # a bad combination: pydantic quoted every input given
+        ("topsecret-key\n", []),  # the key itself refused
+        ("topsecret-key", ["--max-batch-size", "0"]),
+    ],
+)
+def test_bad_settings_never_print_the_api_key(
+    env_key: str, argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """gam-serve's message for bad settings names what is wrong, never the values given: pydantic's own text
+    quotes the input (a model-level error the whole input dict, API key included) into the container's log."""
+    monkeypatch.setenv("GAM_API_KEY", env_key)
+    with pytest.raises(SystemExit) as e:
+        from server.cli import main
+
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "topsecret" not in err, err
+    assert err.startswith("gam-serve: ") and ("stream-interval" in err or "api_key" in err or "max_batch_size" in err)
