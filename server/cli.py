@@ -13,7 +13,7 @@ import uvicorn
 from pydantic import ValidationError
 from pydantic_settings import CliApp, SettingsConfigDict
 
-from gam_model.checkpoint import CheckpointError, read_config
+from gam_model.checkpoint import CheckpointError, load_tokenizer, read_config
 from gam_model.quant import QuantizationError, resolve
 from server.heap import settle_heap
 from server.settings import Settings
@@ -104,13 +104,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         settings = parse(argv)
         model_dir = settings.resolved_model_dir()
-        # bad combinations (fp8 on a CPU, a pre-quantized checkpoint with another dtype) fail here, before uvicorn
-        resolve(
-            settings.quantize,
-            read_config(model_dir)[1].quantization,
-            settings.requested_dtype(),
-            settings.resolved_device(),
-        )
+        config, meta = read_config(model_dir)
+        # bad combinations (fp8 on a CPU, a pre-quantized checkpoint with another dtype) and a missing or unreadable
+        # tokenizer (which each frontend reads) fail here, before uvicorn
+        resolve(settings.quantize, meta.quantization, settings.requested_dtype(), settings.resolved_device())
+        load_tokenizer(model_dir, config, meta)
     except (ValidationError, CheckpointError, QuantizationError) as e:
         print(f"gam-serve: {describe(e)}", file=sys.stderr)
         raise SystemExit(2) from e

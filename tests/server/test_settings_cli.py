@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,25 @@ def test_bad_settings_never_print_the_api_key(
     err = capsys.readouterr().err
     assert "topsecret" not in err, err
     assert err.startswith("gam-serve: ") and ("stream-interval" in err or "api_key" in err or "max_batch_size" in err)
+
+
+@pytest.mark.parametrize("damage", ["missing", "not json"])
+def test_a_checkpoint_without_a_usable_tokenizer_exits_with_the_reason(
+    checkpoint_dir: Path, tmp_path: Path, damage: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A checkpoint directory whose tokenizer.json is missing or unreadable stops gam-serve at start-up with exit 2
+    and the file named: the frontend read the tokenizer before the engine core's checks ran, so the answer was a
+    traceback ending in the tokenizers library's "No such file or directory (os error 2)" and exit status 3."""
+    model = tmp_path / "model"
+    shutil.copytree(checkpoint_dir, model)
+    if damage == "missing":
+        (model / "tokenizer.json").unlink()
+    else:
+        (model / "tokenizer.json").write_text("{not json")
+    with pytest.raises(SystemExit) as e:
+        from server.cli import main
+
+        main(["--model", str(model), "--device", "cpu"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "tokenizer.json" in err and str(model) in err, err
