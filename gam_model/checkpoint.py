@@ -82,6 +82,10 @@ def read_config(directory: str | Path) -> tuple[GAMConfig, CheckpointMeta]:
         cfg = GAMConfig.from_dict(raw)
     except (json.JSONDecodeError, ConfigError, TypeError) as e:
         raise CheckpointError(f"{path}: {e}") from e
+    for key in ("eos_token_id", "bos_token_id"):  # None (absent) or a token id of the model
+        tid = raw.get(key)
+        if tid is not None and (isinstance(tid, bool) or not isinstance(tid, int) or not 0 <= tid < cfg.vocab_size):
+            raise CheckpointError(f"{path}: {key} must be a token id in [0, {cfg.vocab_size}), got {tid!r}")
     known = {
         "architecture",
         "format_version",
