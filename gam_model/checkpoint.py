@@ -82,6 +82,10 @@ def read_config(directory: str | Path) -> tuple[GAMConfig, CheckpointMeta]:
         cfg = GAMConfig.from_dict(raw)
     except (json.JSONDecodeError, ConfigError, TypeError) as e:
         raise CheckpointError(f"{path}: {e}") from e
+    for key in ("eos_token_id", "bos_token_id"):  # None (absent) or a token id of the model
+        tid = raw.get(key)
+        if tid is not None and (isinstance(tid, bool) or not isinstance(tid, int) or not 0 <= tid < cfg.vocab_size):
+            raise CheckpointError(f"{path}: {key} must be a token id in [0, {cfg.vocab_size}), got {tid!r}")
     known = {
         "architecture",
         "format_version",
@@ -143,13 +147,12 @@ def load_checkpoint(
     if not d.is_dir():
         raise CheckpointError(f"{directory}: not a directory")
     cfg, meta = read_config(d)
-    wpath, tpath = d / "model.safetensors", d / "tokenizer.json"
+    wpath = d / "model.safetensors"
     if not wpath.is_file():
         pickles = sorted(p.name for p in d.glob("*.pt*")) + sorted(p.name for p in d.glob("*.bin"))
         hint = f" (found {', '.join(pickles)}: convert it with gam-import; pickles are never loaded)" if pickles else ""
         raise CheckpointError(f"{directory}: no model.safetensors{hint}")
-    if not tpath.is_file():
-        raise CheckpointError(f"{directory}: no tokenizer.json")
+    tok = load_tokenizer(d, cfg, meta)
     device = torch.device(device)
     try:
         method, dtype = quant.resolve(quantize, meta.quantization, dtype, device)
@@ -166,7 +169,19 @@ def load_checkpoint(
         model = model.to(device=device, dtype=dtype).eval()
         if method != "none":
             quant.quantize_model_(model, method)
-    tok = Tokenizer.from_file(tpath, meta.eos_token_id, meta.bos_token_id)
+    return model, tok, meta
+
+
+def load_tokenizer(directory: str | Path, cfg: GAMConfig, meta: CheckpointMeta) -> Tokenizer:
+    """A checkpoint directory's tokenizer.json with its config's eos/bos ids, checked against the model's vocabulary
+    (CheckpointError naming the file when it is missing, unreadable or larger than the vocabulary)."""
+    tpath = Path(directory) / "tokenizer.json"
+    if not tpath.is_file():
+        raise CheckpointError(f"{directory}: no tokenizer.json")
+    try:
+        tok = Tokenizer.from_file(tpath, meta.eos_token_id, meta.bos_token_id)
+    except Exception as e:  # the tokenizers library's own message does not name the file
+        raise CheckpointError(f"{tpath}: not a readable Hugging Face tokenizer: {e}") from e
     if tok.vocab_size > cfg.vocab_size:
         raise CheckpointError(f"{tpath}: tokenizer has {tok.vocab_size} tokens, model vocab_size is {cfg.vocab_size}")
-    return model, tok, meta
+    return tok

@@ -12,8 +12,7 @@ from fastapi import FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gam_model.checkpoint import read_config
-from gam_model.tokenizer import Tokenizer
+from gam_model.checkpoint import load_tokenizer, read_config
 from server.auth import ApiKeyMiddleware
 from server.context import ServerContext
 from server.engine import Engine
@@ -153,7 +152,7 @@ async def start_context(settings: Settings, attach: Attach | None = None) -> Ser
     attach to a running one, and wait until it is ready."""
     model_dir = settings.resolved_model_dir()
     config, meta = read_config(model_dir)
-    tokenizer = Tokenizer.from_file(model_dir / "tokenizer.json", meta.eos_token_id, meta.bos_token_id)
+    tokenizer = load_tokenizer(model_dir, config, meta)
     if attach is None:
         engine = Engine(settings, tokenizer)
         facts = await engine.start()

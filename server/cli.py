@@ -13,7 +13,7 @@ import uvicorn
 from pydantic import ValidationError
 from pydantic_settings import CliApp, SettingsConfigDict
 
-from gam_model.checkpoint import CheckpointError, read_config
+from gam_model.checkpoint import CheckpointError, load_tokenizer, read_config
 from gam_model.quant import QuantizationError, resolve
 from server.heap import settle_heap
 from server.settings import Settings
@@ -33,6 +33,15 @@ class CliSettings(Settings):
         cli_avoid_json=True,
         cli_enforce_required=False,
     )
+
+
+def describe(e: Exception) -> str:
+    """A start-up error for stderr. Bad settings are named with what is wrong but not the values given: pydantic's
+    own text quotes its input (for an error of the whole object, every flag and GAM_* variable, the API key too)."""
+    if not isinstance(e, ValidationError):
+        return str(e)
+    errors = e.errors(include_url=False, include_context=False, include_input=False)
+    return "bad settings: " + "; ".join(f"{'.'.join(map(str, x['loc'])) or 'settings'}: {x['msg']}" for x in errors)
 
 
 class DrainingServer(uvicorn.Server):
@@ -95,15 +104,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         settings = parse(argv)
         model_dir = settings.resolved_model_dir()
-        # bad combinations (fp8 on a CPU, a pre-quantized checkpoint with another dtype) fail here, before uvicorn
-        resolve(
-            settings.quantize,
-            read_config(model_dir)[1].quantization,
-            settings.requested_dtype(),
-            settings.resolved_device(),
-        )
+        config, meta = read_config(model_dir)
+        # bad combinations (fp8 on a CPU, a pre-quantized checkpoint with another dtype) and a missing or unreadable
+        # tokenizer (which each frontend reads) fail here, before uvicorn
+        resolve(settings.quantize, meta.quantization, settings.requested_dtype(), settings.resolved_device())
+        load_tokenizer(model_dir, config, meta)
     except (ValidationError, CheckpointError, QuantizationError) as e:
-        print(f"gam-serve: {e}", file=sys.stderr)
+        print(f"gam-serve: {describe(e)}", file=sys.stderr)
         raise SystemExit(2) from e
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # imported late: `gam-serve --help` stays fast

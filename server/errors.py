@@ -146,12 +146,14 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     """One readable line per pydantic error; the first error's field as `param`."""
     parts, first = [], None
     for e in exc.errors():
-        param = _loc_param(e.get("loc", ()))
-        first = first or param
+        loc = e.get("loc", ())
         msg = str(e.get("msg", "invalid value"))
-        if e.get("type") == "json_invalid":
-            parts.append(f"request body is not valid JSON: {e.get('ctx', {}).get('error', msg)}")
+        if e.get("type") == "json_invalid":  # loc is ("body", character position): no parameter is to blame
+            at = f" at character {loc[-1]}" if len(loc) > 1 and isinstance(loc[-1], int) else ""
+            parts.append(f"request body is not valid JSON{at}: {e.get('ctx', {}).get('error', msg)}")
             continue
+        param = _loc_param(loc)
+        first = first or param
         inp = e.get("input")
         shown = (
             ""

@@ -105,6 +105,24 @@ class Settings(BaseSettings):
                 raise ValueError(f"unknown device {v!r}: {e}") from e
         return v
 
+    @field_validator("api_key")
+    @classmethod
+    def _api_key(cls, v: SecretStr | None) -> SecretStr | None:
+        """A key a request can send: an HTTP header value has no leading or trailing whitespace and no control
+        characters (RFC 9110 5.5), so such a key could never match (a key file's newline, kept by a Kubernetes Secret
+        made with --from-file, answered every call 401), and an empty one would let in any empty bearer token."""
+        if v is None:
+            return v
+        key = v.get_secret_value()
+        if not key.strip(" \t"):
+            raise ValueError("api_key must not be empty (leave it unset to serve without a key)")
+        if key != key.strip(" \t") or any(c != "\t" and (c < " " or c == "\x7f") for c in key):
+            raise ValueError(
+                "api_key has leading or trailing whitespace or a control character (a key file's newline?): "
+                "no Authorization header can carry it"
+            )
+        return v
+
     @model_validator(mode="after")
     def _interval(self) -> Settings:
         if self.stream_interval_ms and self.stream_interval == 1:  # k = 1 writes every token at once: t does nothing

@@ -6,11 +6,32 @@ import os
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
+
+# the image's ENTRYPOINT is gam-serve in exec form, so it is PID 1 and its command line holds the flags given after
+# the image name (`docker run ... gam-serve --port 9000`)
+PID1_CMDLINE = Path("/proc/1/cmdline")
+
+
+def port() -> str:
+    """The port gam-serve listens on: its --port flag (last one wins, as in gam-serve), else GAM_PORT, else 8000."""
+    try:
+        args = PID1_CMDLINE.read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        args = []
+    found = None
+    if any(Path(a).name == "gam-serve" for a in args[:2]):  # PID 1 is gam-serve (its interpreter, then the script)
+        for i, a in enumerate(args):
+            if a == "--port" and i + 1 < len(args):
+                found = args[i + 1]
+            elif a.startswith("--port="):
+                found = a.split("=", 1)[1]
+    return found or os.environ.get("GAM_PORT", "8000")
 
 
 def main() -> int:
-    """Probe http://127.0.0.1:$GAM_PORT/health (default port 8000) once."""
-    url = f"http://127.0.0.1:{os.environ.get('GAM_PORT', '8000')}/health"
+    """Probe http://127.0.0.1:PORT/health once (PORT: see `port`)."""
+    url = f"http://127.0.0.1:{port()}/health"
     try:
         with urllib.request.urlopen(url, timeout=4) as r:  # under HEALTHCHECK --timeout=5s
             return 0 if r.status == 200 else 1

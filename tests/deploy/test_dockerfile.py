@@ -194,3 +194,34 @@ def test_healthcheck_script_defaults_to_port_8000(monkeypatch):
     hc = load_healthcheck()
     monkeypatch.setattr(hc.urllib.request, "urlopen", fake_urlopen)
     assert hc.main() == 1 and seen["url"] == "http://127.0.0.1:8000/health"
+
+
+@pytest.mark.parametrize(
+    ("cmdline", "env", "port"),
+    [
+        (["/opt/venv/bin/python3", "/opt/venv/bin/gam-serve", "--host", "0.0.0.0", "--port", "9000"], "8000", "9000"),
+        (["/opt/venv/bin/python3", "/opt/venv/bin/gam-serve", "--host", "0.0.0.0", "--port=9001"], None, "9001"),
+        (["/opt/venv/bin/python3", "/opt/venv/bin/gam-serve", "--host", "0.0.0.0"], "8100", "8100"),
+        (["/sbin/init", "--port", "1234"], None, "8000"),  # PID 1 is not gam-serve: its flags are not ours
+    ],
+)
+def test_healthcheck_probes_the_port_gam_serve_was_given(monkeypatch, tmp_path, cmdline, env, port):
+    """`docker run ... gam-serve --port 9000` (arguments after the image name go to gam-serve, README) serves on 9000:
+    the probe reads the flag from PID 1's command line (the exec-form ENTRYPOINT), which wins over GAM_PORT as the
+    flag does in gam-serve; it probed GAM_PORT (8000) and the container stayed unhealthy."""
+    f = tmp_path / "cmdline"
+    f.write_bytes("\0".join(cmdline).encode() + b"\0")
+    if env is None:
+        monkeypatch.delenv("GAM_PORT", raising=False)
+    else:
+        monkeypatch.setenv("GAM_PORT", env)
+    seen = {}
+
+    def fake_urlopen(url, timeout):
+        seen["url"] = url
+        raise OSError("refused")
+
+    hc = load_healthcheck()
+    monkeypatch.setattr(hc, "PID1_CMDLINE", f)
+    monkeypatch.setattr(hc.urllib.request, "urlopen", fake_urlopen)
+    assert hc.main() == 1 and seen["url"] == f"http://127.0.0.1:{port}/health"

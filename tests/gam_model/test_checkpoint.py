@@ -111,3 +111,16 @@ def test_tokenizer_larger_than_the_model_vocabulary(tmp_path):
     d = save_checkpoint(tmp_path / "small", model, byte_bpe(), CheckpointMeta())
     with pytest.raises(CheckpointError, match="tokenizer has 300 tokens, model vocab_size is 100"):
         load_checkpoint(d)
+
+
+@pytest.mark.parametrize(("key", "value"), [("eos_token_id", 300), ("eos_token_id", -1), ("eos_token_id", "0"),
+                                            ("bos_token_id", 10**6), ("eos_token_id", True)])  # fmt: skip
+def test_special_token_id_outside_the_vocabulary(saved, key, value):
+    """An eos or bos id that is not a token id of the model is refused with its name: an eos the model can never
+    sample meant that no generation ever ended at eos (and a string id never equalled a sampled one)."""
+    _, d = saved
+    raw = json.loads((d / "config.json").read_text())
+    raw[key] = value
+    (d / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match=key):
+        read_config(d)

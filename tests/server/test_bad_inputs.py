@@ -146,6 +146,22 @@ async def test_bad_raw_bodies(client: httpx.AsyncClient, path: str, raw: bytes, 
     check_shape(path, r)
 
 
+async def test_malformed_json_names_no_parameter(client: httpx.AsyncClient) -> None:
+    """A body that is not JSON blames no parameter: the decode error's location is a character position in the body
+    (FastAPI's loc ("body", 37)), which OpenAI's `param` showed as if it named a field ("37"); the position is in the
+    message instead."""
+    raw = b'{"model": "tiny-gam", "prompt": x}'  # the error is at character 32
+    r = await client.post(OAI, content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] is None, err
+    assert "not valid JSON" in err["message"] and "32" in err["message"], err
+    r = await client.post(
+        TGI, content=b'{"inputs": "x", "parameters": {,}}', headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 422 and "not valid JSON" in r.json()["error"] and "31" in r.json()["error"], r.text
+
+
 async def test_a_lone_surrogate_echoed_in_an_error_is_escaped(client: httpx.AsyncClient) -> None:
     """An error that quotes the client's text quotes a lone surrogate (a valid JSON escape, not UTF-8) escaped: an
     unknown model named "\\ud800" made the error response's own encoding fail, a 500 and a closed connection."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,72 @@ def test_model_dir_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(ValueError, match="2 models"):
         Settings().resolved_model_dir()
     assert Settings(model=tmp_path / "b").resolved_model_dir() == tmp_path / "b"
+
+
+@pytest.mark.parametrize("key", ["", "   ", "s3cret\n", " s3cret", "s3cret\t", "s3c\rret", "s3c\x00ret"])
+def test_an_api_key_no_header_can_carry_is_refused(key: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An HTTP header value has no leading or trailing whitespace and no control characters, so a key with them can
+    never be sent (a k8s Secret made with --from-file keeps the file's newline: every call got 401), and an empty key
+    let in any `Authorization: Bearer` with no token: refused at start-up (exit 2), from the flag and the env."""
+    with pytest.raises(ValueError, match="api_key"):
+        Settings(api_key=key)
+    if "\x00" in key:  # an environment variable cannot hold one
+        return
+    monkeypatch.setenv("GAM_API_KEY", key)
+    with pytest.raises(SystemExit) as e:
+        from server.cli import main
+
+        main([])
+    assert e.value.code == 2
+
+
+def test_an_api_key_with_inner_spaces_is_kept() -> None:
+    """Inner spaces and tabs can be sent (`Authorization: Bearer a b`): such a key stays as given."""
+    key = Settings(api_key="two words\tand a tab").api_key
+    assert key is not None and key.get_secret_value() == "two words\tand a tab"
+
+
+@pytest.mark.parametrize(
+    ("env_key", "argv"),
+    [
+        ("topsecret-key", ["--stream-interval-ms", "50"]),  # a bad combination: pydantic quoted every input given
+        ("topsecret-key\n", []),  # the key itself refused
+        ("topsecret-key", ["--max-batch-size", "0"]),
+    ],
+)
+def test_bad_settings_never_print_the_api_key(
+    env_key: str, argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """gam-serve's message for bad settings names what is wrong, never the values given: pydantic's own text
+    quotes the input (a model-level error the whole input dict, API key included) into the container's log."""
+    monkeypatch.setenv("GAM_API_KEY", env_key)
+    with pytest.raises(SystemExit) as e:
+        from server.cli import main
+
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "topsecret" not in err, err
+    assert err.startswith("gam-serve: ") and ("stream-interval" in err or "api_key" in err or "max_batch_size" in err)
+
+
+@pytest.mark.parametrize("damage", ["missing", "not json"])
+def test_a_checkpoint_without_a_usable_tokenizer_exits_with_the_reason(
+    checkpoint_dir: Path, tmp_path: Path, damage: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A checkpoint directory whose tokenizer.json is missing or unreadable stops gam-serve at start-up with exit 2
+    and the file named: the frontend read the tokenizer before the engine core's checks ran, so the answer was a
+    traceback ending in the tokenizers library's "No such file or directory (os error 2)" and exit status 3."""
+    model = tmp_path / "model"
+    shutil.copytree(checkpoint_dir, model)
+    if damage == "missing":
+        (model / "tokenizer.json").unlink()
+    else:
+        (model / "tokenizer.json").write_text("{not json")
+    with pytest.raises(SystemExit) as e:
+        from server.cli import main
+
+        main(["--model", str(model), "--device", "cpu"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "tokenizer.json" in err and str(model) in err, err
