@@ -23,6 +23,7 @@ import contextlib
 import heapq
 import itertools
 import logging
+import math
 import multiprocessing
 import os
 import shutil
@@ -645,11 +646,17 @@ class Engine:
     def _on_readable(self) -> None:
         """The socket's descriptor fired (or a send may have hidden a message): take every message waiting into the
         inbox, then handle it (_handle_inbox)."""
+        was_empty = not self._inbox
+        self._read()
+        if self._inbox and was_empty:  # else a _handle_inbox is scheduled already
+            self._handle_inbox()
+
+    def _read(self) -> None:
+        """Take every message waiting on the socket into the inbox (the first goes to _connect)."""
         sock = self._sock
         if sock is None or self._sock_fd is None:
             return
         inbox = self._inbox
-        was_empty = not inbox
         while True:
             try:
                 if not cast(int, sock.get(_EVENTS)) & _POLLIN:
@@ -664,18 +671,17 @@ class Engine:
                 first.set_result(raw)
                 continue
             inbox.append(raw)
-        if inbox and was_empty:  # else a _handle_inbox is scheduled already
-            self._handle_inbox()
 
-    def _handle_inbox(self) -> None:
+    def _handle_inbox(self, budget: float | None = None) -> None:
         """Handle the core's messages in the inbox, in order, then let every stream with due events write them,
         once. One write per stream per turn, not per core message: a frontend that falls behind the core (several
         steps wait) sends each stream the tokens of all of them in one write, so the per-write cost (the HTTP stack's
         and the kernel's) shrinks as the load grows, as vLLM's output collectors merge the outputs a slow handler
         has not taken yet; each token is still its own event. A turn handles messages for at most READ_BUDGET_S:
         then the streams write and the rest waits for the loop's next turn, after its other callbacks (new
-        requests, /health)."""
+        requests, /health); `budget` (seconds) replaces READ_BUDGET_S (math.inf: handle them all now)."""
         inbox = self._inbox
+        budget = READ_BUDGET_S if budget is None else budget
         self._dispatching = True  # the sinks made due here are flushed at the end, not one by one
         start = time.monotonic()
         try:
@@ -692,7 +698,7 @@ class Engine:
                         self._core_drained = True
                 except Exception:  # one bad message must not stop the stream of every other request
                     log.exception("could not handle a message from the engine core")
-                if inbox and time.monotonic() - start >= READ_BUDGET_S:
+                if inbox and time.monotonic() - start >= budget:
                     asyncio.get_running_loop().call_soon(self._handle_inbox)
                     break
         finally:
@@ -809,6 +815,10 @@ class Engine:
         if self._exited is not None and not self._exited.done():
             self._exited.set_result(None)
         if self.facts is not None and not self._stopped:
+            # what the core sent before it exited goes first, also what waits for a later turn of the loop (the
+            # budget): streams that finished get their last tokens, not a 503, and a Failed says why the core died
+            self._read()
+            self._handle_inbox(math.inf)
             self._crash(f"the engine core process {self._exit_status()}")
 
     def _crash(self, why: str) -> None:
