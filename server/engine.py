@@ -64,8 +64,9 @@ log = logging.getLogger(__name__)
 # zmq's option and flag values as plain ints: its enums cost a Python-level Flag operation per use, per message
 _EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
 START_TIMEOUT_S = 600.0  # model load + CUDA graph capture
-# the longest a turn of the event loop handles the core's messages before the streams write what those carried (a
-# token's added delay when this frontend is behind; when it keeps up, one message waits per turn)
+# how long a turn of the event loop goes on taking the core's next message before the streams write what those
+# carried (a token's added delay when this frontend is behind; when it keeps up, one message waits per turn). A
+# message is handled whole, so a turn can run past it by one message (one step of 256 rows) and the writes
 READ_BUDGET_S = 0.005
 ERRORS: dict[str, Callable[[str], Exception]] = {
     "QueueFull": QueueFull,
@@ -677,9 +678,10 @@ class Engine:
         once. One write per stream per turn, not per core message: a frontend that falls behind the core (several
         steps wait) sends each stream the tokens of all of them in one write, so the per-write cost (the HTTP stack's
         and the kernel's) shrinks as the load grows, as vLLM's output collectors merge the outputs a slow handler
-        has not taken yet; each token is still its own event. A turn handles messages for at most READ_BUDGET_S:
-        then the streams write and the rest waits for the loop's next turn, after its other callbacks (new
-        requests, /health); `budget` (seconds) replaces READ_BUDGET_S (math.inf: handle them all now)."""
+        has not taken yet; each token is still its own event. A turn takes no new message once READ_BUDGET_S has
+        passed (at least one, handled whole: a turn can run past the budget by a message and the writes): then the
+        streams write and the rest waits for the loop's next turn, after its other callbacks (new requests, /health).
+        `budget` (seconds) replaces READ_BUDGET_S (math.inf: handle them all now)."""
         inbox = self._inbox
         budget = READ_BUDGET_S if budget is None else budget
         self._dispatching = True  # the sinks made due here are flushed at the end, not one by one
