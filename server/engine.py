@@ -363,7 +363,9 @@ class Engine:
         self._outbox: list[p.ToCore] = []  # messages for the core, sent at the end of this loop turn
         self._outbox_soon = False  # a _send_outbox is scheduled on the loop
         self._flush_soon = False  # a _flush is scheduled on the loop
-        self.now = 0.0  # time.monotonic() when the core's message being handled came (once per message, not per token)
+        # time.monotonic() when the core's message being handled is taken from the inbox (once per message, not per
+        # token; a message left for a later turn by READ_BUDGET_S gets that turn's time, not the time it was read)
+        self.now = 0.0
         self._dispatching = False  # in _handle_inbox, which flushes at its end
         # --stream-interval-ms: (when due, sequence, handle) of the streams whose events wait, at most one entry per
         # stream (weakly: a finished one is not kept for t), and one timer for the earliest; an entry whose events
