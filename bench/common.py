@@ -165,11 +165,19 @@ class ServerProcess:
             root = self.checkout.resolve()
             env["PYTHONPATH"] = str(root)
         self.proc = subprocess.Popen([sys.executable, "-c", SERVE, *args], cwd=root, env=env)
+        try:  # __exit__ does not run when __enter__ raises: whatever stops the wait (Ctrl-C), the server must not run on
+            return self._wait()
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def _wait(self) -> ServerProcess:
+        """Until the server listens and answers /health 200 (RuntimeError if it exits or does not, in 300 s)."""
+        assert self.proc is not None
         deadline = time.monotonic() + 300
         port = listening_port(self.proc, 300)
         if port is None:
             why = f"exited with {self.proc.returncode}" if self.proc.poll() is not None else "did not listen in 300 s"
-            self.__exit__()
             raise RuntimeError(f"gam-serve {why}")
         self.url = f"http://127.0.0.1:{port}"
         while time.monotonic() < deadline:
@@ -181,7 +189,6 @@ class ServerProcess:
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        self.__exit__()
         raise RuntimeError("gam-serve did not become healthy in 300 s")
 
     def cpu_seconds(self) -> float:

@@ -56,15 +56,20 @@ fi
 "$PY" -m server.cli --model "$model_dir" --host 127.0.0.1 --port 0 --device "$DEVICE" --dtype bfloat16 \
   --max-batch-size 64 --cuda-graphs --log-level warning &
 server=$!
+# (psutil: the dev extra; its absence, the server's exit or no listener is said here, not hidden)
 port=$("$PY" -c 'import sys, time, psutil
 p = psutil.Process(int(sys.argv[1]))
 for _ in range(1800):  # up to 180 s: model load and CUDA graph capture come first
-    ports = {c.laddr.port for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+    try:
+        ports = {c.laddr.port for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+    except psutil.NoSuchProcess:
+        sys.exit("gam-serve exited before it listened")
     if ports:
         sys.exit(print(ports.pop()))
-    time.sleep(0.1)' "$server" 2>/dev/null)
+    time.sleep(0.1)
+sys.exit("gam-serve did not listen in 180 s")' "$server")
 healthy=0
-for _ in $(seq 1 180); do
+for _ in $([ -n "$port" ] && seq 1 180); do
   if "$PY" -c "import httpx, sys; sys.exit(httpx.get('http://127.0.0.1:$port/health', timeout=2).status_code != 200)" 2>/dev/null; then
     healthy=1; break
   fi

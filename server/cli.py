@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import re
 import socket
 import sys
 import time
@@ -93,9 +96,27 @@ class DrainingServer(uvicorn.Server):
         return getattr(getattr(self.config.app, "state", None), "engine", None)
 
 
+def _unrecognized(message: str) -> str:
+    """argparse's usage error with the values of unrecognized arguments left out: it quotes every one, so a mistyped
+    flag's value (`--api_key=KEY`, `--apikey KEY`) went into stderr (the container log); flag names stay."""
+
+    def names(m: re.Match[str]) -> str:
+        shown = [
+            a.split("=", 1)[0] + ("=..." if "=" in a else "") if a.startswith("-") else "..." for a in m[1].split()
+        ]
+        return "unrecognized arguments: " + " ".join(shown)
+
+    return re.sub(r"unrecognized arguments: (.*)", names, message)
+
+
 def parse(argv: list[str] | None = None) -> Settings:
     """Parse argv (+ GAM_* env) into Settings."""
-    cli = CliApp.run(CliSettings, cli_args=sys.argv[1:] if argv is None else argv)
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):  # argparse writes its usage errors to sys.stderr, then exits 2
+            cli = CliApp.run(CliSettings, cli_args=sys.argv[1:] if argv is None else argv)
+    finally:
+        sys.stderr.write(_unrecognized(err.getvalue()))
     return Settings.model_validate(cli.model_dump())
 
 

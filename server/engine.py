@@ -23,6 +23,7 @@ import contextlib
 import heapq
 import itertools
 import logging
+import math
 import multiprocessing
 import os
 import shutil
@@ -63,8 +64,9 @@ log = logging.getLogger(__name__)
 # zmq's option and flag values as plain ints: its enums cost a Python-level Flag operation per use, per message
 _EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
 START_TIMEOUT_S = 600.0  # model load + CUDA graph capture
-# the longest a turn of the event loop handles the core's messages before the streams write what those carried (a
-# token's added delay when this frontend is behind; when it keeps up, one message waits per turn)
+# how long a turn of the event loop goes on taking the core's next message before the streams write what those
+# carried (a token's added delay when this frontend is behind; when it keeps up, one message waits per turn). A
+# message is handled whole, so a turn can run past it by one message (one step of 256 rows) and the writes
 READ_BUDGET_S = 0.005
 ERRORS: dict[str, Callable[[str], Exception]] = {
     "QueueFull": QueueFull,
@@ -361,7 +363,9 @@ class Engine:
         self._outbox: list[p.ToCore] = []  # messages for the core, sent at the end of this loop turn
         self._outbox_soon = False  # a _send_outbox is scheduled on the loop
         self._flush_soon = False  # a _flush is scheduled on the loop
-        self.now = 0.0  # time.monotonic() when the core's message being handled came (once per message, not per token)
+        # time.monotonic() when the core's message being handled is taken from the inbox (once per message, not per
+        # token; a message left for a later turn by READ_BUDGET_S gets that turn's time, not the time it was read)
+        self.now = 0.0
         self._dispatching = False  # in _handle_inbox, which flushes at its end
         # --stream-interval-ms: (when due, sequence, handle) of the streams whose events wait, at most one entry per
         # stream (weakly: a finished one is not kept for t), and one timer for the earliest; an entry whose events
@@ -645,11 +649,17 @@ class Engine:
     def _on_readable(self) -> None:
         """The socket's descriptor fired (or a send may have hidden a message): take every message waiting into the
         inbox, then handle it (_handle_inbox)."""
+        was_empty = not self._inbox
+        self._read()
+        if self._inbox and was_empty:  # else a _handle_inbox is scheduled already
+            self._handle_inbox()
+
+    def _read(self) -> None:
+        """Take every message waiting on the socket into the inbox (the first goes to _connect)."""
         sock = self._sock
         if sock is None or self._sock_fd is None:
             return
         inbox = self._inbox
-        was_empty = not inbox
         while True:
             try:
                 if not cast(int, sock.get(_EVENTS)) & _POLLIN:
@@ -664,18 +674,18 @@ class Engine:
                 first.set_result(raw)
                 continue
             inbox.append(raw)
-        if inbox and was_empty:  # else a _handle_inbox is scheduled already
-            self._handle_inbox()
 
-    def _handle_inbox(self) -> None:
+    def _handle_inbox(self, budget: float | None = None) -> None:
         """Handle the core's messages in the inbox, in order, then let every stream with due events write them,
         once. One write per stream per turn, not per core message: a frontend that falls behind the core (several
         steps wait) sends each stream the tokens of all of them in one write, so the per-write cost (the HTTP stack's
         and the kernel's) shrinks as the load grows, as vLLM's output collectors merge the outputs a slow handler
-        has not taken yet; each token is still its own event. A turn handles messages for at most READ_BUDGET_S:
-        then the streams write and the rest waits for the loop's next turn, after its other callbacks (new
-        requests, /health)."""
+        has not taken yet; each token is still its own event. A turn takes no new message once READ_BUDGET_S has
+        passed (at least one, handled whole: a turn can run past the budget by a message and the writes): then the
+        streams write and the rest waits for the loop's next turn, after its other callbacks (new requests, /health).
+        `budget` (seconds) replaces READ_BUDGET_S (math.inf: handle them all now)."""
         inbox = self._inbox
+        budget = READ_BUDGET_S if budget is None else budget
         self._dispatching = True  # the sinks made due here are flushed at the end, not one by one
         start = time.monotonic()
         try:
@@ -692,7 +702,7 @@ class Engine:
                         self._core_drained = True
                 except Exception:  # one bad message must not stop the stream of every other request
                     log.exception("could not handle a message from the engine core")
-                if inbox and time.monotonic() - start >= READ_BUDGET_S:
+                if inbox and time.monotonic() - start >= budget:
                     asyncio.get_running_loop().call_soon(self._handle_inbox)
                     break
         finally:
@@ -809,6 +819,10 @@ class Engine:
         if self._exited is not None and not self._exited.done():
             self._exited.set_result(None)
         if self.facts is not None and not self._stopped:
+            # what the core sent before it exited goes first, also what waits for a later turn of the loop (the
+            # budget): streams that finished get their last tokens, not a 503, and a Failed says why the core died
+            self._read()
+            self._handle_inbox(math.inf)
             self._crash(f"the engine core process {self._exit_status()}")
 
     def _crash(self, why: str) -> None:

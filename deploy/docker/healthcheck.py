@@ -9,7 +9,8 @@ import urllib.request
 from pathlib import Path
 
 # the image's ENTRYPOINT is gam-serve in exec form, so it is PID 1 and its command line holds the flags given after
-# the image name (`docker run ... gam-serve --port 9000`)
+# the image name (`docker run ... gam-serve --port 9000`); with `docker run --init` (compose `init: true`) PID 1 is
+# the init (docker-init, tini), whose command line is its own options, then gam-serve's
 PID1_CMDLINE = Path("/proc/1/cmdline")
 
 
@@ -19,13 +20,15 @@ def port() -> str:
         args = PID1_CMDLINE.read_bytes().decode(errors="replace").split("\0")
     except OSError:
         args = []
+    # gam-serve's own arguments: those after its script (its interpreter, then the script, or an init's arguments
+    # first); none when PID 1 runs no gam-serve
+    start = next((i + 1 for i, a in enumerate(args) if Path(a).name == "gam-serve"), len(args))
     found = None
-    if any(Path(a).name == "gam-serve" for a in args[:2]):  # PID 1 is gam-serve (its interpreter, then the script)
-        for i, a in enumerate(args):
-            if a == "--port" and i + 1 < len(args):
-                found = args[i + 1]
-            elif a.startswith("--port="):
-                found = a.split("=", 1)[1]
+    for i, a in enumerate(args[start:], start):
+        if a == "--port" and i + 1 < len(args):
+            found = args[i + 1]
+        elif a.startswith("--port="):
+            found = a.split("=", 1)[1]
     return found or os.environ.get("GAM_PORT", "8000")
 
 

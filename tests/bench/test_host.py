@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from bench.host import ENGINE_CORE, counter_delta, cpu_split, cpu_used, medians, metric_sum, ratio
@@ -63,3 +65,27 @@ def test_ratio_and_medians() -> None:
             {"tok_s": 2.0, "host": 7.0, "errors": {}}]  # fmt: skip
     assert medians(runs) == {"tok_s": 2.0, "host": 6.0}
     assert medians([{"host": None}]) == {"host": None}
+
+
+def test_a_server_process_whose_start_fails_is_not_left_running(tmp_path, monkeypatch) -> None:
+    """ServerProcess stops its gam-serve whatever ends the wait for it (an exception from finding its port, Ctrl-C),
+    not only the failures it raises itself: a context manager's __exit__ does not run when __enter__ raises."""
+    from bench import common
+
+    started: list[subprocess.Popen] = []
+
+    def fails(proc: subprocess.Popen, timeout: float) -> int:
+        started.append(proc)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common, "SERVE", "import time; time.sleep(60)")  # a server that would run on
+    monkeypatch.setattr(common, "listening_port", fails)
+    try:
+        with pytest.raises(KeyboardInterrupt), common.ServerProcess(tmp_path):
+            pass
+        [proc] = started
+        assert proc.poll() is not None
+    finally:
+        for proc in started:
+            proc.kill()
+            proc.wait()

@@ -203,6 +203,10 @@ def test_healthcheck_script_defaults_to_port_8000(monkeypatch):
         (["/opt/venv/bin/python3", "/opt/venv/bin/gam-serve", "--host", "0.0.0.0", "--port=9001"], None, "9001"),
         (["/opt/venv/bin/python3", "/opt/venv/bin/gam-serve", "--host", "0.0.0.0"], "8100", "8100"),
         (["/sbin/init", "--port", "1234"], None, "8000"),  # PID 1 is not gam-serve: its flags are not ours
+        # docker run --init / compose init: true: the init is PID 1, gam-serve's arguments come after its own
+        (["/sbin/docker-init", "--", "gam-serve", "--host", "0.0.0.0", "--port", "9002"], "8000", "9002"),
+        (["/usr/bin/tini", "-s", "--", "/opt/venv/bin/gam-serve", "--port=9003"], None, "9003"),
+        (["/usr/bin/tini", "--port", "1", "--", "gam-serve", "--host", "0.0.0.0"], "8100", "8100"),
     ],
 )
 def test_healthcheck_probes_the_port_gam_serve_was_given(monkeypatch, tmp_path, cmdline, env, port):

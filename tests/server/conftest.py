@@ -174,7 +174,11 @@ class GamServe:
 
     def __enter__(self) -> subprocess.Popen:
         self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        port = listening_port(self.proc, 120)
+        try:  # __exit__ does not run when __enter__ raises: whatever stops the wait, the server must not run on
+            port = listening_port(self.proc, 120)
+        except BaseException:
+            self.__exit__()
+            raise
         if port is None:
             self.__exit__()
             raise AssertionError(f"gam-serve did not start: {self.log[-3000:]}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import subprocess
 import time
@@ -469,14 +470,30 @@ async def streams_on_stand_in(engine: Engine, core: zmq.Socket, n: int) -> list[
     return sinks
 
 
-async def test_steps_read_together_go_out_in_one_write_per_stream(make_settings, tmp_path) -> None:
+class StalledClock:
+    """time for the engine on a stalled machine: 10 ms pass between any two readings of the clock."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def monotonic(self) -> float:
+        self.t += 0.01
+        return self.t
+
+
+async def test_steps_read_together_go_out_in_one_write_per_stream(make_settings, tmp_path, monkeypatch) -> None:
     """A frontend that falls behind the core finds several steps waiting: each stream writes the tokens of all of
-    them at once (one write per stream per turn of the loop, not per step), every token still its own event."""
+    them at once (one write per stream per turn of the loop, not per step), every token still its own event. (No
+    budget here, and a clock that says each message took 10 ms: a machine that stalls while the test runs must not
+    split the turn; the budget has a test of its own.)"""
     async with stand_in_core(make_settings(), tmp_path) as (engine, core, _):
         sinks = await streams_on_stand_in(engine, core, 2)
         rids = [s.handle.id for s in sinks]
         engine._inbox.extend(step_output(rids, tok) for tok in (5, 6, 7))  # three steps read in one turn
-        engine._handle_inbox()
+        with monkeypatch.context() as m:
+            m.setattr("server.engine.READ_BUDGET_S", math.inf)
+            m.setattr("server.engine.time", StalledClock())
+            engine._handle_inbox()
         assert [s.writes for s in sinks] == [[[0, 1, 2]], [[0, 1, 2]]]
 
 
@@ -494,3 +511,29 @@ async def test_a_turn_handles_the_core_for_at_most_its_budget(make_settings, tmp
                 break
             await asyncio.sleep(0)
         assert sink.writes == [[0], [1], [2]]
+
+
+async def test_what_the_core_sent_before_it_exited_is_handled_before_its_exit(
+    make_settings, tmp_path, monkeypatch
+) -> None:
+    """The core's exit noticed while messages it sent wait in the inbox for a later turn (the frontend is behind, past
+    its budget): those are handled first. A stream that finished gets its last tokens and its finish, not a 503, one
+    still running gets its tokens and then the error, and the engine's reason is the core's own Failed message."""
+    monkeypatch.setattr("server.engine.READ_BUDGET_S", 0.0)  # one message per turn: the rest waits in the inbox
+    async with stand_in_core(make_settings(), tmp_path) as (engine, core, _):
+        done, running = await streams_on_stand_in(engine, core, 2)
+        rids = [done.handle.id, running.handle.id]
+        last = p.CoreOutput(
+            ids=np.array(rids, np.int64).tobytes(),
+            tokens=np.full(2, 7, np.int64).tobytes(),
+            logprobs=np.zeros(2, np.float32).tobytes(),
+            finished={0: p.Finish("length", 3, None)},
+            running=1,
+        )
+        failed = p.Failed("the engine loop died: RuntimeError('boom')")
+        engine._inbox.extend([step_output(rids, 5), step_output(rids, 6), p.encode(last), p.encode(failed)])
+        engine._handle_inbox()  # the first step; the rest waits for the loop's next turn
+        engine._on_exit()  # ... and the core's exit comes first
+        assert done.writes == [[0], [1, 2]] and done.handle.take(waiting=True) == []
+        assert running.writes == [[0], [1, 2, "ErrorEvent"]]
+        assert engine.crashed == "the engine loop died: RuntimeError('boom')"

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from bench.common import listening_port
-from tests.server.conftest import NO_EOS, LiveServer, app_client
+from tests.server.conftest import NO_EOS, GamServe, LiveServer, app_client
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -139,3 +139,24 @@ def test_sigterm_drains_then_exits(checkpoint_dir: Path, sig: signal.Signals) ->
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_gam_serve_whose_start_fails_is_not_left_running(tmp_path, monkeypatch) -> None:
+    """GamServe stops its process whatever ends the wait for its port (here an exception from listening_port, as for
+    a process with two listeners; Ctrl-C likewise), not only when the port never comes: a context manager's
+    __exit__ does not run when __enter__ raises, and the server would run on after the test session."""
+    server = GamServe(tmp_path)
+    server.cmd = ["sleep", "60"]  # a server that would run on
+
+    def two_listeners(proc: subprocess.Popen, timeout: float) -> int:
+        raise ValueError("too many values to unpack (expected 1)")
+
+    monkeypatch.setattr("tests.server.conftest.listening_port", two_listeners)
+    try:
+        with pytest.raises(ValueError), server:
+            pass
+        assert server.proc.poll() is not None
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait()

@@ -167,3 +167,17 @@ def test_a_checkpoint_without_a_usable_tokenizer_exits_with_the_reason(
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "tokenizer.json" in err and str(model) in err, err
+
+
+@pytest.mark.parametrize("argv", [["--api_key=topsecret-key"], ["--apikey", "topsecret-key"], ["topsecret-key"]])
+def test_a_mistyped_flag_never_prints_its_value(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """argparse's error for arguments gam-serve does not know quotes each one, so a mistyped --api-key put the key
+    into stderr (the container log): the message names the flags, not their values, and still exits 2."""
+    from server.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "topsecret" not in err and "unrecognized arguments:" in err, err
+    assert argv[0].startswith("topsecret") or argv[0].split("=")[0] in err
