@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 import pytest
@@ -174,6 +174,11 @@ class GamServe:
 
     def __enter__(self) -> subprocess.Popen:
         self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        # the pipe is read as the server writes: unread, it fills (64 KiB: some 900 access-log lines) and the server
+        # blocks in its next log write, mid-request
+        self._output: list[bytes] = []
+        self._reader = threading.Thread(target=self._read_output, args=(self.proc.stdout,), daemon=True)
+        self._reader.start()
         try:  # __exit__ does not run when __enter__ raises: whatever stops the wait, the server must not run on
             port = listening_port(self.proc, 120)
         except BaseException:
@@ -185,11 +190,16 @@ class GamServe:
         self.port, self.url = port, f"http://127.0.0.1:{port}"
         return self.proc
 
+    def _read_output(self, out: IO[bytes]) -> None:
+        for chunk in iter(lambda: out.read1(1 << 16), b""):  # type: ignore[attr-defined]  # a BufferedReader
+            self._output.append(chunk)
+
     def __exit__(self, *exc: object) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-        self.log = self.proc.stdout.read().decode(errors="replace") if self.proc.stdout else ""
+        self._reader.join(30)  # the pipe's end: every process holding it has exited (bounded: a stray child)
+        self.log = b"".join(self._output).decode(errors="replace")
 
     async def wait_healthy(self, client: httpx.AsyncClient) -> None:
         """Poll /health until 200 (the process must stay up; bounded)."""
