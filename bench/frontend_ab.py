@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -31,20 +32,33 @@ from bench.host import ENGINE_CORE, MAX_BATCH, MICRO, PAPER_SERVED
 from load_tests.runner import LoadConfig, RunResult, resolve_model, run, run_load
 
 
+def parse_spec(spec: str) -> tuple[str, Path, dict[str, str]]:
+    """LABEL=CHECKOUT[:flag=value,...] -> (label, checkout, {flag: value}) (this file's and frontend_capacity.py's)."""
+    label, _, rest = spec.partition("=")
+    checkout, _, flags = rest.partition(":")
+    return label, Path(checkout), dict(flag.split("=", 1) for flag in filter(None, flags.split(",")))
+
+
 def server(spec: str, model_dir: Path) -> ServerProcess:
     """LABEL=CHECKOUT[:flag=value,...] -> a gam-serve of that checkout (not started)."""
-    checkout, _, flags = spec.split("=", 1)[1].partition(":")
-    extra = dict(flag.split("=", 1) for flag in filter(None, flags.split(",")))
-    return ServerProcess(model_dir, threads=2, checkout=Path(checkout), max_batch_size=MAX_BATCH, max_queue=1024,
+    _, checkout, extra = parse_spec(spec)
+    return ServerProcess(model_dir, threads=2, checkout=checkout, max_batch_size=MAX_BATCH, max_queue=1024,
                          request_timeout=3600, **{k.replace("-", "_"): v for k, v in extra.items()})  # fmt: skip
 
 
-async def load(url: str, args: argparse.Namespace, seconds: float) -> RunResult:
-    model = await resolve_model(url)
-    cfg = LoadConfig(url=url, api="openai", concurrency=args.streams, duration_s=seconds, drain_s=600,
-                     output_tokens=args.tokens, num_requests=10**7, client="raw", model=model,
-                     extra_body={"logit_bias": {str(args.eos): -100}})  # fmt: skip
+async def stream_load(
+    url: str, streams: int, tokens: int, seconds: float, extra_body: dict[str, Any] | None = None
+) -> RunResult:
+    """The A/B benches' load: `streams` closed-loop OpenAI streams of `tokens` tokens for `seconds` (the raw client)."""
+    cfg = LoadConfig(url=url, api="openai", concurrency=streams, duration_s=seconds, drain_s=600,
+                     output_tokens=tokens, num_requests=10**7, client="raw", model=await resolve_model(url),
+                     extra_body=extra_body or {})  # fmt: skip
     return await run_load(cfg)
+
+
+async def load(url: str, args: argparse.Namespace, seconds: float) -> RunResult:
+    """Eos biased out: with the model's own sampling, every request runs its full length."""
+    return await stream_load(url, args.streams, args.tokens, seconds, {"logit_bias": {str(args.eos): -100}})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     bundled = bundled_model_dir()
     if bundled is None:
         raise SystemExit("needs the bundled model's tokenizer (weights/*/tokenizer.json)")
-    labels = [spec.split("=", 1)[0] for spec in args.specs]
+    labels = [parse_spec(spec)[0] for spec in args.specs]
     rows: dict[str, list[tuple[float, float, float]]] = {label: [] for label in labels}
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         config = MICRO if args.config == "micro" else PAPER_SERVED

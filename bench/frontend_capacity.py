@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -265,44 +267,36 @@ def main(argv: list[str] | None = None) -> int:
         ids = [int(x) for x in Path(ids_file).read_text().split()]
         StandInCore(address, ids, float(step_ms) / 1e3).run()
         return 0
-    from load_tests.runner import LoadConfig, resolve_model, run, run_load
+    # the A/B parts, here and not at the top: the stand-in core process (above) needs neither torch nor the client
+    from bench.frontend_ab import parse_spec, stream_load
+    from load_tests.runner import run
 
     bundled = bundled_model_dir()
     if bundled is None:
         raise SystemExit("needs the bundled model's tokenizer (weights/*/tokenizer.json)")
-    import json
-    import tempfile
-
     eos = json.loads((bundled / "config.json").read_text()).get("eos_token_id")
-    labels = [s.split("=", 1)[0] for s in args.specs]
+    labels = [parse_spec(s)[0] for s in args.specs]
     rows: dict[str, list[dict[str, float]]] = {label: [] for label in labels}
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         ids_file = Path(tmp) / "ids.txt"
         ids_file.write_text(" ".join(map(str, text_ids(bundled / "tokenizer.json", eos))))
         sides = []
         for n, spec in enumerate(args.specs):
-            checkout, _, flags = spec.split("=", 1)[1].partition(":")
-            extra = dict(flag.split("=", 1) for flag in filter(None, flags.split(",")))
+            _, checkout, extra = parse_spec(spec)
             address = f"ipc://{tmp}/core{n}"
             core = subprocess.Popen([sys.executable, __file__, "--core", address, str(ids_file), str(args.step_ms)])
             stack.callback(core.kill)
-            fronts = Frontends(Path(checkout), bundled, address, core.pid, int(extra.get("frontends", 1)))
+            fronts = Frontends(checkout, bundled, address, core.pid, int(extra.get("frontends", 1)))
             stack.callback(fronts.close)
             sides.append((core, fronts))
 
-        async def load(url: str, seconds: float):  # type: ignore[no-untyped-def]
-            cfg = LoadConfig(url=url, api="openai", concurrency=args.streams, duration_s=seconds, drain_s=600,
-                             output_tokens=args.tokens, num_requests=10**7, client="raw",
-                             model=await resolve_model(url))  # fmt: skip
-            return await run_load(cfg)
-
         for _, fronts in sides:
-            run(load(fronts.url, 2.0))  # warm
+            run(stream_load(fronts.url, args.streams, args.tokens, 2.0))  # warm
         for rep in range(args.reps):
             for label, (core, fronts) in zip(labels, sides, strict=True):
                 with HealthProbe(fronts.url) as probe:
                     before, t0 = cpu_now(core.pid, fronts), time.monotonic()
-                    res = run(load(fronts.url, args.seconds))
+                    res = run(stream_load(fronts.url, args.streams, args.tokens, args.seconds))
                     after, wall = cpu_now(core.pid, fronts), time.monotonic() - t0
                 tokens = sum(len(r.token_times) for r in res.records)
                 used = {k: after[k] - before[k] for k in after}
