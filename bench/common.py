@@ -61,16 +61,25 @@ def tree_cpu_seconds(pid: int) -> float:
     return sum(seconds for _, seconds in process_tree_cpu(pid).values())
 
 
-def listening_port(proc: subprocess.Popen, timeout: float) -> int | None:
+def listening_port(proc: subprocess.Popen | int, timeout: float) -> int | None:
     """The TCP port a server process started on port 0 listens on, once it does (the kernel picked a free port for
     the server's own socket, so no other process can take it first, as one can take a port picked free here, closed
-    and passed on); None if the process exits or does not listen within `timeout` seconds."""
+    and passed on); None if the process exits or does not listen within `timeout` seconds. proc: a child of this
+    process, or the pid of another's (bench/gpu_check.sh's server, a child of its shell)."""
     import psutil
 
+    def alive() -> bool:
+        if isinstance(proc, subprocess.Popen):
+            return proc.poll() is None
+        with contextlib.suppress(psutil.Error):
+            return psutil.Process(proc).status() != psutil.STATUS_ZOMBIE
+        return False
+
+    pid = proc.pid if isinstance(proc, subprocess.Popen) else proc
     deadline = time.monotonic() + timeout
-    while proc.poll() is None and time.monotonic() < deadline:
-        with contextlib.suppress(psutil.Error):  # exited meanwhile: poll() says so
-            conns = psutil.Process(proc.pid).net_connections("tcp")
+    while alive() and time.monotonic() < deadline:
+        with contextlib.suppress(psutil.Error):  # exited meanwhile: alive() says so
+            conns = psutil.Process(pid).net_connections("tcp")
             ports = {c.laddr.port for c in conns if c.status == psutil.CONN_LISTEN}
             if ports:
                 (port,) = ports  # a server with two listeners would need saying which one

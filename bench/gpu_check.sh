@@ -57,17 +57,9 @@ fi
   --max-batch-size 64 --cuda-graphs --log-level warning &
 server=$!
 # (psutil: the dev extra; its absence, the server's exit or no listener is said here, not hidden)
-port=$("$PY" -c 'import sys, time, psutil
-p = psutil.Process(int(sys.argv[1]))
-for _ in range(1800):  # up to 180 s: model load and CUDA graph capture come first
-    try:
-        ports = {c.laddr.port for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
-    except psutil.NoSuchProcess:
-        sys.exit("gam-serve exited before it listened")
-    if ports:
-        sys.exit(print(ports.pop()))
-    time.sleep(0.1)
-sys.exit("gam-serve did not listen in 180 s")' "$server")
+port=$("$PY" -c 'import sys; from bench.common import listening_port as lp
+port = lp(int(sys.argv[1]), 180)  # up to 180 s: model load and CUDA graph capture come first
+sys.exit(print(port) if port else "gam-serve exited before it listened, or did not listen in 180 s")' "$server")
 healthy=0
 for _ in $([ -n "$port" ] && seq 1 180); do
   if "$PY" -c "import httpx, sys; sys.exit(httpx.get('http://127.0.0.1:$port/health', timeout=2).status_code != 200)" 2>/dev/null; then
