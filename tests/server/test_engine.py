@@ -443,15 +443,16 @@ class RecordingSink:
         self.writes.append([ev.index if isinstance(ev, TokenEvent) else type(ev).__name__ for ev in self.handle.take()])
 
 
-def step_output(rids: list[int], token: int) -> bytes:
-    """The core's message for one step that gave every request in rids a token."""
+def step_output(rids: list[int], token: int, finished: dict[int, p.Finish] | None = None) -> bytes:
+    """The core's message for one step that gave every request in rids a token (finished: row -> how it ended)."""
     n = len(rids)
     return p.encode(
         p.CoreOutput(
             ids=np.array(rids, np.int64).tobytes(),
             tokens=np.full(n, token, np.int64).tobytes(),
             logprobs=np.zeros(n, np.float32).tobytes(),
-            running=n,
+            finished=finished or {},
+            running=n - len(finished or {}),
         )
     )
 
@@ -523,15 +524,9 @@ async def test_what_the_core_sent_before_it_exited_is_handled_before_its_exit(
     async with stand_in_core(make_settings(), tmp_path) as (engine, core, _):
         done, running = await streams_on_stand_in(engine, core, 2)
         rids = [done.handle.id, running.handle.id]
-        last = p.CoreOutput(
-            ids=np.array(rids, np.int64).tobytes(),
-            tokens=np.full(2, 7, np.int64).tobytes(),
-            logprobs=np.zeros(2, np.float32).tobytes(),
-            finished={0: p.Finish("length", 3, None)},
-            running=1,
-        )
+        last = step_output(rids, 7, finished={0: p.Finish("length", 3, None)})
         failed = p.Failed("the engine loop died: RuntimeError('boom')")
-        engine._inbox.extend([step_output(rids, 5), step_output(rids, 6), p.encode(last), p.encode(failed)])
+        engine._inbox.extend([step_output(rids, 5), step_output(rids, 6), last, p.encode(failed)])
         engine._handle_inbox()  # the first step; the rest waits for the loop's next turn
         engine._on_exit()  # ... and the core's exit comes first
         assert done.writes == [[0], [1, 2]] and done.handle.take(waiting=True) == []
