@@ -53,7 +53,7 @@ async def stream_load(
     cfg = LoadConfig(url=url, api="openai", concurrency=streams, duration_s=seconds, drain_s=600,
                      output_tokens=tokens, num_requests=10**7, client="raw", model=await resolve_model(url),
                      extra_body=extra_body or {})  # fmt: skip
-    return await run_load(cfg)
+    return await run_load(cfg, progress=False)
 
 
 async def load(url: str, args: argparse.Namespace, seconds: float) -> RunResult:

@@ -105,6 +105,9 @@ class StandInCore:
                 self.running.pop(rid, None)
         elif isinstance(msg, p.MetricsQuery):
             self.sock.send_multipart([ident, p.encode(p.MetricsText(msg.token, b""))])
+        elif isinstance(msg, p.Drain):  # a frontend told to stop (the bench ends it): its requests are over
+            self.running.clear()
+            self.sock.send_multipart([ident, p.encode(p.Drained())])
         return isinstance(msg, p.Shutdown)
 
     def step(self) -> p.CoreOutput:
@@ -143,14 +146,12 @@ def text_ids(tokenizer_path: Path, eos: int | None) -> list[int]:
 
 # -- a frontend worker (its own process, the checkout's code) ------------------------------------------------
 FRONTEND = """
-import socket, sys, uvicorn
-from server.app import Attach, create_app
-from server.frontends import uvicorn_config
+import socket, sys
+from server.frontends import _worker
 from server.settings import Settings
 model, address, core_pid, index, fd = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 settings = Settings(model=model, max_batch_size=4096, max_queue=4096, request_timeout=3600, log_level="warning")
-app = create_app(settings, Attach(address, core_pid, index))
-uvicorn.Server(uvicorn_config(app, settings)).run(sockets=[socket.socket(fileno=fd)])
+_worker(settings, index, address, core_pid, socket.socket(fileno=fd))
 """
 
 
