@@ -53,7 +53,9 @@ ENV GAM_MODEL=/app/weights/${GAM_BUNDLED_MODEL} \
 USER 10001:10001
 EXPOSE 8000
 
-# /health is 200 only while the model is loaded and the engine loop runs (503 while loading or draining).
+# /health is 200 only while the model is loaded and the engine loop runs (503 while loading or draining). The probe
+# dials the host and port gam-serve was given (its last --host / --port on PID 1's command line, else GAM_HOST /
+# GAM_PORT), a wildcard host (0.0.0.0, ::) on loopback of its family.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "/usr/local/bin/gam-healthcheck"]
 

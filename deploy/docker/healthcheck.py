@@ -13,9 +13,14 @@ from pathlib import Path
 # the init (docker-init, tini), whose command line is its own options, then gam-serve's
 PID1_CMDLINE = Path("/proc/1/cmdline")
 
+# a wildcard bind answers on loopback, probed in the wildcard's family: `::` on ::1, since with one frontend uvicorn
+# binds through asyncio's create_server, which sets IPV6_V6ONLY on an IPv6 socket (127.0.0.1 would be refused there)
+WILDCARD_PROBES = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
 
-def port() -> str:
-    """The port gam-serve listens on: its --port flag (last one wins, as in gam-serve), else GAM_PORT, else 8000."""
+
+def flag(name: str) -> str | None:
+    """The value of gam-serve's `name` flag on PID 1's command line (`name VALUE` or `name=VALUE`; the last one wins,
+    as in gam-serve's argparse), or None when it is not given."""
     try:
         args = PID1_CMDLINE.read_bytes().decode(errors="replace").split("\0")
     except OSError:
@@ -25,16 +30,31 @@ def port() -> str:
     start = next((i + 1 for i, a in enumerate(args) if Path(a).name == "gam-serve"), len(args))
     found = None
     for i, a in enumerate(args[start:], start):
-        if a == "--port" and i + 1 < len(args):
+        if a == name and i + 1 < len(args):
             found = args[i + 1]
-        elif a.startswith("--port="):
+        elif a.startswith(name + "="):
             found = a.split("=", 1)[1]
-    return found or os.environ.get("GAM_PORT", "8000")
+    return found
+
+
+def port() -> str:
+    """The port gam-serve listens on: its --port flag, else GAM_PORT, else 8000."""
+    return flag("--port") or os.environ.get("GAM_PORT", "8000")
+
+
+def host() -> str:
+    """The address to probe, as it goes in a URL: gam-serve's --host flag, else GAM_HOST, else 127.0.0.1; a wildcard
+    (0.0.0.0, "", ::) as loopback of its family, an IPv6 literal in brackets, a name as it is."""
+    given = flag("--host")
+    if given is None:  # `--host ""` (every interface) is given, not absent
+        given = os.environ.get("GAM_HOST", "127.0.0.1")
+    address = WILDCARD_PROBES.get(given, given)
+    return f"[{address}]" if ":" in address else address
 
 
 def main() -> int:
-    """Probe http://127.0.0.1:PORT/health once (PORT: see `port`)."""
-    url = f"http://127.0.0.1:{port()}/health"
+    """Probe http://HOST:PORT/health once (HOST and PORT: see `host` and `port`)."""
+    url = f"http://{host()}:{port()}/health"
     try:
         with urllib.request.urlopen(url, timeout=4) as r:  # under HEALTHCHECK --timeout=5s
             return 0 if r.status == 200 else 1

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import re
 import shutil
+import socket
+import socketserver
 import subprocess
 import sys
 import threading
@@ -158,50 +160,105 @@ def load_healthcheck():
     return mod
 
 
-def test_healthcheck_script_follows_health_status(monkeypatch):
-    status = {"code": 200}
+class HealthServer(ThreadingHTTPServer):
+    """A loopback HTTP server whose /health answers `status` (IPv6 when its address has a colon, IPV6_V6ONLY as
+    gam-serve's single-frontend asyncio socket has it, so it is not reachable over IPv4)."""
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(status["code"] if self.path == "/health" else 404)
-            self.end_headers()
+    status = 200
 
-        def log_message(self, *args):
-            pass
+    def __init__(self, address: str):
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(srv.status if self.path == "/health" else 404)
+                self.end_headers()
 
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    hc = load_healthcheck()
+            def log_message(self, *args):
+                pass
+
+        srv = self
+        self.address_family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        super().__init__((address, 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def server_bind(self):
+        if self.address_family == socket.AF_INET6:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        # TCPServer's bind: HTTPServer's would also look the address's name up (getfqdn), maybe in DNS off this host
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = "localhost", self.server_address[1]
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    def stop(self):
+        self.shutdown()
+        self.server_close()
+
+
+def ipv6_loopback() -> bool:
     try:
-        monkeypatch.setenv("GAM_PORT", str(srv.server_address[1]))
-        assert hc.main() == 0
-        status["code"] = 503
-        assert hc.main() == 1
-    finally:
-        srv.shutdown()
-        srv.server_close()
-    assert hc.main() == 1  # nothing listening
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
 
 
-def test_healthcheck_script_defaults_to_port_8000(monkeypatch):
-    monkeypatch.delenv("GAM_PORT", raising=False)
+def healthcheck_with(monkeypatch, tmp_path, cmdline, env=None):
+    """The script with PID 1's command line `cmdline` (a file) and GAM_PORT / GAM_HOST as in `env` (others unset)."""
+    f = tmp_path / "cmdline"
+    f.write_bytes("\0".join(cmdline).encode() + b"\0")
+    for name in ("GAM_PORT", "GAM_HOST"):
+        value = (env or {}).get(name)
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    hc = load_healthcheck()
+    monkeypatch.setattr(hc, "PID1_CMDLINE", f)
+    return hc
+
+
+def probed_url(monkeypatch, tmp_path, cmdline, env=None) -> str:
+    """The URL the script dials for this command line and env (nothing is sent)."""
     seen = {}
 
     def fake_urlopen(url, timeout):
         seen["url"] = url
         raise OSError("refused")
 
-    hc = load_healthcheck()
+    hc = healthcheck_with(monkeypatch, tmp_path, cmdline, env)
     monkeypatch.setattr(hc.urllib.request, "urlopen", fake_urlopen)
-    assert hc.main() == 1 and seen["url"] == "http://127.0.0.1:8000/health"
+    assert hc.main() == 1
+    return seen["url"]
+
+
+GAM_SERVE = ["/opt/venv/bin/python3", "/opt/venv/bin/gam-serve"]
+
+
+def test_healthcheck_script_follows_health_status(monkeypatch, tmp_path):
+    srv = HealthServer("127.0.0.1")
+    hc = healthcheck_with(monkeypatch, tmp_path, ["/sbin/init"], {"GAM_PORT": str(srv.port)})
+    try:
+        assert hc.main() == 0
+        srv.status = 503
+        assert hc.main() == 1
+    finally:
+        srv.stop()
+    assert hc.main() == 1  # nothing listening
+
+
+def test_healthcheck_script_defaults_to_port_8000(monkeypatch, tmp_path):
+    assert probed_url(monkeypatch, tmp_path, ["/sbin/init"]) == "http://127.0.0.1:8000/health"
 
 
 @pytest.mark.parametrize(
     ("cmdline", "env", "port"),
     [
-        (["/opt/venv/bin/python3", "/opt/venv/bin/gam-serve", "--host", "0.0.0.0", "--port", "9000"], "8000", "9000"),
-        (["/opt/venv/bin/python3", "/opt/venv/bin/gam-serve", "--host", "0.0.0.0", "--port=9001"], None, "9001"),
-        (["/opt/venv/bin/python3", "/opt/venv/bin/gam-serve", "--host", "0.0.0.0"], "8100", "8100"),
+        ([*GAM_SERVE, "--host", "0.0.0.0", "--port", "9000"], "8000", "9000"),
+        ([*GAM_SERVE, "--host", "0.0.0.0", "--port=9001"], None, "9001"),
+        ([*GAM_SERVE, "--host", "0.0.0.0"], "8100", "8100"),
         (["/sbin/init", "--port", "1234"], None, "8000"),  # PID 1 is not gam-serve: its flags are not ours
         # docker run --init / compose init: true: the init is PID 1, gam-serve's arguments come after its own
         (["/sbin/docker-init", "--", "gam-serve", "--host", "0.0.0.0", "--port", "9002"], "8000", "9002"),
@@ -213,19 +270,82 @@ def test_healthcheck_probes_the_port_gam_serve_was_given(monkeypatch, tmp_path, 
     """`docker run ... gam-serve --port 9000` (arguments after the image name go to gam-serve, README) serves on 9000:
     the probe reads the flag from PID 1's command line (the exec-form ENTRYPOINT), which wins over GAM_PORT as the
     flag does in gam-serve; it probed GAM_PORT (8000) and the container stayed unhealthy."""
-    f = tmp_path / "cmdline"
-    f.write_bytes("\0".join(cmdline).encode() + b"\0")
-    if env is None:
-        monkeypatch.delenv("GAM_PORT", raising=False)
-    else:
-        monkeypatch.setenv("GAM_PORT", env)
-    seen = {}
+    url = probed_url(monkeypatch, tmp_path, cmdline, {"GAM_PORT": env})
+    assert url == f"http://127.0.0.1:{port}/health"
 
-    def fake_urlopen(url, timeout):
-        seen["url"] = url
-        raise OSError("refused")
 
-    hc = load_healthcheck()
-    monkeypatch.setattr(hc, "PID1_CMDLINE", f)
-    monkeypatch.setattr(hc.urllib.request, "urlopen", fake_urlopen)
-    assert hc.main() == 1 and seen["url"] == f"http://127.0.0.1:{port}/health"
+def test_healthcheck_reaches_gam_serve_on_the_host_it_was_given(monkeypatch, tmp_path):
+    """`docker run ... gam-serve --host 127.0.0.2` (after the ENTRYPOINT's `--host 0.0.0.0`: the last one wins) serves
+    on 127.0.0.2 only; the probe dialled 127.0.0.1, where nothing listens, and the container turned unhealthy."""
+    srv = HealthServer("127.0.0.2")  # any 127/8 address is loopback on Linux
+    cmdline = [*GAM_SERVE, "--host", "0.0.0.0", "--host", "127.0.0.2", "--port", str(srv.port)]
+    hc = healthcheck_with(monkeypatch, tmp_path, cmdline, {"GAM_HOST": "127.0.0.1"})
+    try:
+        assert hc.main() == 0
+        srv.status = 503
+        assert hc.main() == 1
+    finally:
+        srv.stop()
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback on this machine")
+@pytest.mark.parametrize("given", ["::1", "::"])
+def test_healthcheck_reaches_gam_serve_on_ipv6(monkeypatch, tmp_path, given):
+    """`--host ::1` goes in brackets in the URL; `--host ::` is probed on ::1, its own family's loopback (gam-serve's
+    asyncio socket on :: is IPv6-only, so 127.0.0.1 is refused, as by this test's server)."""
+    srv = HealthServer("::1")
+    hc = healthcheck_with(monkeypatch, tmp_path, [*GAM_SERVE, "--host", given, "--port", str(srv.port)])
+    try:
+        assert hc.main() == 0
+        srv.status = 503
+        assert hc.main() == 1
+    finally:
+        srv.stop()
+
+
+def test_healthcheck_probes_a_wildcard_host_on_loopback(monkeypatch, tmp_path):
+    """Every interface (0.0.0.0, the empty host, ::) is probed on the loopback address of its family; the empty host
+    is given (it beats GAM_HOST), not absent."""
+    cases = [
+        (["--host", "0.0.0.0"], None, "127.0.0.1"),
+        (["--host="], "::1", "127.0.0.1"),
+        (["--host", ""], "::1", "127.0.0.1"),
+        (["--host", "::"], None, "[::1]"),
+        (["--host=::"], None, "[::1]"),
+        ([], "0.0.0.0", "127.0.0.1"),
+        ([], "::", "[::1]"),
+    ]
+    for args, env, want in cases:
+        url = probed_url(monkeypatch, tmp_path, [*GAM_SERVE, *args, "--port", "9000"], {"GAM_HOST": env})
+        assert url == f"http://{want}:9000/health", (args, env)
+
+
+@pytest.mark.parametrize(
+    ("args", "want"),
+    [
+        (["--host=127.0.0.3"], "127.0.0.3"),
+        (["--host=localhost"], "localhost"),  # a name as it is
+        (["--host=::1"], "[::1]"),
+        (["--host", "0.0.0.0", "--host=10.1.2.3"], "10.1.2.3"),  # the last one wins, either form
+        (["--host=10.1.2.3", "--host", "127.0.0.4"], "127.0.0.4"),
+    ],
+)
+def test_healthcheck_reads_the_host_equals_form(monkeypatch, tmp_path, args, want):
+    url = probed_url(monkeypatch, tmp_path, [*GAM_SERVE, *args, "--port=9000"])
+    assert url == f"http://{want}:9000/health"
+
+
+@pytest.mark.parametrize(
+    ("cmdline", "env", "want"),
+    [
+        ([*GAM_SERVE, "--port", "9000"], "127.0.0.5", "127.0.0.5"),
+        ([*GAM_SERVE, "--port", "9000"], "::1", "[::1]"),
+        (["/usr/bin/tini", "--", "gam-serve", "--port", "9000"], "localhost", "localhost"),
+        (["/sbin/init", "--host", "10.1.2.3", "--port", "9000"], "127.0.0.6", "127.0.0.6"),  # not gam-serve's flag
+        ([*GAM_SERVE, "--host", "127.0.0.7", "--port", "9000"], "10.1.2.3", "127.0.0.7"),  # the flag beats GAM_HOST
+    ],
+)
+def test_healthcheck_falls_back_to_gam_host(monkeypatch, tmp_path, cmdline, env, want):
+    """Without a --host flag gam-serve binds GAM_HOST (flags beat GAM_* variables), so the probe dials it too."""
+    url = probed_url(monkeypatch, tmp_path, cmdline, {"GAM_HOST": env, "GAM_PORT": "9000"})
+    assert url == f"http://{want}:9000/health"
