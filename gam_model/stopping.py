@@ -117,9 +117,10 @@ def advance_token(detok: _Detokenizer, stop: StopChecker, token_id: int) -> tupl
     before one is dropped: it could only print as U+FFFD); on the last token the detokenizer's held-back text is
     flushed through the stop checks, so nothing is lost at max_new_tokens.
     """
-    if stop.is_stop_token(token_id):
+    # is_stop_token and last_token, inline: this runs once per generated token of every request
+    if token_id == stop.eos_token_id or token_id in stop.stop_token_ids:
         return ("", *stop.feed(token_id, ""))
     text = detok.add(token_id)
-    if stop.last_token:
+    if stop.generated + 1 >= stop.max_new_tokens:
         text += detok.flush()
     return (text, *stop.feed(token_id, text))

@@ -68,6 +68,7 @@ START_TIMEOUT_S = 600.0  # model load + CUDA graph capture
 # carried (a token's added delay when this frontend is behind; when it keeps up, one message waits per turn). A
 # message is handled whole, so a turn can run past it by one message (one step of 256 rows) and the writes
 READ_BUDGET_S = 0.005
+NO_TOP: list[tuple[int, float]] = []  # TokenEvent.top of a request that asked for no alternatives (read-only)
 ERRORS: dict[str, Callable[[str], Exception]] = {
     "QueueFull": QueueFull,
     "TooManySequences": TooManySequences,
@@ -789,7 +790,7 @@ class Engine:
                     continue
                 fin = finished.get(row) if finished else None
                 try:
-                    alts = list(zip(*top[row], strict=True)) if top and row in top else []
+                    alts = list(zip(*top[row], strict=True)) if top and row in top else NO_TOP
                     tev = h._token(tokens[row], logprobs[row], fin, alts)
                     if prompts:
                         tev.prompt = prompts.pop(rid, None)

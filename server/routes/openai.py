@@ -335,9 +335,16 @@ def _stream(
     # with logprobs, a choice's echo waits for its first event, which carries the prompt logprobs
     echo_pending = set(range(len(handles))) if body.echo and body.logprobs is not None else set()
 
+    plain = body.logprobs is None
+
     def render(k: int, ev: Event, out: list[bytes]) -> bool:
         """Append event ev of choice k's chunks to out; False when the stream ends here (an error)."""
         nonlocal generated
+        if plain and type(ev) is TokenEvent and ev.finish is None:  # nearly every event: a token's text, as is
+            if ev.emitted:  # else held back (a possible stop string or an unfinished character)
+                out.append(chunk(k, ev.emitted, None, None))
+            offsets[k] += len(ev.text)
+            return True
         if k in echo_pending and not isinstance(ev, ErrorEvent):
             echo_pending.discard(k)
             out.append(echo(k, ev.prompt))
@@ -348,8 +355,6 @@ def _stream(
             out.append(chunk(k, "", None, "length"))
             return True
         finish = None if ev.finish is None else _finish_reason(ev.finish.reason)
-        if not ev.emitted and finish is None and body.logprobs is None:
-            return True  # text held back (a possible stop string or an unfinished character)
         logprobs = lp.generated([ev], offsets[k]) if body.logprobs is not None else None
         offsets[k] += len(ev.text)
         if ev.finish is not None:
