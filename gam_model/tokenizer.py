@@ -36,12 +36,14 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size()
 
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """The token ids of text, without the offsets and masks an Encoding also computes (`encode_batch_fast`:
+        about 0.8x the CPU of `encode` for a 64-word prompt; the same ids, tests/gam_model/test_tokenizer.py)."""
+        return self.tok.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
 
     def encode_releasing_gil(self, text: str, add_special_tokens: bool = False) -> Encoding:
-        """Encode one text without holding the GIL (`encode_batch` releases it, `encode` does not), for a worker
-        thread: other Python threads (an event loop, the engine) keep running meanwhile."""
+        """Encode one text, with its offsets, without holding the GIL (`encode_batch` releases it, `encode` does
+        not), for a worker thread: other Python threads (an event loop, the engine) keep running meanwhile."""
         return self.tok.encode_batch([text], add_special_tokens=add_special_tokens)[0]
 
     def min_tokens(self, text: str) -> int:

@@ -63,10 +63,18 @@ INLINE_DECODE_IDS = 16_384
 
 
 async def encode_text(ctx: ServerContext, text: str, add_special_tokens: bool = False) -> Encoding:
-    """Tokenize text off the event loop when it is long (a 1 MiB prompt takes seconds)."""
+    """Tokenize text with its offsets (TGI /tokenize), off the event loop when it is long (a 1 MiB prompt takes
+    seconds)."""
     if len(text) <= INLINE_TOKENIZE_CHARS:
         return ctx.tokenizer.tok.encode(text, add_special_tokens=add_special_tokens)
     return await asyncio.to_thread(ctx.tokenizer.encode_releasing_gil, text, add_special_tokens)
+
+
+async def encode_ids(ctx: ServerContext, text: str, add_special_tokens: bool = False) -> list[int]:
+    """The token ids of text (a prompt): inline without the offsets (cheaper), a long text as encode_text does."""
+    if len(text) <= INLINE_TOKENIZE_CHARS:
+        return ctx.tokenizer.encode(text, add_special_tokens)
+    return (await encode_text(ctx, text, add_special_tokens)).ids
 
 
 async def decode_ids(ctx: ServerContext, ids: list[int]) -> str:
@@ -86,7 +94,7 @@ async def encode_prompt(
     limit = ctx.settings.max_input_tokens
     if truncate is None and (at_least := ctx.tokenizer.min_tokens(text)) > limit:
         raise too_long(ctx, param, f"at least {at_least}", truncatable)
-    ids = (await encode_text(ctx, text)).ids
+    ids = await encode_ids(ctx, text)
     if not ids:
         raise ApiError(422, f"{param} has no tokens after tokenization", param=param)
     return check_ids(ctx, ids, param, truncate, truncatable=truncatable)

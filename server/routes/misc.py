@@ -12,7 +12,7 @@ from server.context import ServerContext, get_context
 from server.core import EngineUnavailable
 from server.errors import ApiError
 from server.metrics import frontend_registry
-from server.routes.common import check_text, decode_ids, encode_text
+from server.routes.common import check_text, decode_ids, encode_ids, encode_text
 from server.types import DetokenizeRequest, TokenizeRequest, VLLMTokenizeRequest
 from server.version import VERSION
 
@@ -84,7 +84,7 @@ async def tokenize(body: TokenizeRequest | VLLMTokenizeRequest, ctx: Ctx) -> Any
     vLLM form `{"prompt", "add_special_tokens"}`: `{"count", "max_model_len", "tokens"}`."""
     if isinstance(body, VLLMTokenizeRequest):
         check_text(body.prompt, "prompt")
-        ids = (await encode_text(ctx, body.prompt, body.add_special_tokens)).ids
+        ids = await encode_ids(ctx, body.prompt, body.add_special_tokens)
         return {"count": len(ids), "max_model_len": ctx.settings.max_input_tokens, "tokens": ids}
     check_text(body.inputs, "inputs")
     enc = await encode_text(ctx, body.inputs)

@@ -1,0 +1,40 @@
+"""gam_model.tokenizer: Tokenizer.encode (encode_batch_fast, no offsets) gives the ids an Encoding has."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from gam_model.tokenizer import Tokenizer
+from tests.gam_model.test_bundled import BUNDLED
+from tests.gam_model.tokenizers_for_tests import EOS, byte_bpe, corpus, random_unicode_text, whitespace_bpe
+
+
+def texts() -> list[str]:
+    rng = random.Random(7)
+    lines = corpus()
+    # single lines, whole paragraphs, the special token inside text, unusual whitespace, nothing
+    return [
+        *lines,
+        "\n".join(lines[:40]),
+        f"a{EOS}b {EOS}",
+        "  leading and trailing  ",
+        "\r\n\t\u00a0\u2028",
+        "",
+        *(random_unicode_text(rng, 300) for _ in range(10)),
+    ]
+
+
+@pytest.mark.parametrize("make", [byte_bpe, whitespace_bpe], ids=["byte_bpe", "whitespace_bpe"])
+@pytest.mark.parametrize("special", [False, True])
+def test_encode_gives_the_ids_of_a_full_encoding(make, special):
+    tok = make()
+    for text in texts():
+        assert tok.encode(text, special) == tok.tok.encode(text, add_special_tokens=special).ids, text[:80]
+
+
+def test_encode_with_the_bundled_tokenizer():
+    tok = Tokenizer.from_file(BUNDLED / "tokenizer.json")
+    for text in texts():
+        assert tok.encode(text) == tok.tok.encode(text, add_special_tokens=False).ids, text[:80]
