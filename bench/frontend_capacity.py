@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--step-ms", type=float, default=1.0, help="the stand-in core's step period")
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--json", type=Path, help="also write the runs and their medians here (bench/host.py reads it)")
     ap.add_argument("--core", nargs=3, metavar=("ADDRESS", "IDS_FILE", "STEP_MS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.core:  # the stand-in core process
@@ -311,9 +312,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{label:>10} rep {rep}: {line(m)}", flush=True)
     print(f"\nmedians of {args.reps}, {args.streams} streams x {args.tokens} tokens, stand-in step {args.step_ms} ms:")
     first = statistics.median(r["frontend"] for r in rows[labels[0]])
+    medians = {}
     for label, runs in rows.items():
-        med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        med = medians[label] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         print(f"{label:>10}: {line(med)} ({med['frontend'] / first:.2f}x {labels[0]}'s frontend CPU)")
+    if args.json is not None:
+        settings = {"specs": args.specs, "streams": args.streams, "tokens": args.tokens, "step_ms": args.step_ms,
+                    "seconds": args.seconds, "reps": args.reps}  # fmt: skip
+        # per label: frontend / frontend_kernel / core / client = CPU us per streamed token, and tok_s, ...
+        args.json.write_text(json.dumps({"settings": settings, "medians": medians, "runs": rows}, indent=1) + "\n")
     return 0
 
 

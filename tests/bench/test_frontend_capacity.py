@@ -49,9 +49,24 @@ def test_a_frontend_streams_the_stand_in_cores_tokens(tmp_path: Path) -> None:
             assert 0 < probe.quantile(0.5) <= probe.quantile(1.0)
         finally:
             fronts.close()
+        # a worker drains at SIGTERM and exits 0 once the (stand-in) core says Drained: not killed at close's timeout
+        assert [pr.returncode for pr in fronts.procs] == [0]
     finally:
         core.kill()
         core.wait()
+
+
+def test_a_short_run_writes_its_medians(tmp_path: Path) -> None:
+    """The JSON bench/host.py reads (its `mock` part): per label, the medians of the runs."""
+    out = tmp_path / "capacity.json"
+    root = Path(fc.__file__).resolve().parents[1]
+    argv = [f"one={root}", "--streams", "4", "--tokens", "8", "--seconds", "1", "--reps", "1", "--json", str(out)]
+    assert fc.main(argv) == 0
+    res = json.loads(out.read_text())
+    assert res["settings"]["streams"] == 4 and len(res["runs"]["one"]) == 1
+    one = res["medians"]["one"]
+    assert one["tok_s"] > 0 and one["frontend"] > 0 and one["client"] > 0
+    assert one["frontend"] >= one["frontend_kernel"] >= 0
 
 
 def test_health_probe_quantiles() -> None:
