@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
@@ -76,6 +77,12 @@ async def tgi_request(
     return req, p
 
 
+# a streamed token's event before the last, without top tokens: index, id, text, logprob, special
+PLAIN_EVENT = (
+    b'data: {"index":%d,"token":{"id":%d,"text":%s,"logprob":%s,"special":%s},"generated_text":null,"details":null}\n\n'
+)
+
+
 def token_json(ctx: ServerContext, tid: int, text: str, logprob: float | None, special: bool) -> dict[str, Any]:
     return {"id": tid, "text": text, "logprob": json_float(logprob), "special": special}
 
@@ -132,8 +139,17 @@ async def generate_sse(ctx: ServerContext, body: TGIRequest, endpoint: str) -> E
     req, p = await tgi_request(ctx, body, endpoint, stream=True)
     handles = await submit(ctx, [req], stream=True)
     parts = [body.inputs] if p.return_full_text else []
+    top_n = req.params.top_n_tokens
 
     def render(k: int, ev: Event, out: list[bytes]) -> bool:
+        if type(ev) is TokenEvent and ev.finish is None and not top_n:  # nearly every event: a token, not the last
+            if not ev.special:
+                parts.append(ev.text)
+            # the bytes of the whole event serialised (token_json's fields; tests/server/test_tgi.py), built around
+            # its fields instead of from a dict per token
+            out.append(PLAIN_EVENT % (ev.index, ev.id, orjson.dumps(ev.text), orjson.dumps(json_float(ev.logprob)),
+                                      b"true" if ev.special else b"false"))  # fmt: skip
+            return True
         if isinstance(ev, ErrorEvent):
             out.append(sse(error_body("/generate_stream", ev.status, ev.message, error_type=ev.error_type)))
             return False

@@ -6,11 +6,14 @@ import json
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 import torch
 
 from gam_model.checkpoint import load_checkpoint
 from gam_model.scoring import token_logprobs
+from server.routes.common import json_float, sse
+from server.routes.tgi import PLAIN_EVENT
 
 PROMPT = "The game was"
 
@@ -61,6 +64,39 @@ async def test_stream_matches_generate(client: httpx.AsyncClient) -> None:
     assert last["generated_text"] == full["generated_text"]
     assert last["details"]["finish_reason"] == "length" and last["details"]["generated_tokens"] == 9
     assert [e["token"]["id"] for e in events] == [t["id"] for t in full["details"]["tokens"]]
+
+
+async def test_stream_events_are_their_json_serialised_compactly(client: httpx.AsyncClient) -> None:
+    """Every event is exactly `data: ` + its object serialised compactly, keys in TGI's order: the byte template of a
+    token's event (all but the last) equals the whole object serialised, for sampled text of any characters."""
+    for params in ({"max_new_tokens": 24, "temperature": 1.5, "seed": 3, "do_sample": True},
+                   {"max_new_tokens": 6, "details": True, "top_n_tokens": 2}):  # fmt: skip
+        r = await client.post("/generate_stream", json={"inputs": 'It "was" é', "parameters": params})
+        assert r.status_code == 200, r.text
+        blocks = [b for b in r.content.split(b"\n\n") if b]
+        assert len(blocks) == params["max_new_tokens"]
+        for block in blocks:
+            obj = json.loads(block.removeprefix(b"data: "))
+            assert block == b"data: " + orjson.dumps(obj)
+            top = ["top_tokens"] if "top_n_tokens" in params else []
+            assert list(obj) == ["index", "token", *top, "generated_text", "details"]
+            assert list(obj["token"]) == ["id", "text", "logprob", "special"]
+
+
+@pytest.mark.parametrize("text", ["", "a", ' "q" \\ \n é 😀 \u2028 \x00'])
+@pytest.mark.parametrize("logprob", [-0.25, 0.0, -1e-300, float("-inf"), float("nan")])
+@pytest.mark.parametrize("special", [False, True])
+def test_a_token_events_template_is_the_object_serialised(text: str, logprob: float, special: bool) -> None:
+    ev = {"index": 7, "token": {"id": 123, "text": text, "logprob": json_float(logprob), "special": special},
+          "generated_text": None, "details": None}  # fmt: skip
+    got = PLAIN_EVENT % (
+        7,
+        123,
+        orjson.dumps(text),
+        orjson.dumps(json_float(logprob)),
+        b"true" if special else b"false",
+    )
+    assert got == sse(ev)
 
 
 async def test_compat_route_returns_list_or_stream(client: httpx.AsyncClient) -> None:
