@@ -19,8 +19,8 @@ WILDCARD_PROBES = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
 
 
 def flag(name: str) -> str | None:
-    """The value of gam-serve's `name` flag on PID 1's command line (`name VALUE` or `name=VALUE`; the last one wins,
-    as in gam-serve's argparse), or None when it is not given."""
+    """The value of gam-serve's `name` flag (lower case) on PID 1's command line (`name VALUE` or `name=VALUE`, the
+    name in any case; the last one wins, as in gam-serve's argparse), or None when it is not given."""
     try:
         args = PID1_CMDLINE.read_bytes().decode(errors="replace").split("\0")
     except OSError:
@@ -30,16 +30,31 @@ def flag(name: str) -> str | None:
     start = next((i + 1 for i, a in enumerate(args) if Path(a).name == "gam-serve"), len(args))
     found = None
     for i, a in enumerate(args[start:], start):
-        if a == name and i + 1 < len(args):
+        # gam-serve's flag names are case-insensitive (`--HOST`, `--Port=9000`: pydantic-settings lowercases them)
+        option, eq, value = a.partition("=")
+        if option.lower() != name:
+            continue
+        if eq:
+            found = value
+        elif i + 1 < len(args):
             found = args[i + 1]
-        elif a.startswith(name + "="):
-            found = a.split("=", 1)[1]
+    return found
+
+
+def env(name: str) -> str | None:
+    """The GAM_* variable `name` as gam-serve reads it: its name in any case (`gam_host`), the last one in the
+    environment winning when several spellings are set (pydantic-settings' lowercased mapping of os.environ)."""
+    found = None
+    for key, value in os.environ.items():
+        if key.upper() == name:
+            found = value
     return found
 
 
 def port() -> str:
     """The port gam-serve listens on: its --port flag, else GAM_PORT, else 8000."""
-    return flag("--port") or os.environ.get("GAM_PORT", "8000")
+    # an int to gam-serve, which strips the whitespace around it (`--port " 9000"`)
+    return (flag("--port") or env("GAM_PORT") or "8000").strip()
 
 
 def host() -> str:
@@ -47,7 +62,8 @@ def host() -> str:
     (0.0.0.0, "", ::) as loopback of its family, an IPv6 literal in brackets, a name as it is."""
     given = flag("--host")
     if given is None:  # `--host ""` (every interface) is given, not absent
-        given = os.environ.get("GAM_HOST", "127.0.0.1")
+        given = env("GAM_HOST")
+        given = "127.0.0.1" if given is None else given
     address = WILDCARD_PROBES.get(given, given)
     return f"[{address}]" if ":" in address else address
 

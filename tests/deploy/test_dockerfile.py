@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import shutil
 import socket
@@ -209,11 +210,11 @@ def healthcheck_with(monkeypatch, tmp_path, cmdline, env=None):
     """The script with PID 1's command line `cmdline` (a file) and GAM_PORT / GAM_HOST as in `env` (others unset)."""
     f = tmp_path / "cmdline"
     f.write_bytes("\0".join(cmdline).encode() + b"\0")
-    for name in ("GAM_PORT", "GAM_HOST"):
-        value = (env or {}).get(name)
-        if value is None:
-            monkeypatch.delenv(name, raising=False)
-        else:
+    for key in list(os.environ):  # gam-serve reads GAM_* names in any case
+        if key.upper() in ("GAM_PORT", "GAM_HOST"):
+            monkeypatch.delenv(key)
+    for name, value in (env or {}).items():
+        if value is not None:
             monkeypatch.setenv(name, value)
     hc = load_healthcheck()
     monkeypatch.setattr(hc, "PID1_CMDLINE", f)
@@ -349,3 +350,28 @@ def test_healthcheck_falls_back_to_gam_host(monkeypatch, tmp_path, cmdline, env,
     """Without a --host flag gam-serve binds GAM_HOST (flags beat GAM_* variables), so the probe dials it too."""
     url = probed_url(monkeypatch, tmp_path, cmdline, {"GAM_HOST": env, "GAM_PORT": "9000"})
     assert url == f"http://{want}:9000/health"
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        (["--HOST", "127.0.0.8", "--Port", "9003"], {}),  # flag names in any case: gam-serve lowercases them
+        (["--host", "0.0.0.0", "--Host=::", "--PORT=9004"], {}),
+        (["--port", " 9005 "], {}),  # an int: gam-serve strips it
+        ([], {"gam_host": "127.0.0.9", "gam_port": "9006"}),  # GAM_* names in any case
+        ([], {"Gam_Host": "::1", "GAM_PORT": "9007"}),
+        (["--host", "0.0.0.0", "--port", "9008"], {"gam_host": "::", "GAM_HOST": "10.1.2.3"}),  # the flag wins
+        (["--host="], {"GAM_HOST": "127.0.0.10"}),
+        (["--host", "localhost", "--host", "127.0.0.11"], {"GAM_PORT": " 9009"}),
+    ],
+)
+def test_healthcheck_dials_what_gam_serve_binds(monkeypatch, tmp_path, args, env):
+    """The probe's host and port are those gam-serve's own CLI resolves from the same flags and GAM_* variables (a
+    wildcard on loopback): `--HOST ::` or `gam_host=...` bind where gam-serve says, and the probe dialled elsewhere."""
+    from server.cli import parse
+
+    hc = healthcheck_with(monkeypatch, tmp_path, [*GAM_SERVE, *args], env)
+    settings = parse(args)
+    address = hc.WILDCARD_PROBES.get(settings.host, settings.host)
+    want = f"[{address}]" if ":" in address else address
+    assert (hc.host(), hc.port()) == (want, str(settings.port))  # as they go in the URL

@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import processors
 
 from gam_model.tokenizer import Tokenizer
 from tests.gam_model.test_bundled import BUNDLED
@@ -38,3 +40,18 @@ def test_encode_with_the_bundled_tokenizer():
     tok = Tokenizer.from_file(BUNDLED / "tokenizer.json")
     for text in texts():
         assert tok.encode(text) == tok.tok.encode(text, add_special_tokens=False).ids, text[:80]
+
+
+def test_encode_adds_special_tokens_only_when_asked():
+    """With a post-processor that opens every text with eos (as a checkpoint's tokenizer.json may have: the test
+    tokenizers and the bundled one have none, so `add_special_tokens` changed nothing above), the flag still reaches
+    the tokenizer: vLLM's /tokenize `add_special_tokens` and gam-model callers get what a full Encoding has."""
+    hf = HFTokenizer.from_str(byte_bpe().tok.to_str())
+    eos = hf.token_to_id(EOS)
+    hf.post_processor = processors.TemplateProcessing(single=f"{EOS} $A", special_tokens=[(EOS, eos)])
+    tok = Tokenizer(hf, eos_token_id=eos)
+    for text in texts():
+        with_special, without = tok.encode(text, True), tok.encode(text)
+        assert with_special == hf.encode(text, add_special_tokens=True).ids, text[:80]
+        assert without == hf.encode(text, add_special_tokens=False).ids, text[:80]
+        assert with_special == [eos, *without], text[:80]
