@@ -33,7 +33,8 @@
 dtype auto = bfloat16 where bf16 is native (CUDA, or a CPU with avx512_bf16 / amx_bf16), else float32: without it
 bf16 GEMMs take a slow path and a step that slow would hide the host path this measures.
 It imports nothing from server/: gam-serve runs as a subprocess, its processes and /metrics are read from outside, so
-it measures whatever server this checkout has (part 3's stand-in core speaks server/protocol.py, in its own process). Prints everything side by side and writes bench/results/host.json.
+it measures whatever server this checkout has (part 3's stand-in core speaks server/protocol.py, in its own
+process). Prints everything side by side and writes bench/results/host.json.
 Not a test: a missed goal is reported, not raised.
 """
 
