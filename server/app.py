@@ -133,9 +133,16 @@ class GamApp(FastAPI):
     (server/routes/stream.py): the middleware stack wraps `send` in two coroutines per message."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            scope[BODY_SEND] = send
-        await super().__call__(scope, receive, send)
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        scope[BODY_SEND] = send
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # the server's send is a method of its request cycle, which holds this scope: left here, the scope, the
+            # cycle and everything the request's handling put in the scope would wait for the garbage collector
+            del scope[BODY_SEND]
 
 
 @dataclass(frozen=True)

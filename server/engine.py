@@ -228,6 +228,12 @@ class RequestHandle:
         if self._ready:
             self._engine._due(sink)
 
+    def detach(self) -> None:
+        """The sink's answer is over: later events stay here, unwritten. It also breaks the reference cycle of a
+        stream and its handles (sink -> handles -> sink), so both, and all they hold, are freed by reference counting
+        when the request ends, not by the garbage collector's next pass."""
+        self._sink = None
+
     def take(self, waiting: bool = False) -> list[Event]:
         """The events due now (RequestHandle.batches' lists), or [] if none are due yet; `waiting`: also those that
         wait for --stream-interval (the stream ends now)."""

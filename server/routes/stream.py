@@ -111,6 +111,8 @@ class EventStream(Response):
         finally:
             self._ended = True
             self._cancel()
+            for h in self.handles:
+                h.detach()  # nothing more can be written; frees the stream without the garbage collector
 
     def _cancel(self) -> None:
         for h in self.handles:
