@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import statistics
+import time
 from collections.abc import Sequence
 from functools import partial
 from types import ModuleType
@@ -23,6 +25,29 @@ __all__ = ["CPU_FIXED_ROWS", "Decoder", "FixedShapeHead", "bucket_sizes", "pad_t
 log = logging.getLogger(__name__)
 
 CPU_FIXED_ROWS = 8  # deterministic mode's default row count on CPU (bench/deterministic.py --rows)
+# tune_threads: the small batches measured on one thread against all, and a step short enough not to bother (a tiny
+# model's GEMMs are below what BLAS splits over threads anyway)
+ONE_THREAD_CANDIDATES = (1, 2, 4)
+TUNE_MIN_STEP_S = 0.002
+# one thread is kept while its step is at most this much slower than all threads' alone: serving, the cores it
+# frees go to the frontend and the clients, which otherwise stall the forward's other threads (at one stream here,
+# a served token took 1.18x the bare 2-thread step; one thread served it at about the step's time)
+ONE_THREAD_SLACK = 1.10
+
+
+def rows_on_one_thread(times: dict[int, tuple[list[float], list[float]]]) -> int:
+    """The largest row count up to which one thread was about as fast as all: `times` maps a row count to the step
+    times measured (alternated) on one thread and on all; counts are tried in increasing order and the first where
+    one thread's median was over ONE_THREAD_SLACK times all threads' ends the run. 0: not even one row."""
+    best = 0
+    for rows in sorted(times):
+        one, every = times[rows]
+        if statistics.median(one) > ONE_THREAD_SLACK * statistics.median(every):
+            break
+        best = rows
+    return best
+
+
 CPU_HEAD_TILE = 512  # deterministic mode on CPU: vocabulary columns per head GEMM (a (C, 512) fp32 tile is 768 KiB)
 
 
@@ -146,6 +171,10 @@ class Decoder:
         pool = torch.cuda.graph_pool_handle() if graphs == "cuda" else None  # one pool for every graph
         self._cached = BucketedStep(self.cached_step, self.buckets, self.state.scratch, self.device, graphs, pool)
         self._window = BucketedStep(self.window_step, self.buckets, self.state.scratch, self.device, graphs, pool)
+        # CPU: steps of at most this many rows run on one torch thread, larger ones and prefill on all (tune_threads)
+        self.one_thread_rows = 0
+        self._threads = torch.get_num_threads()  # all: what this process had when the decoder was made
+        self._threads_now = self._threads
 
     # -- slots -------------------------------------------------------------------------------------------
     def allocate(self) -> int:
@@ -163,6 +192,57 @@ class Decoder:
             self._cached.capture_all()
             self._window.capture_all()
 
+    def tune_threads(self, reps: int = 5) -> int:
+        """On CPU with several torch threads, outside deterministic mode: time the cached step at 1, 2 and 4 rows
+        on one thread and on all (alternated, `reps` each); from now on a step of up to the largest row count whose
+        one-thread time was about as fast runs on one thread (`rows_on_one_thread`). A small batch's GEMMs are
+        memory-bound GEMVs: where more threads do not pull more bandwidth, they only add barriers, and a serving
+        host's other cores go to its HTTP frontend and clients instead (README, host path). Not in deterministic
+        mode, whose bits are per thread count; not for a step under TUNE_MIN_STEP_S. Returns that row count."""
+        self.one_thread_rows = 0
+        threads = self._threads
+        if self.device.type != "cpu" or self.deterministic or threads < 2:
+            return 0
+        times: dict[int, tuple[list[float], list[float]]] = {}
+        for rows in ONE_THREAD_CANDIDATES:
+            if rows > self.state.free_slots:
+                break
+            slots = [self.allocate() for _ in range(rows)]
+            try:
+                self.prefill(slots, [[0]] * rows)
+                tokens = torch.zeros(rows, dtype=torch.long)
+                self.step(slots, tokens)  # warm at this shape
+                one: list[float] = []
+                every: list[float] = []
+                for _ in range(reps):
+                    for n, out in ((1, one), (threads, every)):
+                        torch.set_num_threads(n)
+                        start = time.perf_counter()
+                        self.step(slots, tokens)
+                        out.append(time.perf_counter() - start)
+            finally:
+                torch.set_num_threads(threads)
+                for slot in slots:
+                    self.free(slot)
+            if rows == 1 and statistics.median(every) < TUNE_MIN_STEP_S:
+                return 0
+            times[rows] = (one, every)
+        self.one_thread_rows = rows_on_one_thread(times)
+        summary = ", ".join(
+            f"{r} rows {statistics.median(o) * 1e3:.2f} / {statistics.median(e) * 1e3:.2f} ms"
+            for r, (o, e) in times.items()
+        )  # fmt: skip
+        log.info("CPU steps of up to %d rows run on one thread (1 / %d threads: %s)", self.one_thread_rows, threads,
+                 summary)  # fmt: skip
+        return self.one_thread_rows
+
+    def _use_threads(self, rows: int) -> None:
+        """Set torch's thread count for work of `rows` rows (tune_threads); a no-op when it is already that."""
+        want = 1 if rows <= self.one_thread_rows else self._threads
+        if want != self._threads_now:
+            torch.set_num_threads(want)
+            self._threads_now = want
+
     # -- prefill -----------------------------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> Tensor:
@@ -172,6 +252,8 @@ class Decoder:
         if any(len(p) == 0 for p in prompts):
             raise ValueError("empty prompt")
         R, m = self.config.receptive_field, self.fixed_rows
+        if self.one_thread_rows:
+            self._use_threads(self.one_thread_rows + 1)  # prefill on every thread
         if m is None:  # one window batch, as wide as the longest prompt needs
             return self._prefill(slots, prompts, min(R, max(len(p) for p in prompts)), len(slots))
         # deterministic: every window batch is (fixed_rows, R), whatever prompts share it
@@ -211,6 +293,8 @@ class Decoder:
         st = self.state
         idx = np.asarray(slots, dtype=np.int64)  # (B,) host: no device sync anywhere on this path
         n = idx.shape[0]
+        if self.one_thread_rows:
+            self._use_threads(n)
         if len(set(idx.tolist())) != n:  # a set of ints: a few times cheaper than np.unique per step
             raise ValueError(f"a step needs distinct slots, got {list(slots)}")
         tokens = tokens.to(self.device)

@@ -88,6 +88,7 @@ def build(settings: Settings) -> tuple[EngineCore, Metrics, p.Facts]:
         model, settings.max_batch_size, device, dtype, cuda_graphs=graphs, deterministic=settings.deterministic
     )
     decoder.warmup()  # capture every bucket's graph up front (no-op without graphs)
+    decoder.tune_threads()  # CPU: small batches on one thread where that is no slower (no-op on CUDA)
     core = EngineCore(
         decoder,
         tokenizer,

@@ -204,3 +204,62 @@ def test_local_tail_is_the_causal_conv_at_the_last_positions(k: int, dtype: torc
             for j in range(n):  # position t - n + j: its K inputs end there
                 end = t - n + j + k
                 assert torch.equal(got[:, j], (padded[:, end - k : end].contiguous() * w).sum(dim=1) + b)
+
+
+# -- small batches on one thread (Decoder.tune_threads) ------------------------------------------------------------
+def test_rows_on_one_thread_keeps_the_small_batches_where_one_thread_is_about_as_fast() -> None:
+    from gam_model.decode import ONE_THREAD_SLACK, rows_on_one_thread
+
+    fast, slow = [1.0, 1.0, 1.0], [1.0 / ONE_THREAD_SLACK - 0.01] * 3  # one thread's times against all threads' 1.0
+    assert rows_on_one_thread({1: (fast, fast), 2: (fast, fast), 4: (fast, fast)}) == 4
+    assert rows_on_one_thread({1: (fast, fast), 2: (fast, slow), 4: (fast, fast)}) == 1  # the first miss ends it
+    assert rows_on_one_thread({1: (fast, slow), 2: (fast, fast)}) == 0
+    slack = [ONE_THREAD_SLACK - 0.01] * 3  # slower alone, within the slack: still one thread
+    assert rows_on_one_thread({1: (slack, fast), 2: (slack, fast)}) == 2
+    assert rows_on_one_thread({}) == 0
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_steps_up_to_one_thread_rows_run_on_one_thread_and_give_the_same_logits(two_threads) -> None:
+    model = tiny_model(seed=5, block_size=24)
+    plain, tuned = Decoder(model, num_slots=8), Decoder(model, num_slots=8)
+    tuned.one_thread_rows = 2  # as tune_threads would set it
+    prompts = [[3, 1, 4, 1, 5], [9, 2, 6], [5, 3], [5, 8, 9, 7]]
+    for dec in (plain, tuned):
+        dec.slots = [dec.allocate() for _ in prompts]
+    for rows, want_threads in ((1, 1), (2, 1), (4, 2), (1, 1)):
+        torch.testing.assert_close(
+            tuned.prefill(tuned.slots[:rows], prompts[:rows]), plain.prefill(plain.slots[:rows], prompts[:rows])
+        )
+        assert torch.get_num_threads() == 2  # prefill runs on every thread
+        for t in range(30):  # past block_size: the sliding-window step too
+            tokens = torch.tensor([(7 * t + r) % model.config.vocab_size for r in range(rows)])
+            got = tuned.step(tuned.slots[:rows], tokens)
+            assert torch.get_num_threads() == want_threads
+            torch.testing.assert_close(got, plain.step(plain.slots[:rows], tokens))
+
+
+def test_tune_threads_leaves_tiny_steps_and_deterministic_mode_alone(two_threads) -> None:
+    model = tiny_model(seed=5)
+    assert Decoder(model, num_slots=8).tune_threads() == 0  # a step far under TUNE_MIN_STEP_S
+    assert Decoder(model, num_slots=8, deterministic=True).tune_threads() == 0
+    torch.set_num_threads(1)
+    assert Decoder(model, num_slots=8).tune_threads() == 0
+    assert torch.get_num_threads() == 1
+
+
+def test_tune_threads_measures_and_frees_its_slots(two_threads, monkeypatch) -> None:
+    import gam_model.decode as decode
+
+    monkeypatch.setattr(decode, "TUNE_MIN_STEP_S", 0.0)  # a tiny model's step counts as worth measuring here
+    dec = Decoder(tiny_model(seed=5), num_slots=3)
+    rows = dec.tune_threads(reps=3)
+    assert rows in (0, 1, 2)  # 4 rows do not fit in 3 slots: not measured
+    assert dec.one_thread_rows == rows and dec.state.free_slots == 3 and torch.get_num_threads() == 2
