@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -173,7 +172,6 @@ async def start_context(settings: Settings, attach: Attach | None = None) -> Ser
         tokenizer=tokenizer,
         model_config=config,
         facts=facts,
-        created=int(time.time()),
     )
 
 
