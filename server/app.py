@@ -24,6 +24,7 @@ from server.errors import (
     tgi_error_type,
 )
 from server.routes import misc, openai, playground, tgi
+from server.routes.common import ENDPOINT
 from server.routes.stream import BODY_SEND
 from server.settings import Settings
 from server.version import VERSION
@@ -67,7 +68,7 @@ class BodyLimitMiddleware:
 FAILURE_ENDPOINTS = {
     "/generate": "generate",
     "/generate_stream": "generate_stream",
-    "/": "generate",
+    "/": "generate",  # "generate_stream" for a streamed call: the route says so in the scope (ENDPOINT)
     "/v1/completions": "completions",
     "/v1/chat/completions": "chat_completions",
     "/v1/models": "models",
@@ -102,7 +103,8 @@ class FailureCountMiddleware:
         def count(status: int) -> None:
             engine = getattr(scope["app"].state, "engine", None)
             if engine is not None and not gone:
-                engine.count_failure(FAILURE_ENDPOINTS.get(path, "other"), tgi_error_type(status))
+                endpoint = scope.get(ENDPOINT) or FAILURE_ENDPOINTS.get(path, "other")
+                engine.count_failure(endpoint, tgi_error_type(status))
 
         async def watching_receive() -> Message:
             nonlocal gone
