@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import PROMPTS, bundled_model_dir, process_tree_cpu
 from server import protocol as p
 
-STAND_IN_FACTS = p.Facts("stand-in", "float32", "none", "cpu", 0, 4, 0, False, False)
+STAND_IN_FACTS = p.Facts("stand-in", "float32", "none", "cpu", 0, 4, 0, False, False, 0)
 
 
 # -- the stand-in core ------------------------------------------------------------------------------------------

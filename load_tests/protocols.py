@@ -80,12 +80,15 @@ def parse_line(api: str, line: str) -> Event | None:
 
 
 def _parse_tgi(obj: dict[str, Any]) -> Event:
-    # TGI: every event carries `token`; the last one also `generated_text` (and `details` when asked for).
+    # TGI: every event carries `token`; the last one also `generated_text` (and `details` when asked for, as body()
+    # does: generated_tokens and the prompt's input_length)
     tok = obj.get("token") or {}
     text = tok.get("text", "")
     if obj.get("generated_text") is not None:
         details = obj.get("details") or {}
-        return Event("final", text=text, output_tokens=details.get("generated_tokens"))
+        return Event(
+            "final", text=text, output_tokens=details.get("generated_tokens"), prompt_tokens=details.get("input_length")
+        )
     return Event("token", text=text)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ from server.errors import (
     tgi_error_type,
 )
 from server.routes import misc, openai, playground, tgi
+from server.routes.common import ENDPOINT
 from server.routes.stream import BODY_SEND
 from server.settings import Settings
 from server.version import VERSION
@@ -68,7 +68,7 @@ class BodyLimitMiddleware:
 FAILURE_ENDPOINTS = {
     "/generate": "generate",
     "/generate_stream": "generate_stream",
-    "/": "generate",
+    "/": "generate",  # "generate_stream" for a streamed call: the route says so in the scope (ENDPOINT)
     "/v1/completions": "completions",
     "/v1/chat/completions": "chat_completions",
     "/v1/models": "models",
@@ -103,7 +103,8 @@ class FailureCountMiddleware:
         def count(status: int) -> None:
             engine = getattr(scope["app"].state, "engine", None)
             if engine is not None and not gone:
-                engine.count_failure(FAILURE_ENDPOINTS.get(path, "other"), tgi_error_type(status))
+                endpoint = scope.get(ENDPOINT) or FAILURE_ENDPOINTS.get(path, "other")
+                engine.count_failure(endpoint, tgi_error_type(status))
 
         async def watching_receive() -> Message:
             nonlocal gone
@@ -180,7 +181,6 @@ async def start_context(settings: Settings, attach: Attach | None = None) -> Ser
         tokenizer=tokenizer,
         model_config=config,
         facts=facts,
-        created=int(time.time()),
     )
 
 

@@ -22,7 +22,6 @@ class ServerContext:
     tokenizer: Tokenizer
     model_config: GAMConfig
     facts: Facts  # what the engine core reported once it had loaded the model
-    created: int  # unix time the model was loaded (OpenAI `created`)
 
 
 async def get_context(request: Request) -> ServerContext:

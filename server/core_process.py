@@ -108,6 +108,7 @@ def build(settings: Settings) -> tuple[EngineCore, Metrics, p.Facts]:
         state_bytes_per_sequence=decoder.state.bytes_per_sequence(),
         cuda_graphs=decoder.cuda_graphs,
         overlap=core.batch.overlap,
+        created=int(time.time()),
     )
     metrics = Metrics()
     metrics.bind(core, facts.model_id, facts.dtype, facts.device, VERSION, quantization)

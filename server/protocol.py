@@ -98,6 +98,7 @@ class Facts(msgspec.Struct):
     state_bytes_per_sequence: int
     cuda_graphs: bool
     overlap: bool  # the overlap scheduler is on (gam_model/batch.py)
+    created: int  # unix time the core loaded the model (OpenAI `created`): the same through every frontend
 
 
 class Ready(msgspec.Struct, tag=True):

@@ -28,6 +28,9 @@ from server.engine import (
 from server.errors import ApiError
 
 RETRY_AFTER_S = 1
+# scope key: the endpoint a call is answered as, where its path does not say (POST / answers as /generate or
+# /generate_stream by its body): its error answer is counted under it (server/app.py FailureCountMiddleware)
+ENDPOINT = "gam.endpoint"
 
 
 def sse_response(data_schema: dict[str, Any] | None = None) -> dict[int | str, dict[str, Any]]:

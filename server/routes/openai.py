@@ -379,7 +379,7 @@ async def models(ctx: Ctx) -> dict[str, Any]:
             {
                 "id": ctx.facts.model_id,
                 "object": "model",
-                "created": ctx.created,
+                "created": ctx.facts.created,
                 "owned_by": "gam-serve",
                 "max_model_len": ctx.settings.max_input_tokens,
                 "dtype": ctx.facts.dtype,

@@ -14,6 +14,7 @@ from server.context import ServerContext, get_context
 from server.engine import ErrorEvent, Event, FinishEvent, GenerationRequest, TokenEvent
 from server.errors import ApiError, error_body
 from server.routes.common import (
+    ENDPOINT,
     check_max_new_tokens,
     check_params,
     check_stop,
@@ -233,6 +234,7 @@ async def generate_stream(body: TGIRequest, ctx: Ctx) -> EventStream:
 @router.post("/", summary="TGI compat route: JSON list or SSE by `stream`", responses=SSE_EVENTS)
 async def compat_generate(request: Request, body: TGIRequest, ctx: Ctx) -> Any:
     """POST / as TGI answers it (huggingface_hub and text-generation post here): a one-element list or a stream."""
+    endpoint = request.scope[ENDPOINT] = "generate_stream" if body.stream else "generate"
     if body.stream:
-        return await generate_sse(ctx, body, "generate_stream")
-    return JSONResponse([await generate_json(request, ctx, body, "generate")])
+        return await generate_sse(ctx, body, endpoint)
+    return JSONResponse([await generate_json(request, ctx, body, endpoint)])

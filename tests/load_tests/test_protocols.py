@@ -16,9 +16,11 @@ def test_tgi_events() -> None:
     tok = {"token": {"id": 5, "text": " a", "logprob": -0.1, "special": False}, "generated_text": None}
     ev = protocols.parse_line("tgi", "data:" + json.dumps(tok))
     assert (ev.kind, ev.text) == ("token", " a")
-    last = dict(tok, generated_text="x a", details={"finish_reason": "length", "generated_tokens": 7})
-    ev = protocols.parse_line("tgi", "data:" + json.dumps(last))
-    assert (ev.kind, ev.output_tokens) == ("final", 7)
+    # the body asks for details: TGI's stream details carry the prompt's length too (input_length)
+    assert protocols.body("tgi", "x", 7)["parameters"]["details"] is True
+    details = {"finish_reason": "length", "generated_tokens": 7, "seed": None, "input_length": 3}
+    ev = protocols.parse_line("tgi", "data:" + json.dumps(dict(tok, generated_text="x a", details=details)))
+    assert (ev.kind, ev.output_tokens, ev.prompt_tokens) == ("final", 7, 3)
     ev = protocols.parse_line("tgi", 'data:{"error":"boom","error_type":"generation"}')
     assert (ev.kind, ev.error) == ("error", "stream:generation")
     assert protocols.parse_line("tgi", ": ping") is None

@@ -14,10 +14,12 @@ from typing import Any, cast
 
 import httpx
 import psutil
+import pytest
 
+from server import app as server_app
 from server import protocol as p
 from server.core_process import MAX_INPUTS_PER_STEP, CoreServer
-from tests.server.conftest import GamServe
+from tests.server.conftest import GamServe, app_client
 
 CORE_NAME = "gam-engine-core"
 FAILURES = 'gam_request_failures_total{endpoint="generate",error_type="validation"}'
@@ -146,3 +148,23 @@ def test_inputs_between_two_steps_are_bounded_per_message_not_per_batch() -> Non
         assert core.cancelled == list(range(step * n))
     server._inputs(block=False)
     assert core.cancelled == list(range(3 * n))
+
+
+async def test_every_frontend_reports_the_model_created_when_the_core_loaded_it(
+    make_settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/v1/models' `created` (OpenAI: when the model was made available) is the engine core's load time, the same
+    through every frontend: a worker that starts later (--api-server-count N; its clock a minute on) reports the
+    model its core loaded then, not its own start."""
+    settings = make_settings()
+    async with app_client(settings) as (app, first):
+        created = (await first.get("/v1/models")).json()["data"][0]["created"]
+        assert abs(created - time.time()) < 60
+        core = app.state.engine._core
+        later = time.time() + 60
+        monkeypatch.setattr(time, "time", lambda: later)  # this process (the frontends), a minute on
+        second = server_app.create_app(settings, server_app.Attach(core.address, core.process.pid, 1))
+        async with second.router.lifespan_context(second):
+            transport = httpx.ASGITransport(app=second)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as c:
+                assert (await c.get("/v1/models")).json()["data"][0]["created"] == created

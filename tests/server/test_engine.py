@@ -297,7 +297,7 @@ async def attach_to_stand_in(engine: Engine, core: zmq.Socket, address: str, pid
     connecting = asyncio.create_task(engine.attach(address, pid))
     await until_sent(core)  # the Hello
     ident, _ = core.recv_multipart()  # Hello
-    core.send_multipart([ident, p.encode(p.Ready(p.Facts("m", "float32", "none", "cpu", 1, 4, 1, False, False)))])
+    core.send_multipart([ident, p.encode(p.Ready(p.Facts("m", "float32", "none", "cpu", 1, 4, 1, False, False, 0)))])
     return connecting
 
 

@@ -11,7 +11,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.types import Message
 
+from gam_model.sampling import SamplingParams
 from server.app import create_app
+from server.protocol import GenerationRequest
 
 from .conftest import app_client
 
@@ -60,6 +62,32 @@ async def test_error_answers_are_counted_by_endpoint_and_type(make_settings) -> 
         assert (
             'gam_requests_total{endpoint="generate",finish_reason="length"} 1.0' in (await client.get("/metrics")).text
         )
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_tgi_compat_route_counts_a_call_under_the_endpoint_it_answers_as(make_settings, stream: bool) -> None:
+    """POST / (where huggingface_hub's and text-generation's clients post) answers as /generate or, with "stream":
+    true, as /generate_stream: its error answers are counted under that endpoint in gam_request_failures_total, as
+    its requests are in gam_requests_total (a dashboard divides one by the other per endpoint)."""
+    endpoint = "generate_stream" if stream else "generate"
+    async with app_client(make_settings(max_batch_size=1, max_queue=0, max_new_tokens=10**6)) as (app, client):
+        # the one slot held (running, or about to be): the next call does not fit
+        (held,) = await app.state.engine.submit_all([GenerationRequest([5, 6], SamplingParams(), 10**6)])
+        try:
+            body = {"inputs": "The game", "stream": stream, "parameters": {"max_new_tokens": 2}}
+            r = await client.post("/", json=body)
+            assert r.status_code == 429 and r.json()["error_type"] == "overloaded"
+            text = (await client.get("/metrics")).text
+            assert f'gam_requests_total{{endpoint="{endpoint}",finish_reason="rejected"}} 1.0' in text
+            assert failures(text) == {(endpoint, "overloaded"): 1.0}
+            big = {**body, "parameters": {"max_new_tokens": 10**7}}  # over the limit: refused by the handler
+            assert (await client.post("/", json=big)).status_code == 422
+            assert failures((await client.get("/metrics")).text) == {
+                (endpoint, "overloaded"): 1.0,
+                (endpoint, "validation"): 1.0,
+            }
+        finally:
+            held.cancel()
 
 
 async def test_a_stream_ended_by_an_error_event_is_counted(make_settings) -> None:
