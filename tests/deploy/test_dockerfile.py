@@ -238,15 +238,20 @@ def probed_url(monkeypatch, tmp_path, cmdline, env=None) -> str:
 GAM_SERVE = ["/opt/venv/bin/python3", "/opt/venv/bin/gam-serve"]
 
 
-def test_healthcheck_script_follows_health_status(monkeypatch, tmp_path):
-    srv = HealthServer("127.0.0.1")
-    hc = healthcheck_with(monkeypatch, tmp_path, ["/sbin/init"], {"GAM_PORT": str(srv.port)})
+def follows_status(hc, srv: HealthServer) -> None:
+    """The probe is healthy while srv answers /health 200 and unhealthy once it answers 503; srv is stopped after."""
     try:
         assert hc.main() == 0
         srv.status = 503
         assert hc.main() == 1
     finally:
         srv.stop()
+
+
+def test_healthcheck_script_follows_health_status(monkeypatch, tmp_path):
+    srv = HealthServer("127.0.0.1")
+    hc = healthcheck_with(monkeypatch, tmp_path, ["/sbin/init"], {"GAM_PORT": str(srv.port)})
+    follows_status(hc, srv)
     assert hc.main() == 1  # nothing listening
 
 
@@ -281,12 +286,7 @@ def test_healthcheck_reaches_gam_serve_on_the_host_it_was_given(monkeypatch, tmp
     srv = HealthServer("127.0.0.2")  # any 127/8 address is loopback on Linux
     cmdline = [*GAM_SERVE, "--host", "0.0.0.0", "--host", "127.0.0.2", "--port", str(srv.port)]
     hc = healthcheck_with(monkeypatch, tmp_path, cmdline, {"GAM_HOST": "127.0.0.1"})
-    try:
-        assert hc.main() == 0
-        srv.status = 503
-        assert hc.main() == 1
-    finally:
-        srv.stop()
+    follows_status(hc, srv)
 
 
 @pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback on this machine")
@@ -296,12 +296,7 @@ def test_healthcheck_reaches_gam_serve_on_ipv6(monkeypatch, tmp_path, given):
     asyncio socket on :: is IPv6-only, so 127.0.0.1 is refused, as by this test's server)."""
     srv = HealthServer("::1")
     hc = healthcheck_with(monkeypatch, tmp_path, [*GAM_SERVE, "--host", given, "--port", str(srv.port)])
-    try:
-        assert hc.main() == 0
-        srv.status = 503
-        assert hc.main() == 1
-    finally:
-        srv.stop()
+    follows_status(hc, srv)
 
 
 def test_healthcheck_probes_a_wildcard_host_on_loopback(monkeypatch, tmp_path):
