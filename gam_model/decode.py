@@ -195,10 +195,12 @@ class Decoder:
     def tune_threads(self, reps: int = 5) -> int:
         """On CPU with several torch threads, outside deterministic mode: time the cached step at 1, 2 and 4 rows
         on one thread and on all (alternated, `reps` each); from now on a step of up to the largest row count whose
-        one-thread time was about as fast runs on one thread (`rows_on_one_thread`). A small batch's GEMMs are
-        memory-bound GEMVs: where more threads do not pull more bandwidth, they only add barriers, and a serving
-        host's other cores go to its HTTP frontend and clients instead (README, host path). Not in deterministic
-        mode, whose bits are per thread count; not for a step under TUNE_MIN_STEP_S. Returns that row count."""
+        one-thread time was about as fast runs on one thread (`rows_on_one_thread`), unless a row is past block_size
+        (a window forward, not the step timed here); prefill and the core's scoring run on all (`all_threads`).
+        A small batch's GEMMs are memory-bound GEMVs: where more threads do not pull more bandwidth, they only add
+        barriers, and a serving host's other cores go to its HTTP frontend and clients instead (README, host path).
+        Not in deterministic mode, whose bits are per thread count; not for a step under TUNE_MIN_STEP_S on either
+        count. Returns that row count."""
         self.one_thread_rows = 0
         threads = self._threads
         if self.device.type != "cpu" or self.deterministic or threads < 2:
