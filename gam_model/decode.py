@@ -195,10 +195,12 @@ class Decoder:
     def tune_threads(self, reps: int = 5) -> int:
         """On CPU with several torch threads, outside deterministic mode: time the cached step at 1, 2 and 4 rows
         on one thread and on all (alternated, `reps` each); from now on a step of up to the largest row count whose
-        one-thread time was about as fast runs on one thread (`rows_on_one_thread`). A small batch's GEMMs are
-        memory-bound GEMVs: where more threads do not pull more bandwidth, they only add barriers, and a serving
-        host's other cores go to its HTTP frontend and clients instead (README, host path). Not in deterministic
-        mode, whose bits are per thread count; not for a step under TUNE_MIN_STEP_S. Returns that row count."""
+        one-thread time was about as fast runs on one thread (`rows_on_one_thread`), unless a row is past block_size
+        (a window forward, not the step timed here); prefill and the core's scoring run on all (`all_threads`).
+        A small batch's GEMMs are memory-bound GEMVs: where more threads do not pull more bandwidth, they only add
+        barriers, and a serving host's other cores go to its HTTP frontend and clients instead (README, host path).
+        Not in deterministic mode, whose bits are per thread count; not for a step under TUNE_MIN_STEP_S on either
+        count. Returns that row count."""
         self.one_thread_rows = 0
         threads = self._threads
         if self.device.type != "cpu" or self.deterministic or threads < 2:
@@ -222,9 +224,12 @@ class Decoder:
                         out.append(time.perf_counter() - start)
             finally:
                 torch.set_num_threads(threads)
+                self._threads_now = threads  # a second call: the count _use_threads set before is gone
                 for slot in slots:
                     self.free(slot)
-            if rows == 1 and statistics.median(every) < TUNE_MIN_STEP_S:
+            # the faster count's median: on a busy host all threads' step stalls at its barriers (a tiny model's
+            # 0.5 ms step read 15-160 ms on two threads while another process ran), which is no measure of the step
+            if rows == 1 and min(statistics.median(one), statistics.median(every)) < TUNE_MIN_STEP_S:
                 return 0
             times[rows] = (one, every)
         self.one_thread_rows = rows_on_one_thread(times)
@@ -235,6 +240,12 @@ class Decoder:
         log.info("CPU steps of up to %d rows run on one thread (1 / %d threads: %s)", self.one_thread_rows, threads,
                  summary)  # fmt: skip
         return self.one_thread_rows
+
+    def all_threads(self) -> None:
+        """Run what comes next on every thread: work that is not a small cached step (prefill, the core's prompt
+        scoring), which would otherwise inherit the one thread the last small step left (tune_threads)."""
+        if self.one_thread_rows:
+            self._use_threads(self.one_thread_rows + 1)
 
     def _use_threads(self, rows: int) -> None:
         """Set torch's thread count for work of `rows` rows (tune_threads); a no-op when it is already that."""
@@ -252,8 +263,7 @@ class Decoder:
         if any(len(p) == 0 for p in prompts):
             raise ValueError("empty prompt")
         R, m = self.config.receptive_field, self.fixed_rows
-        if self.one_thread_rows:
-            self._use_threads(self.one_thread_rows + 1)  # prefill on every thread
+        self.all_threads()  # prefill on every thread
         if m is None:  # one window batch, as wide as the longest prompt needs
             return self._prefill(slots, prompts, min(R, max(len(p) for p in prompts)), len(slots))
         # deterministic: every window batch is (fixed_rows, R), whatever prompts share it
@@ -293,12 +303,14 @@ class Decoder:
         st = self.state
         idx = np.asarray(slots, dtype=np.int64)  # (B,) host: no device sync anywhere on this path
         n = idx.shape[0]
-        if self.one_thread_rows:
-            self._use_threads(n)
         if len(set(idx.tolist())) != n:  # a set of ints: a few times cheaper than np.unique per step
             raise ValueError(f"a step needs distinct slots, got {list(slots)}")
         tokens = tokens.to(self.device)
         sliding = st.lengths[idx] >= self.config.block_size  # (B,) rows past block_size
+        if self.one_thread_rows:
+            # tune_threads timed the cached step only: a sliding row recomputes its R-token window, a (R, C) GEMM per
+            # row (the batch sizes where all threads win), so a step with one runs on every thread
+            self._use_threads(self.one_thread_rows + 1 if sliding.any() else n)
         if not sliding.any():
             out = self._cached(idx, tokens)
         elif sliding.all():

@@ -367,6 +367,7 @@ class EngineCore:
         Scored requests go to the batch core (or, with max_new_tokens 0, end with their score).
         """
         start, chunks, scored, budget = time.monotonic(), 0, 0, self.score_budget.seconds
+        self.decoder.all_threads()  # O(prompt) window batches: not on the one thread a small step leaves (CPU)
         for r in list(self._scoring):
             scorer = r.scorer
             assert scorer is not None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -241,14 +243,34 @@ def test_steps_up_to_one_thread_rows_run_on_one_thread_and_give_the_same_logits(
         assert torch.get_num_threads() == 2  # prefill runs on every thread
         for t in range(30):  # past block_size: the sliding-window step too
             tokens = torch.tensor([(7 * t + r) % model.config.vocab_size for r in range(rows)])
+            # a sliding row's step is a window forward (R tokens), not the small cached step tune_threads timed
+            sliding = any(tuned.length(s) >= model.config.block_size for s in tuned.slots[:rows])
             got = tuned.step(tuned.slots[:rows], tokens)
-            assert torch.get_num_threads() == want_threads
+            assert torch.get_num_threads() == (2 if sliding else want_threads)
             torch.testing.assert_close(got, plain.step(plain.slots[:rows], tokens))
 
 
-def test_tune_threads_leaves_tiny_steps_and_deterministic_mode_alone(two_threads) -> None:
+def step_clock(monkeypatch, one: float, every: float) -> None:
+    """tune_threads' clock, faked: each step it times takes `one` seconds on one thread, `every` on more."""
+    import gam_model.decode as decode
+
+    now = [0.0]
+
+    def perf_counter() -> float:  # read before and after each step: the second read's advance is the step's time
+        now[0] += one if torch.get_num_threads() == 1 else every
+        return now[0]
+
+    monkeypatch.setattr(decode, "time", SimpleNamespace(perf_counter=perf_counter))
+
+
+def test_tune_threads_leaves_tiny_steps_and_deterministic_mode_alone(two_threads, monkeypatch) -> None:
     model = tiny_model(seed=5)
+    step_clock(monkeypatch, 0.0005, 0.0005)
     assert Decoder(model, num_slots=8).tune_threads() == 0  # a step far under TUNE_MIN_STEP_S
+    # a busy host: all threads' step stalls at its barriers; the step itself is still tiny (it read 15 ms on two
+    # threads, 0.9 ms on one, while another process ran here, and was tuned)
+    step_clock(monkeypatch, 0.0009, 0.015)
+    assert Decoder(model, num_slots=8).tune_threads() == 0
     assert Decoder(model, num_slots=8, deterministic=True).tune_threads() == 0
     torch.set_num_threads(1)
     assert Decoder(model, num_slots=8).tune_threads() == 0
@@ -263,3 +285,32 @@ def test_tune_threads_measures_and_frees_its_slots(two_threads, monkeypatch) -> 
     rows = dec.tune_threads(reps=3)
     assert rows in (0, 1, 2)  # 4 rows do not fit in 3 slots: not measured
     assert dec.one_thread_rows == rows and dec.state.free_slots == 3 and torch.get_num_threads() == 2
+
+
+def test_tune_threads_again_keeps_the_thread_count_it_tracks(two_threads, monkeypatch) -> None:
+    """tune_threads restores every thread when it is done: a second call, after small steps left one thread, must
+    not leave the decoder believing one is still set (its small steps then ran on every thread)."""
+    import gam_model.decode as decode
+
+    monkeypatch.setattr(decode, "TUNE_MIN_STEP_S", 0.0)
+    monkeypatch.setattr(decode, "rows_on_one_thread", lambda times: 2)  # the decision, not the timing
+    dec = Decoder(tiny_model(seed=5), num_slots=4)
+    slot = dec.allocate()
+    dec.prefill([slot], [[1, 2, 3]])
+    for _ in range(2):
+        assert dec.tune_threads(reps=1) == 2 and torch.get_num_threads() == 2
+        dec.step([slot], torch.tensor([4]))  # straight after: no prefill in between sets every thread again
+        assert torch.get_num_threads() == 1
+
+
+def test_all_threads_restores_every_thread_after_a_small_step(two_threads) -> None:
+    dec = Decoder(tiny_model(seed=5), num_slots=4)
+    dec.all_threads()  # untuned: nothing to do
+    assert torch.get_num_threads() == 2
+    dec.one_thread_rows = 1
+    slot = dec.allocate()
+    dec.prefill([slot], [[1, 2, 3]])
+    dec.step([slot], torch.tensor([4]))
+    assert torch.get_num_threads() == 1
+    dec.all_threads()
+    assert torch.get_num_threads() == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 
 from gam_model.decode import Decoder
 from gam_model.sampling import SamplingParams
@@ -56,3 +57,42 @@ def test_a_queued_request_ends_at_its_deadline_while_the_slots_stay_busy(model, 
         out = core.take_output()
         assert out is not None and not out.errors
     assert core.num_waiting == 1
+
+
+def test_prompt_logprobs_are_scored_on_every_thread_after_a_small_step(model, tok, monkeypatch) -> None:
+    """A tuned CPU decoder (Decoder.tune_threads) runs small steps on one torch thread; the core's prompt scoring
+    (O(prompt) window batches, like a prefill) runs between steps and must not inherit that one thread."""
+    from gam_model.scoring import PromptScorer
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        dec = Decoder(model, 2)
+        dec.one_thread_rows = 1  # as tune_threads would set it
+        core = EngineCore(dec, tok, max_queue=4, score_budget=ScoreBudget(1.0, 32, 64))
+        seen: list[int] = []
+        advance = PromptScorer.advance
+
+        def counting(self: PromptScorer) -> int:
+            seen.append(torch.get_num_threads())
+            return advance(self)
+
+        monkeypatch.setattr(PromptScorer, "advance", counting)
+        now = time.monotonic()
+        greedy = SamplingParams(do_sample=False)
+        core.submit([1], [GenerationRequest(tok.encode("The game"), greedy, 50)], now, now + 600)
+        core.iteration()  # prefill
+        core.iteration()  # a one-row step: one thread
+        assert torch.get_num_threads() == 1
+        scored = GenerationRequest(tok.encode("The game was released in Japan"), greedy, 0, prompt_logprobs=1)
+        core.submit([2], [scored], now, now + 600)
+        for _ in range(10):
+            core.iteration()
+            out = core.take_output()
+            if out is not None and 2 in out.scored:
+                break
+        else:
+            raise AssertionError("request 2 was never scored")
+        assert seen and set(seen) == {2}
+    finally:
+        torch.set_num_threads(before)
