@@ -244,15 +244,13 @@ class Decoder:
     def all_threads(self) -> None:
         """Run what comes next on every thread: work that is not a small cached step (prefill, the core's prompt
         scoring), which would otherwise inherit the one thread the last small step left (tune_threads)."""
-        if self.one_thread_rows:
-            self._use_threads(self.one_thread_rows + 1)
+        self._use_threads(self._threads)
 
-    def _use_threads(self, rows: int) -> None:
-        """Set torch's thread count for work of `rows` rows (tune_threads); a no-op when it is already that."""
-        want = 1 if rows <= self.one_thread_rows else self._threads
-        if want != self._threads_now:
-            torch.set_num_threads(want)
-            self._threads_now = want
+    def _use_threads(self, threads: int) -> None:
+        """Set torch's thread count (tune_threads); a no-op when it is already that or nothing was tuned."""
+        if self.one_thread_rows and threads != self._threads_now:
+            torch.set_num_threads(threads)
+            self._threads_now = threads
 
     # -- prefill -----------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -307,11 +305,11 @@ class Decoder:
             raise ValueError(f"a step needs distinct slots, got {list(slots)}")
         tokens = tokens.to(self.device)
         sliding = st.lengths[idx] >= self.config.block_size  # (B,) rows past block_size
-        if self.one_thread_rows:
-            # tune_threads timed the cached step only: a sliding row recomputes its R-token window, a (R, C) GEMM per
-            # row (the batch sizes where all threads win), so a step with one runs on every thread
-            self._use_threads(self.one_thread_rows + 1 if sliding.any() else n)
-        if not sliding.any():
+        any_sliding = bool(sliding.any())
+        # tune_threads timed the cached step only: a sliding row recomputes its R-token window, a (R, C) GEMM per row
+        # (the batch sizes where all threads win), so a step with one runs on every thread
+        self._use_threads(1 if n <= self.one_thread_rows and not any_sliding else self._threads)
+        if not any_sliding:
             out = self._cached(idx, tokens)
         elif sliding.all():
             out = self._window(idx, tokens)

@@ -780,9 +780,6 @@ class Engine:
         """One core message: replies, then each row's token event, then scores and errors (one wake-up each; the
         streams write at the end of the turn, _handle_inbox)."""
         self.now = time.monotonic()
-        self._dispatch_rows(out)
-
-    def _dispatch_rows(self, out: p.CoreOutput) -> None:
         for rep in out.replies:
             self._answer(rep.token, (rep.error, rep.message))
         handles = self._handles
