@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from gam_model.decode import Decoder
-from gam_model.detokenize import IncrementalDetokenizer
+from gam_model.detokenize import Detokenizer, incremental_detokenizer
 from gam_model.device import to_device
 from gam_model.sampling import SamplingParams, SequenceSampler, sample
 from gam_model.stopping import EOS_TOKEN, LENGTH, StopChecker, advance_token
@@ -98,7 +98,7 @@ class _Seq:
     slot: int
     sampler: SequenceSampler
     stop_ids: frozenset[int]
-    texts: tuple[IncrementalDetokenizer, StopChecker] | None  # only for rows with stop strings
+    texts: tuple[Detokenizer, StopChecker] | None  # only for rows with stop strings
     penalties: bool
     row: int = -1  # its row in the last launch: where its next input token is
     launched: int = 0  # tokens sampled or being sampled for it
@@ -158,7 +158,7 @@ class BatchCore:
         texts = None
         if spec.stop:
             stopper = StopChecker(spec.stop, self.eos, spec.stop_token_ids, spec.max_new_tokens)
-            texts = (IncrementalDetokenizer(self.tokenizer, spec.prompt_ids), stopper)
+            texts = (incremental_detokenizer(self.tokenizer, spec.prompt_ids), stopper)
         penalties = sampler.seen is not None or sampler.counts is not None
         stop_ids = frozenset(spec.stop_token_ids)
         seq = _Seq(key, spec, self.decoder.allocate(), sampler, stop_ids, texts, penalties)

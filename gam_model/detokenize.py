@@ -5,13 +5,21 @@ emitted token (the prefix) and the same window plus the new ids; the new text is
 window, not single tokens, keeps byte-level BPE spacing and word-piece joins right; holding back text that ends
 in U+FFFD keeps a character spread over several byte tokens from being emitted half-finished.
 
-The per-token step runs in Rust (`tokenizers.decoders.DecodeStream`, the same prefix/read-offset method in one
-call instead of two Python-level decodes: about 2.4x cheaper per token on the bundled tokenizer); its output is the
-reference algorithm's (`ReferenceDetokenizer`), tested token for token in tests/gam_model/test_detokenize.py. The
-window is mirrored here so `flush` can release the held-back text at the end of a sequence.
+`ReferenceDetokenizer` is that algorithm in Python. `incremental_detokenizer` gives the cheapest implementation with
+the reference's output, token for token (tests/gam_model/test_detokenize.py), for a tokenizer and prompt:
+  - `ByteDetokenizer` for a byte-level decoder (GPT-2 style BPE: decoding is concatenating each token's bytes): a
+    token's text is looked up, and bytes are decoded only while a character is unfinished. About 7x cheaper per
+    token than DecodeStream's step on the bundled tokenizer, which is one of a streaming frontend's largest
+    per-token costs;
+  - `StreamDetokenizer` for any other decoder: the step runs in Rust (`tokenizers.decoders.DecodeStream`, the same
+    prefix/read-offset method in one call instead of two Python-level decodes, about 2.4x cheaper per token);
+  - the reference itself when the prompt's context ends inside a character (token-id prompts), where both of the
+    others would part from it.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 from tokenizers.decoders import DecodeStream
 
@@ -70,24 +78,19 @@ class ReferenceDetokenizer:
         return new
 
 
-class IncrementalDetokenizer(ReferenceDetokenizer):
-    """ReferenceDetokenizer with the per-token step in Rust (DecodeStream); the same text, token for token."""
+class StreamDetokenizer(ReferenceDetokenizer):
+    """ReferenceDetokenizer with the per-token step in Rust (DecodeStream); the same text, token for token, unless the
+    prompt context ends inside a character (incremental_detokenizer does not use it then)."""
 
     def __init__(
         self, tokenizer: Tokenizer, prompt_ids: list[int] | None = None, skip_special_tokens: bool = False
     ) -> None:
         super().__init__(tokenizer, prompt_ids, skip_special_tokens)
-        # DecodeStream offsets by bytes where the reference offsets by characters: they part only when the decoded
-        # window ends in an unfinished character that a new token completes, which the reference never lets an
-        # emitted window do, but a prompt context can (token-id prompts): such a sequence keeps the reference step
-        partial = bool(self.ids) and self._decode(self.ids).endswith("\ufffd")
-        self._stream = None if partial else DecodeStream(self.ids, skip_special_tokens=skip_special_tokens)
+        self._stream = DecodeStream(self.ids, skip_special_tokens=skip_special_tokens)
         self._tok = tokenizer.tok
 
     def add(self, token_id: int) -> str:
         """Append a generated token; return the text that became final (may be "")."""
-        if self._stream is None:
-            return super().add(token_id)
         ids = self.ids
         ids.append(token_id)
         new = self._stream.step(self._tok, token_id)
@@ -97,3 +100,70 @@ class IncrementalDetokenizer(ReferenceDetokenizer):
             self.chars += len(new)
             return new
         return ""
+
+
+class ByteDetokenizer:
+    """The reference's text for a byte-level decoder, from each token's bytes (`Tokenizer.byte_pieces`): decoding a
+    window of such tokens is decoding their bytes joined, and an emitted window ends on a whole character, so the
+    text a token adds is its own bytes decoded after those held back (an unfinished character); with none held (nearly
+    always) it is a lookup. Held-back bytes go out once they no longer decode to a trailing U+FFFD, as the reference's
+    window does. Needs a prompt context that does not end inside a character (incremental_detokenizer)."""
+
+    __slots__ = ("_held", "_pieces", "_texts", "chars")
+
+    def __init__(self, pieces: tuple[list[bytes], list[str | None]]) -> None:
+        self._pieces, self._texts = pieces
+        self._held = b""  # bytes of the tokens since the last emitted text (an unfinished character)
+        self.chars = 0  # characters emitted so far
+
+    def add(self, token_id: int) -> str:
+        """Append a generated token; return the text that became final (may be "")."""
+        if not self._held:
+            try:
+                text = self._texts[token_id]
+            except IndexError:  # past the vocabulary: decodes to nothing, as the tokenizer's decode
+                return ""
+            if text is not None:
+                self.chars += len(text)
+                return text
+        pieces = self._pieces
+        held = self._held + (pieces[token_id] if token_id < len(pieces) else b"")
+        text = held.decode("utf-8", "replace")
+        if text and not text.endswith("\ufffd"):
+            self._held = b""
+            self.chars += len(text)
+            return text
+        self._held = held
+        return ""
+
+    def flush(self) -> str:
+        """Return the held-back text (ending in U+FFFD) at the end of the sequence."""
+        text = self._held.decode("utf-8", "replace")
+        self._held = b""
+        self.chars += len(text)
+        return text
+
+
+class Detokenizer(Protocol):
+    """What incremental_detokenizer returns: add(token) -> newly final text; flush() -> the rest; chars emitted."""
+
+    chars: int
+
+    def add(self, token_id: int) -> str: ...
+
+    def flush(self) -> str: ...
+
+
+def incremental_detokenizer(
+    tokenizer: Tokenizer, prompt_ids: list[int] | None = None, skip_special_tokens: bool = False
+) -> Detokenizer:
+    """The cheapest detokenizer with the reference's output for this tokenizer and prompt (the module docstring)."""
+    context = list(prompt_ids[-PROMPT_CONTEXT:]) if prompt_ids else []
+    # an unfinished character at the context's end: the others decode the text a token adds on its own (bytes) or
+    # offset by bytes (DecodeStream) where the reference offsets by characters
+    if context and tokenizer.decode(context, skip_special_tokens=skip_special_tokens).endswith("\ufffd"):
+        return ReferenceDetokenizer(tokenizer, prompt_ids, skip_special_tokens)
+    pieces = tokenizer.byte_pieces(skip_special_tokens)
+    if pieces is not None:
+        return ByteDetokenizer(pieces)
+    return StreamDetokenizer(tokenizer, prompt_ids, skip_special_tokens)

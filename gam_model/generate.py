@@ -13,7 +13,7 @@ from typing import cast
 
 from gam_model.batch import BatchCore, SequenceSpec
 from gam_model.decode import Decoder
-from gam_model.detokenize import IncrementalDetokenizer
+from gam_model.detokenize import Detokenizer, incremental_detokenizer
 from gam_model.sampling import SamplingParams
 from gam_model.stopping import StopChecker, advance
 from gam_model.tokenizer import Tokenizer
@@ -37,7 +37,7 @@ class GenerationResult:
 class _Text:
     """The consumer side of one row: its text step and what it accumulated."""
 
-    detok: IncrementalDetokenizer
+    detok: Detokenizer
     stop: StopChecker
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -100,7 +100,7 @@ def generate(
             i = waiting.popleft()
             core.add(i, SequenceSpec(encoded[i], plist[i], mlist[i], slist[i], stop_token_ids or set()))
             stopper = StopChecker(slist[i], tokenizer.eos_token_id, stop_token_ids or set(), mlist[i])
-            rows[i] = _Text(IncrementalDetokenizer(tokenizer, encoded[i]), stopper)
+            rows[i] = _Text(incremental_detokenizer(tokenizer, encoded[i]), stopper)
         out = core.step()
         if out.failed:
             raise RuntimeError(out.failed[0][1])

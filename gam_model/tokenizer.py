@@ -4,8 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tokenizers import Encoding
+from tokenizers import Encoding, decoders
 from tokenizers import Tokenizer as HFTokenizer
+
+
+def _byte_level_chars() -> dict[str, int]:
+    """The byte-level (GPT-2) alphabet: the character that stands for each byte in a byte-level token, inverted.
+    Printable Latin-1 bytes stand for themselves, the other 68 for U+0100 onwards, in byte order."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {chr(b): b for b in kept}
+    others = [b for b in range(256) if b not in chars.values()]
+    chars.update({chr(256 + n): b for n, b in enumerate(others)})
+    return chars
+
+
+BYTE_LEVEL_CHARS = _byte_level_chars()
 
 
 class Tokenizer:
@@ -17,6 +30,7 @@ class Tokenizer:
         self.bos_token_id = bos_token_id
         self._max_token_bytes = self._bytes_bound(tok)
         self._alone: dict[int, str] = {}  # token_text's answers so far
+        self._pieces: dict[bool, tuple[list[bytes], list[str | None]] | None] = {}  # byte_pieces' answers
 
     @staticmethod
     def _bytes_bound(tok: HFTokenizer) -> int | None:
@@ -67,6 +81,40 @@ class Tokenizer:
         if text is None:
             text = self._alone[i] = self.decode([i])
         return text
+
+    def byte_pieces(self, skip_special_tokens: bool = False) -> tuple[list[bytes], list[str | None]] | None:
+        """For a byte-level decoder (decoding = joining each token's bytes, then UTF-8 with U+FFFD for what is not):
+        (each id's bytes, each id's text where those bytes are whole characters not ending in U+FFFD, else None).
+        None for any other decoder. Built once, and checked against this tokenizer's own decode of every id: a
+        tokenizer whose decode differs (an unknown decoder option) gets None, never a wrong text."""
+        if skip_special_tokens not in self._pieces:
+            self._pieces[skip_special_tokens] = self._byte_pieces(skip_special_tokens)
+        return self._pieces[skip_special_tokens]
+
+    def _byte_pieces(self, skip: bool) -> tuple[list[bytes], list[str | None]] | None:
+        if not isinstance(self.tok.decoder, decoders.ByteLevel):
+            return None
+        special = {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special} if skip else set()
+        size = max(self.tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+        pieces, texts = [], []
+        for i in range(size):
+            token = self.tok.id_to_token(i)
+            if token is None or i in special:
+                piece = b""
+            else:  # the tokenizer's ByteLevel decoder: each character's byte, or the token's UTF-8 if one has none
+                try:
+                    piece = bytes(BYTE_LEVEL_CHARS[c] for c in token)
+                except KeyError:
+                    piece = token.encode("utf-8")
+            if self.tok.decode([i], skip_special_tokens=skip) != piece.decode("utf-8", "replace"):
+                return None
+            try:
+                text: str | None = piece.decode("utf-8")
+            except UnicodeDecodeError:
+                text = None
+            pieces.append(piece)
+            texts.append(None if text is None or text.endswith("\ufffd") else text)
+        return pieces, texts
 
     def id_to_token(self, i: int) -> str:
         return self.tok.id_to_token(i) or ""

@@ -36,7 +36,7 @@ from typing import Protocol, cast
 
 import zmq
 
-from gam_model.detokenize import IncrementalDetokenizer
+from gam_model.detokenize import Detokenizer, incremental_detokenizer
 from gam_model.scoring import TokenLogprobs
 from gam_model.stopping import StopChecker, advance_token
 from gam_model.tokenizer import Tokenizer
@@ -163,7 +163,7 @@ class RequestHandle:
         self._ready = False  # the waiting events are due to the handler (wake_every)
         self._sink: Sink | None = None  # set: due events go to the sink, on the reader's turn, not to a waiter
         self._generated = 0
-        self._detok: IncrementalDetokenizer | None = None
+        self._detok: Detokenizer | None = None
         self._stop: StopChecker | None = None
         self._special: set[int] = set()  # eos, bos and this request's stop token ids
 
@@ -249,7 +249,7 @@ class RequestHandle:
         r, stop = self.request, self._stop
         if stop is None:
             tokenizer = self._engine.tokenizer
-            self._detok = IncrementalDetokenizer(tokenizer, r.prompt_ids)
+            self._detok = incremental_detokenizer(tokenizer, r.prompt_ids)
             stop = self._stop = StopChecker(r.stop, tokenizer.eos_token_id, r.stop_token_ids, max(1, r.max_new_tokens))
             self._special = self._engine.special_ids | stop.stop_token_ids
         assert self._detok is not None

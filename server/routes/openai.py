@@ -11,7 +11,7 @@ import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from gam_model.detokenize import IncrementalDetokenizer
+from gam_model.detokenize import incremental_detokenizer
 from gam_model.sampling import SamplingParams
 from gam_model.scoring import TokenLogprobs
 from server.context import ServerContext, get_context
@@ -184,7 +184,7 @@ class LogprobsBuilder:
     def _prompt(self, ids: list[int], prompt: TokenLogprobs | None, ptext: str) -> dict[str, Any]:
         tok = self.ctx.tokenizer
         out = self._empty()
-        detok = IncrementalDetokenizer(tok)
+        detok = incremental_detokenizer(tok)
         last = len(ids) - 1
         for j, i in enumerate(ids):
             out["text_offset"].append(detok.chars)

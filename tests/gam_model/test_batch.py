@@ -11,7 +11,7 @@ import torch
 
 from gam_model.batch import BatchCore, SequenceSpec
 from gam_model.decode import Decoder
-from gam_model.detokenize import IncrementalDetokenizer
+from gam_model.detokenize import Detokenizer, incremental_detokenizer
 from gam_model.sampling import SamplingParams
 from gam_model.stopping import StopChecker, advance_token
 from tests.conftest import tiny_model
@@ -69,7 +69,7 @@ def run(core: BatchCore, specs: dict[int, SequenceSpec]) -> dict[int, tuple[list
 
 def verdict(tok, spec: SequenceSpec, tokens: list[int]) -> tuple[int, str]:
     """Where and why StopChecker, fed one token at a time, ends this token sequence."""
-    detok = IncrementalDetokenizer(tok, spec.prompt_ids)
+    detok = incremental_detokenizer(tok, spec.prompt_ids)
     stop = StopChecker(spec.stop, tok.eos_token_id, spec.stop_token_ids, spec.max_new_tokens)
     for i, t in enumerate(tokens):
         reason = advance_token(detok, stop, t)[2]
@@ -298,7 +298,7 @@ def test_overlap_remove_during_prefill_then_re_add_the_same_key(model, tok) -> N
 class _FailsOn:
     """A detokenizer that raises on its n-th token: a token-handling failure of one row."""
 
-    def __init__(self, inner: IncrementalDetokenizer, n: int) -> None:
+    def __init__(self, inner: Detokenizer, n: int) -> None:
         self.inner, self.n, self.seen = inner, n, 0
 
     def add(self, token_id: int) -> str:

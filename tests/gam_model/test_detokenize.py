@@ -1,17 +1,32 @@
-"""IncrementalDetokenizer: streamed text equals the full decode and never holds a broken character."""
+"""Incremental detokenizers: streamed text equals the full decode and never holds a broken character; every fast
+implementation emits the reference algorithm's text token for token."""
 
 from __future__ import annotations
 
+import functools
 import random
 
 import pytest
 
-from gam_model.detokenize import IncrementalDetokenizer, ReferenceDetokenizer
-from tests.gam_model.tokenizers_for_tests import byte_bpe, random_unicode_text, whitespace_bpe
+from gam_model.detokenize import (
+    ByteDetokenizer,
+    ReferenceDetokenizer,
+    StreamDetokenizer,
+    incremental_detokenizer,
+)
+from gam_model.tokenizer import Tokenizer
+from tests.gam_model.test_bundled import BUNDLED
+from tests.gam_model.tokenizers_for_tests import byte_bpe, corpus, random_unicode_text, whitespace_bpe
+
+
+@functools.cache
+def bundled() -> Tokenizer:
+    """The bundled model's tokenizer (byte-level BPE, 8k pieces): the realistic case."""
+    return Tokenizer.from_file(BUNDLED / "tokenizer.json")
 
 
 def stream(tok, ids, prompt_ids=None):
-    d = IncrementalDetokenizer(tok, prompt_ids)
+    d = incremental_detokenizer(tok, prompt_ids)
     chunks = [d.add(i) for i in ids]
     tail = d.flush()
     return d, chunks, tail
@@ -72,28 +87,73 @@ def test_whitespace_pretokenizer_spacing():
 def test_long_stream_keeps_window_bounded():
     tok = byte_bpe()
     ids = tok.encode(random_unicode_text(random.Random(7), 2000))
-    d, chunks, tail = stream(tok, ids)
-    assert "".join(chunks) + tail == tok.decode(ids)
+    d = StreamDetokenizer(tok)
+    assert "".join(d.add(i) for i in ids) + d.flush() == tok.decode(ids)
     assert len(d.ids) < 16  # the decoded window does not grow with the sequence
 
 
-@pytest.mark.parametrize("make", [byte_bpe, whitespace_bpe])
-@pytest.mark.parametrize("seed", range(20))
-def test_rust_step_equals_the_reference_token_for_token(make, seed):
-    """The DecodeStream-backed detokenizer emits exactly the reference algorithm's text at every token, then the same
-    flush, for random text (multi-byte characters cut anywhere) and random ids (special tokens included), with and
-    without prompt context."""
+def test_each_tokenizer_gets_its_cheapest_exact_detokenizer():
+    tok = byte_bpe()
+    assert isinstance(incremental_detokenizer(tok), ByteDetokenizer)
+    assert isinstance(incremental_detokenizer(tok, tok.encode("a prompt")), ByteDetokenizer)
+    assert isinstance(incremental_detokenizer(tok, tok.encode("a 🚀")[:-1]), ReferenceDetokenizer)  # cut in the emoji
+    assert isinstance(incremental_detokenizer(bundled()), ByteDetokenizer)
+    assert isinstance(incremental_detokenizer(whitespace_bpe()), StreamDetokenizer)  # no byte-level decoder
+
+
+def sequences(tok, rng):
+    """Token sequences of random text (multi-byte characters cut anywhere), of WikiText-2 lines, and of random ids
+    over the whole vocabulary (special tokens, lone bytes that are no character, pieces that are parts of several),
+    and a few ids past the vocabulary."""
+    texts = [random_unicode_text(rng, rng.randint(1, 200)) for _ in range(3)] + [" ".join(rng.sample(corpus(), 3))]
+    out = [tok.encode(t) for t in texts] + [[rng.randrange(tok.vocab_size) for _ in range(80)]]
+    out.append([rng.randrange(tok.vocab_size + 3) for _ in range(40)])
+    return out
+
+
+@pytest.mark.parametrize("make", [byte_bpe, whitespace_bpe, bundled], ids=["byte_bpe", "whitespace_bpe", "bundled"])
+@pytest.mark.parametrize("skip_special", [False, True], ids=["special", "skip_special"])
+@pytest.mark.parametrize("seed", range(12))
+def test_fast_detokenizers_equal_the_reference_token_for_token(make, skip_special, seed):
+    """What incremental_detokenizer picks (bytes or DecodeStream), and DecodeStream itself wherever it is exact, emit
+    exactly the reference algorithm's text at every token, then the same flush and count, with and without prompt
+    context (prompts that end inside a character included), cut anywhere."""
     tok = make()
     rng = random.Random(seed)
-    texts = [random_unicode_text(rng, rng.randint(1, 200)) for _ in range(3)]
-    sequences = [tok.encode(t) for t in texts] + [[rng.randrange(tok.vocab_size) for _ in range(80)]]
-    for ids in sequences:
-        for prompt in (None, sequences[0][:7], [rng.randrange(tok.vocab_size) for _ in range(3)]):
+    seqs = sequences(tok, rng)
+    prompts = [None, seqs[0][:7], [rng.randrange(tok.vocab_size) for _ in range(3)], tok.encode("a 🚀")[:-1]]
+    for ids in seqs:
+        for prompt in prompts:
+            makers = [incremental_detokenizer]
+            context = ReferenceDetokenizer(tok, prompt, skip_special).ids
+            if not tok.decode(context, skip_special_tokens=skip_special).endswith("\ufffd"):
+                makers.append(StreamDetokenizer)
             for cut in (len(ids), max(1, len(ids) - 1), len(ids) // 2):
-                fast, ref = IncrementalDetokenizer(tok, prompt), ReferenceDetokenizer(tok, prompt)
-                assert [fast.add(i) for i in ids[:cut]] == [ref.add(i) for i in ids[:cut]]
-                assert fast.flush() == ref.flush()
-                assert fast.chars == ref.chars
+                ref = ReferenceDetokenizer(tok, prompt, skip_special)
+                want = [ref.add(i) for i in ids[:cut]]
+                tail = ref.flush()
+                for make_detok in makers:
+                    d = make_detok(tok, prompt, skip_special)
+                    assert [d.add(i) for i in ids[:cut]] == want, (type(d).__name__, prompt, ids[:cut])
+                    assert d.flush() == tail
+                    assert d.chars == ref.chars
+
+
+def test_byte_pieces_are_what_the_tokenizer_decodes():
+    """Each id's piece decodes as the tokenizer decodes it alone; texts are given only for whole characters."""
+    for tok in (byte_bpe(), bundled()):
+        for skip in (False, True):
+            pieces = tok.byte_pieces(skip)
+            assert pieces is not None
+            raw, texts = pieces
+            assert len(raw) == len(texts) == tok.vocab_size
+            for i, (piece, text) in enumerate(zip(raw, texts, strict=True)):
+                assert piece.decode("utf-8", "replace") == tok.decode([i], skip_special_tokens=skip)
+                assert text is None or text == piece.decode("utf-8")
+            special = [i for i, t in tok.tok.get_added_tokens_decoder().items() if t.special]
+            assert special  # (both have an end-of-text token)
+            assert all((raw[i] == b"") == skip for i in special)
+    assert whitespace_bpe().byte_pieces() is None
 
 
 @pytest.mark.parametrize("make", [byte_bpe, whitespace_bpe])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gam_model.detokenize import IncrementalDetokenizer
+from gam_model.detokenize import incremental_detokenizer
 from gam_model.stopping import StopChecker, advance
 from tests.gam_model.tokenizers_for_tests import byte_bpe
 
@@ -82,7 +82,7 @@ def test_advance_with_real_detokenizer():
     """Stop string inside a multi-byte token stream, end-to-end with the byte-level detokenizer."""
     tok = byte_bpe()
     ids = tok.encode("Lobsters 🦞 are blue. ### Next")
-    detok = IncrementalDetokenizer(tok)
+    detok = incremental_detokenizer(tok)
     stop = StopChecker(["###"], tok.eos_token_id, set(), 100)
     text, reason = "", None
     for i in ids:
@@ -96,7 +96,7 @@ def test_advance_with_real_detokenizer():
 def test_advance_flushes_detokenizer_on_length():
     tok = byte_bpe()
     ids = tok.encode("ok 🚀")
-    detok = IncrementalDetokenizer(tok)
+    detok = incremental_detokenizer(tok)
     stop = StopChecker([], None, set(), max_new_tokens=len(ids) - 1)
     text = "".join(advance(detok, stop, i)[0] for i in ids[:-1])
     assert stop.finish_reason == "length"
