@@ -95,7 +95,10 @@ class Tokenizer:
         if not isinstance(self.tok.decoder, decoders.ByteLevel):
             return None
         special = {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special} if skip else set()
-        size = max(self.tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+        vocab = self.tok.get_vocab(with_added_tokens=True)
+        size = max(vocab.values(), default=-1) + 1
+        if size > 2 * len(vocab) + 256:  # ids mostly holes (one far above the rest): no table as long as the max id
+            return None
         pieces, texts = [], []
         for i in range(size):
             token = self.tok.id_to_token(i)

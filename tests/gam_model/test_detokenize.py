@@ -7,6 +7,8 @@ import functools
 import random
 
 import pytest
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models
 
 from gam_model.detokenize import (
     ByteDetokenizer,
@@ -14,7 +16,7 @@ from gam_model.detokenize import (
     StreamDetokenizer,
     incremental_detokenizer,
 )
-from gam_model.tokenizer import Tokenizer
+from gam_model.tokenizer import BYTE_LEVEL_CHARS, Tokenizer
 from tests.gam_model.test_bundled import BUNDLED
 from tests.gam_model.tokenizers_for_tests import byte_bpe, corpus, random_unicode_text, whitespace_bpe
 
@@ -163,3 +165,20 @@ def test_token_text_is_the_token_decoded_alone(make):
     random.Random(0).shuffle(ids)
     for i in ids + ids[:50]:  # the second time from the memo
         assert tok.token_text(i) == tok.decode([i])
+
+
+def test_byte_pieces_refuse_a_vocabulary_of_mostly_holes():
+    """An id far above the rest (a sparse vocabulary) would make the table as long as that id: seconds to build and
+    memory per missing id (3.6 s for an id of 3 million, unbounded for 2**31). DecodeStream serves it instead."""
+    char = {b: c for c, b in BYTE_LEVEL_CHARS.items()}
+    vocab = {char[b]: b for b in range(256)}
+    vocab[char[0xE2] + char[0x82]] = 2**31 - 1
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    hf.decoder = decoders.ByteLevel()
+    tok = Tokenizer(hf)
+    assert tok.byte_pieces() is None  # at once, not after 2**31 decodes
+    ids = [ord("a"), 2**31 - 1, 0xAC, 2**31 - 1, 300, ord("b")]
+    d, ref = incremental_detokenizer(tok), ReferenceDetokenizer(tok)
+    assert isinstance(d, StreamDetokenizer)
+    assert [d.add(i) for i in ids] == [ref.add(i) for i in ids]
+    assert d.flush() == ref.flush() and d.chars == ref.chars
