@@ -119,8 +119,10 @@ def advance_token(detok: _Detokenizer, stop: StopChecker, token_id: int) -> tupl
     """
     # is_stop_token and last_token, inline: this runs once per generated token of every request
     if token_id == stop.eos_token_id or token_id in stop.stop_token_ids:
-        return ("", *stop.feed(token_id, ""))
+        emitted, reason = stop.feed(token_id, "")
+        return "", emitted, reason
     text = detok.add(token_id)
     if stop.generated + 1 >= stop.max_new_tokens:
         text += detok.flush()
-    return (text, *stop.feed(token_id, text))
+    emitted, reason = stop.feed(token_id, text)  # (not a starred tuple: that builds a list per token)
+    return text, emitted, reason

@@ -343,8 +343,7 @@ def _stream(
         if plain and type(ev) is TokenEvent and ev.finish is None:  # nearly every event: a token's text, as is
             if ev.emitted:  # else held back (a possible stop string or an unfinished character)
                 out.append(chunk(k, ev.emitted, None, None))
-            offsets[k] += len(ev.text)
-            return True
+            return True  # (offsets: read by logprobs only, which a plain stream has not)
         if k in echo_pending and not isinstance(ev, ErrorEvent):
             echo_pending.discard(k)
             out.append(echo(k, ev.prompt))

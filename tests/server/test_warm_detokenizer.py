@@ -3,35 +3,25 @@
 from __future__ import annotations
 
 import threading
-from types import SimpleNamespace
 
+from gam_model.detokenize import ByteDetokenizer, incremental_detokenizer
 from gam_model.tokenizer import Tokenizer
-from server import app as server_app
-from tests.gam_model.tokenizers_for_tests import byte_bpe
-from tests.server.conftest import tiny_settings
+from tests.server.conftest import app_client
 
 
-async def test_byte_pieces_are_built_at_startup_in_a_worker(tmp_path, monkeypatch) -> None:
-    tok = Tokenizer(byte_bpe().tok)  # a fresh one: nothing built yet
-    threads: list[str] = []
+async def test_byte_pieces_are_built_at_startup_in_a_worker(make_settings, monkeypatch) -> None:
+    threads: list[threading.Thread] = []
     real = Tokenizer.byte_pieces
 
-    def observed(self, skip_special_tokens: bool = False):
-        threads.append(threading.current_thread().name)
+    def observed(self: Tokenizer, skip_special_tokens: bool = False):  # the real method, its thread noted
+        threads.append(threading.current_thread())
         return real(self, skip_special_tokens)
 
-    class FakeEngine:
-        def __init__(self, settings, tokenizer, frontend: int = 0) -> None:
-            self.tokenizer = tokenizer
-
-        async def start(self):
-            return SimpleNamespace(model_id="m", num_params=1, dtype="float32", device="cpu")
-
     monkeypatch.setattr(Tokenizer, "byte_pieces", observed)
-    monkeypatch.setattr(server_app, "read_config", lambda model_dir: (None, None))
-    monkeypatch.setattr(server_app, "load_tokenizer", lambda model_dir, config, meta: tok)
-    monkeypatch.setattr(server_app, "Engine", FakeEngine)
-    ctx = await server_app.start_context(tiny_settings(tmp_path))  # no checkpoint read: the fakes above
-    assert ctx.tokenizer is tok
-    assert threads and threading.main_thread().name not in threads
-    assert False in tok._pieces and tok._pieces[False] is not None  # built: the first token only looks it up
+    async with app_client(make_settings()) as (app, _):  # the real app and engine core on the tiny checkpoint
+        tok = app.state.ctx.tokenizer
+        assert threads and threading.main_thread() not in threads  # built before any request, in a worker
+        built = len(threads)
+        assert isinstance(incremental_detokenizer(tok), ByteDetokenizer)  # the checkpoint's byte-level BPE
+        assert len(threads) == built + 1  # a request's detokenizer only looks the table up
+        assert tok.byte_pieces() is real(tok)  # the same table object: built once
