@@ -214,10 +214,12 @@ class RequestHandle:
 
     def _wake(self) -> None:
         """The waiting events are due: to the sink (at the reader's flush) or the waiting handler."""
-        self._ready = True
         if self._sink is not None:
-            self._engine._due(self._sink)
+            if not self._ready:  # else the sink is due already (a later step's token before the flush): once
+                self._ready = True
+                self._engine._due(self._sink)
             return
+        self._ready = True
         w = self._waiter
         if w is not None and not w.done():
             w.set_result(None)
