@@ -5,7 +5,7 @@ Finish reasons use TGI's names: "eos_token", "stop_sequence", "length" (OpenAI m
 
 from __future__ import annotations
 
-from typing import Protocol
+from gam_model.detokenize import Detokenizer
 
 EOS_TOKEN, STOP_SEQUENCE, LENGTH = "eos_token", "stop_sequence", "length"
 
@@ -99,18 +99,13 @@ class StopChecker:
         return best
 
 
-class _Detokenizer(Protocol):
-    def add(self, token_id: int) -> str: ...
-    def flush(self) -> str: ...
-
-
-def advance(detok: _Detokenizer, stop: StopChecker, token_id: int) -> tuple[str, str | None]:
+def advance(detok: Detokenizer, stop: StopChecker, token_id: int) -> tuple[str, str | None]:
     """Detokenize one generated token and run the stop checks: (text safe to emit, finish reason or None)."""
     _, emitted, reason = advance_token(detok, stop, token_id)
     return emitted, reason
 
 
-def advance_token(detok: _Detokenizer, stop: StopChecker, token_id: int) -> tuple[str, str, str | None]:
+def advance_token(detok: Detokenizer, stop: StopChecker, token_id: int) -> tuple[str, str, str | None]:
     """The per-token text step of a generation loop: (the token's own new text, text safe to emit, finish reason).
 
     Stop token ids are not detokenized (their own text is ""; an unfinished character held by the detokenizer
